@@ -1,0 +1,1 @@
+"""The Flower ClientApp (installed as ``fedmerge.clients``)."""

@@ -1,0 +1,1 @@
+"""Runners of the Flower apps: the in-process local engine and Flower's simulation engine."""

@@ -1,0 +1,1 @@
+"""Flower strategies and the ServerApp (installed as ``fedmerge.strategies``)."""
