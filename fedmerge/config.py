@@ -1,0 +1,281 @@
+"""The run configuration: one frozen dataclass parsed and validated at the boundary.
+
+The defaults live in ``pyproject.toml`` (``[tool.flwr.app.config]``), the file Flower reads for
+``flwr run``; the field defaults below mirror them (a test keeps the two equal), so that the
+``fedmerge`` command and library users get the same values without the project folder.
+Keys use Flower's spelling (``num-rounds``); fields use Python's (``num_rounds``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, unknown_name
+
+# Values Flower accepts in a run-config (``flwr.common.typing.UserConfigValue``).
+ConfigValue = bool | int | float | str
+
+PARTITION_SCHEMES = ("iid", "dirichlet", "label-quantity", "quantity-skew", "noise", "natural")
+NORMS = ("batch", "group", "layer")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a fedmerge run. See ``pyproject.toml`` for the meaning of each key."""
+
+    # experiment
+    seed: int = 0
+    num_rounds: int = 20
+    num_clients: int = 10
+    strategy: str = "fedavg"
+    # data
+    dataset: str = "digits"
+    data_root: str = "data"
+    download: bool = False
+    max_train_samples: int = 0
+    proxy_size: int = 0
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    # partition
+    partition: str = "dirichlet"
+    partition_beta: float = 0.5
+    partition_k: int = 2
+    partition_sigma: float = 0.1
+    partition_min_size: int = 10
+    # model
+    model: str = "cnn"
+    model_width: int = 1
+    model_norm: str = "batch"
+    mlp_hidden: str = "200,200"
+    # local training
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    device: str = "auto"
+    # server
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_clients: int = 2
+    eval_batch_size: int = 1024
+    proximal_mu: float = 0.01
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    fedopt_eta: float = 0.01
+    fedopt_eta_l: float = 0.05
+    fedopt_beta_1: float = 0.9
+    fedopt_beta_2: float = 0.99
+    fedopt_tau: float = 0.001
+    trimmed_beta: float = 0.2
+    # results
+    output_dir: str = "runs"
+    run_name: str = ""
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- conversions -------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+        """Build a config from run-config keys (``num-rounds``), over ``base`` or the defaults.
+
+        Values may already be typed (TOML, Flower) or be strings (``key=value`` on a command
+        line). Unknown keys and values of the wrong type raise :class:`ConfigError`.
+        """
+        types = {f.name: f.type for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key_to_field(key)
+            if name not in types:
+                close = difflib.get_close_matches(key, config_keys(), n=3)
+                hint = f"did you mean {', '.join(close)}?" if close else "see pyproject.toml"
+                raise ConfigError(key, value, "a known run-config key", hint)
+            changes[name] = _coerce(key, value, types[name])
+        return dataclasses.replace(base or cls(), **changes)
+
+    def to_mapping(self) -> dict[str, ConfigValue]:
+        """The config as run-config keys, the form Flower's ``--run-config`` takes."""
+        return {field_to_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """``mlp-hidden`` parsed into layer sizes."""
+        return _parse_hidden(self.mlp_hidden)
+
+
+def key_to_field(key: str) -> str:
+    """``num-rounds`` -> ``num_rounds``."""
+    return key.replace("-", "_")
+
+
+def field_to_key(name: str) -> str:
+    """``num_rounds`` -> ``num-rounds``."""
+    return name.replace("_", "-")
+
+
+def config_keys() -> list[str]:
+    """All run-config keys, in declaration order."""
+    return [field_to_key(f.name) for f in fields(RunConfig)]
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read run-config keys from a TOML file.
+
+    Accepts either a flat file of ``key = value`` lines or a ``pyproject.toml`` (whose
+    ``[tool.flwr.app.config]`` table is used).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "an existing TOML file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", str(path), "valid TOML", str(exc)) from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    return dict(table) if table is not None else data
+
+
+def parse_cli_value(text: str) -> ConfigValue:
+    """Parse the value of a ``key=value`` argument as TOML, falling back to a bare string.
+
+    ``lr=0.1`` gives a float, ``download=true`` a bool, ``dataset=mnist`` the string.
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, ConfigValue]:
+    """Parse ``["key=value", ...]`` (the form of ``flwr run --run-config``) into a dict."""
+    out: dict[str, ConfigValue] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, item, "key=value pairs, e.g. num-rounds=5")
+        out[key.strip()] = parse_cli_value(text.strip())
+    return out
+
+
+# -- validation -------------------------------------------------------------------------
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
+    if isinstance(value, str) and kind is not str:
+        value = parse_cli_value(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(key, value, _TYPE_WORDS[kind])
+
+
+def _check(ok: bool, key: str, value: object, allowed: str, hint: str | None = None) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed, hint)
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    _check(
+        bool(sizes) and all(s > 0 for s in sizes),
+        "mlp-hidden",
+        text,
+        "comma-separated positive layer sizes, e.g. '200,200'",
+    )
+    return sizes
+
+
+def _validate(c: RunConfig) -> None:
+    # Names that live in registries of the library core are checked here; the strategy name
+    # is checked by the ServerApp (its registry imports Flower) and by the CLI up front.
+    from .datasets import DATASETS
+    from .models import MODELS
+
+    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    _check(c.num_rounds >= 1, "num-rounds", c.num_rounds, "an integer >= 1")
+    _check(c.num_clients >= 1, "num-clients", c.num_clients, "an integer >= 1")
+    if c.dataset not in DATASETS:
+        raise unknown_name("dataset", c.dataset, DATASETS)
+    _check(c.max_train_samples >= 0, "max-train-samples", c.max_train_samples, "0 (all) or more")
+    _check(c.proxy_size >= 0, "proxy-size", c.proxy_size, "an integer >= 0")
+    _check(c.synthetic_alpha >= 0, "synthetic-alpha", c.synthetic_alpha, "a number >= 0")
+    _check(c.synthetic_beta >= 0, "synthetic-beta", c.synthetic_beta, "a number >= 0")
+    if c.partition not in PARTITION_SCHEMES:
+        raise unknown_name("partition", c.partition, PARTITION_SCHEMES)
+    _check(c.partition_beta > 0, "partition-beta", c.partition_beta, "a number > 0")
+    _check(c.partition_k >= 1, "partition-k", c.partition_k, "an integer >= 1")
+    _check(c.partition_sigma >= 0, "partition-sigma", c.partition_sigma, "a number >= 0")
+    _check(c.partition_min_size >= 0, "partition-min-size", c.partition_min_size, "an integer >= 0")
+    if c.model not in MODELS:
+        raise unknown_name("model", c.model, MODELS)
+    _check(c.model_width >= 1, "model-width", c.model_width, "an integer >= 1")
+    if c.model_norm not in NORMS:
+        raise unknown_name("model-norm", c.model_norm, NORMS)
+    _parse_hidden(c.mlp_hidden)
+    _check(c.local_epochs >= 1, "local-epochs", c.local_epochs, "an integer >= 1")
+    _check(c.batch_size >= 1, "batch-size", c.batch_size, "an integer >= 1")
+    _check(c.lr > 0, "lr", c.lr, "a number > 0")
+    _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
+    _check(c.weight_decay >= 0, "weight-decay", c.weight_decay, "a number >= 0")
+    _check(
+        bool(_DEVICE_RE.match(c.device)), "device", c.device, "auto, cpu, cuda, cuda:N or mps"
+    )
+    _check(0 < c.fraction_train <= 1, "fraction-train", c.fraction_train, "a number in (0, 1]")
+    _check(
+        0 <= c.fraction_evaluate <= 1, "fraction-evaluate", c.fraction_evaluate, "a number in [0, 1]"
+    )
+    _check(c.min_train_clients >= 1, "min-train-clients", c.min_train_clients, "an integer >= 1")
+    _check(
+        c.min_train_clients <= c.num_clients,
+        "min-train-clients",
+        c.min_train_clients,
+        f"at most num-clients ({c.num_clients})",
+    )
+    _check(c.eval_batch_size >= 1, "eval-batch-size", c.eval_batch_size, "an integer >= 1")
+    _check(c.proximal_mu >= 0, "proximal-mu", c.proximal_mu, "a number >= 0")
+    _check(c.server_lr > 0, "server-lr", c.server_lr, "a number > 0")
+    _check(0 <= c.server_momentum < 1, "server-momentum", c.server_momentum, "a number in [0, 1)")
+    for key in ("fedopt-eta", "fedopt-eta-l", "fedopt-tau"):
+        value = getattr(c, key_to_field(key))
+        _check(value > 0, key, value, "a number > 0")
+    for key in ("fedopt-beta-1", "fedopt-beta-2"):
+        value = getattr(c, key_to_field(key))
+        _check(0 <= value < 1, key, value, "a number in [0, 1)")
+    _check(0 <= c.trimmed_beta < 0.5, "trimmed-beta", c.trimmed_beta, "a number in [0, 0.5)")
+    _check(bool(c.output_dir), "output-dir", c.output_dir, "a folder path")
+    _check(
+        bool(_RUN_NAME_RE.match(c.run_name)),
+        "run-name",
+        c.run_name,
+        "letters, digits, '.', '_' and '-' (or empty for an automatic name)",
+    )

@@ -1,0 +1,117 @@
+"""The output folder of a run: resolved config, per-round metrics, final model, plot.
+
+Files are written atomically (temporary file, then rename) and the metrics are rewritten after
+every round, so an interrupted run keeps every round it finished.
+
+Layout of ``<output-dir>/<run-name>/``::
+
+    config.json     every run-config key with the value used, plus run facts (versions, device)
+    metrics.json    one object per round (round 0 = the initial model)
+    metrics.csv     the same table
+    model.pt        the final global model's state dict (save-model = true)
+    accuracy.png    test accuracy per round
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+CONFIG_JSON = "config.json"
+MODEL_FILE = "model.pt"
+PLOT_FILE = "accuracy.png"
+
+
+def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
+    """``<dataset>-<strategy>-s<seed>-<YYYYmmdd-HHMMSS>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{cfg.dataset}-{cfg.strategy}-s{cfg.seed}-{stamp}"
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """The folder a run writes to; an explicit ``run-name`` that already holds results is
+    refused, so finished results are never overwritten."""
+    name = cfg.run_name or default_run_name(cfg)
+    path = Path(cfg.output_dir) / name
+    if (path / METRICS_JSON).exists() and cfg.run_name:
+        raise ConfigError(
+            "run-name",
+            cfg.run_name,
+            "a name whose folder holds no results yet",
+            f"{path} already holds a run; choose another run-name or remove that folder",
+        )
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write the per-round table as JSON and CSV (columns: union of all rows' keys)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / METRICS_JSON, list(rows))
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(run_dir / METRICS_CSV, buf.getvalue().encode())
+
+
+def save_model(run_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Save a state dict as ``model.pt`` (atomically)."""
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    _atomic_write(run_dir / MODEL_FILE, buf.getvalue())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-round rows of a finished (or interrupted) run."""
+    return json.loads((Path(run_dir) / METRICS_JSON).read_text())
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows if "test-accuracy" in r]
+    acc = [r["test-accuracy"] for r in rows if "test-accuracy" in r]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(rounds, acc, marker="o", ms=3)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""Local training and evaluation on in-memory tensors.
+
+The data path is deliberately bare: the shard lives on the training device as one tensor, each
+epoch draws a seeded permutation and slices index batches from it. No DataLoader, no worker
+processes, no per-sample Python: for the small models of FL research the per-batch framework
+overhead is what separates a simulator from bare PyTorch (see docs/benchmarks.md).
+
+Regularizers are extra loss terms a client adds (FedProx's proximal term is the first; later
+methods add their own): callables ``model -> scalar tensor`` evaluated at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :func:`train` did."""
+
+    loss: float  # mean task loss over all samples seen (regularizers excluded)
+    num_examples: int  # samples in the shard (the FedAvg weight)
+    steps: int  # optimiser steps taken
+    seconds: float  # wall time of the loop
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``auto | cpu | cuda | cuda:N | mps`` to a device; ``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", name, "auto or cpu", "no CUDA device is visible to torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", name, "auto or cpu", "no MPS device is visible to torch")
+    return torch.device(name)
+
+
+def proximal_term(reference: Sequence[torch.Tensor], mu: float) -> Regularizer:
+    """FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` (Li et al., MLSys 2020).
+
+    ``reference`` holds the global model's trainable parameters in ``model.parameters()``
+    order, detached and on the training device.
+    """
+    ref = [t.detach() for t in reference]
+
+    def term(model: nn.Module) -> torch.Tensor:
+        sq = [torch.sum((p - r) ** 2) for p, r in zip(model.parameters(), ref, strict=True)]
+        return 0.5 * mu * torch.stack(sq).sum()
+
+    return term
+
+
+class SGD:
+    """SGD with momentum and weight decay, the update of ``torch.optim.SGD`` (dampening 0,
+    no Nesterov), written out with ``torch._foreach`` ops.
+
+    Why not ``torch.optim.SGD``: its first construction in a process imports TorchDynamo
+    (about 7 s on 2 CPU cores with torch 2.15), which is most of a short simulation's wall
+    time. The update rule is identical (tests/test_training.py checks it step by step):
+    ``g = grad + wd * w; buf = g (first step) else momentum * buf + g; w -= lr * buf``.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor] | None = None
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (set to None, as ``set_to_none=True``)."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        if self.momentum:
+            if self.buffers is None:
+                self.buffers = [g.detach().clone() for g in grads]
+            else:
+                torch._foreach_mul_(self.buffers, self.momentum)
+                torch._foreach_add_(self.buffers, grads)
+            grads = self.buffers
+        torch._foreach_add_(params, grads, alpha=-self.lr)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    batches = list(torch.split(order, batch_size))
+    # A final batch of one sample breaks BatchNorm in train mode; fold it into the previous one.
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = torch.cat([batches[-2], batches.pop()])
+    return batches
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    regularizers: Sequence[Regularizer] = (),
+) -> TrainResult:
+    """Train ``model`` in place with SGD (momentum, weight decay) on ``(x, y)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Moved to ``device`` and trained in place.
+    x, y : torch.Tensor
+        The shard (inputs, int64 labels); moved to ``device`` once.
+    epochs, batch_size, lr, momentum, weight_decay
+        SGD settings (the update of ``torch.optim.SGD``, see :class:`SGD`); a fresh optimiser per call (FL clients start
+        each round from the global model with no optimiser state).
+    seed : int
+        Seeds the batch order and every random op inside the loop (dropout), without
+        touching the caller's global RNG state.
+    device : torch.device or str
+        Where to train.
+    regularizers : sequence of callables
+        Extra loss terms ``model -> scalar`` added at every step.
+
+    Returns
+    -------
+    TrainResult
+    """
+    device = torch.device(device)
+    model.to(device)
+    model.train()
+    x, y = x.to(device), y.to(device)
+    opt = SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros((), device=device)
+    seen, steps = 0, 0
+    start = time.perf_counter()
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            for idx in _batches(len(y), batch_size, generator):
+                idx = idx.to(device)
+                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+                loss = F.cross_entropy(model(xb), yb)
+                full = loss
+                for reg in regularizers:
+                    full = full + reg(model)
+                opt.zero_grad()
+                full.backward()
+                opt.step()
+                # Summing on the device avoids one host sync per step (.item()).
+                total += loss.detach() * len(idx)
+                seen += len(idx)
+                steps += 1
+    mean_loss = float(total) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        log.warning("training diverged: mean loss %s (lower lr?)", mean_loss)
+    return TrainResult(mean_loss, len(y), steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``; model left in eval mode."""
+    device = torch.device(device)
+    model.to(device)
+    model.eval()
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return float(loss_sum) / len(y), float(correct) / len(y)
