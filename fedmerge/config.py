@@ -247,12 +247,13 @@ def _validate(c: RunConfig) -> None:
     _check(c.lr > 0, "lr", c.lr, "a number > 0")
     _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
     _check(c.weight_decay >= 0, "weight-decay", c.weight_decay, "a number >= 0")
-    _check(
-        bool(_DEVICE_RE.match(c.device)), "device", c.device, "auto, cpu, cuda, cuda:N or mps"
-    )
+    _check(bool(_DEVICE_RE.match(c.device)), "device", c.device, "auto, cpu, cuda, cuda:N or mps")
     _check(0 < c.fraction_train <= 1, "fraction-train", c.fraction_train, "a number in (0, 1]")
     _check(
-        0 <= c.fraction_evaluate <= 1, "fraction-evaluate", c.fraction_evaluate, "a number in [0, 1]"
+        0 <= c.fraction_evaluate <= 1,
+        "fraction-evaluate",
+        c.fraction_evaluate,
+        "a number in [0, 1]",
     )
     _check(c.min_train_clients >= 1, "min-train-clients", c.min_train_clients, "an integer >= 1")
     _check(

@@ -28,6 +28,7 @@ import torch
 
 from .config import RunConfig
 from .errors import ConfigError
+from .plots import plot_accuracy  # noqa: F401  (re-exported: results and their plot)
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +95,3 @@ def save_model(run_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-round rows of a finished (or interrupted) run."""
     return json.loads((Path(run_dir) / METRICS_JSON).read_text())
-
-
-def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Test accuracy per round as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [r["round"] for r in rows if "test-accuracy" in r]
-    acc = [r["test-accuracy"] for r in rows if "test-accuracy" in r]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(rounds, acc, marker="o", ms=3)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -77,7 +77,11 @@ class RoundRecorder:
             device=self.device,
         )
         end = time.perf_counter()
-        row: dict[str, float | int] = {"round": server_round, "test-loss": loss, "test-accuracy": acc}
+        row: dict[str, float | int] = {
+            "round": server_round,
+            "test-loss": loss,
+            "test-accuracy": acc,
+        }
         if self._last_end is not None:
             # Everything between two evaluations: sending, client training, aggregation.
             row["round-time"] = start - self._last_end

@@ -1,0 +1,253 @@
+"""The ``fedmerge`` command.
+
+    fedmerge run [--config FILE.toml] [--engine local|flower] [key=value ...]
+    fedmerge strategies | datasets | models
+    fedmerge partitions [--config FILE.toml] [--out FILE.png] [key=value ...]
+
+``key=value`` arguments use the run-config keys of ``pyproject.toml`` (the same keys as
+``flwr run --run-config``). Any configuration error ends with one line naming the key and
+what is allowed, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import RunConfig, load_toml, parse_overrides
+from .errors import FedmergeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_toml(args.config))
+    values.update(parse_overrides(args.overrides))
+    return RunConfig.from_mapping(values)
+
+
+# -- run --------------------------------------------------------------------------------
+def _summary(run_dir: Path, seconds: float) -> None:
+    from .results import read_metrics
+
+    rows = read_metrics(run_dir)
+    table = Table(title=f"fedmerge run: {run_dir.name}", title_justify="left")
+    for col in ("round", "test-accuracy", "test-loss", "train-loss", "round-time"):
+        table.add_column(col, justify="right")
+    shown = rows if len(rows) <= 12 else rows[:3] + rows[-8:]
+    for i, row in enumerate(shown):
+        if len(rows) > 12 and i == 3:
+            table.add_row("...", "", "", "", "")
+        table.add_row(
+            str(row["round"]),
+            f"{row['test-accuracy']:.4f}",
+            f"{row['test-loss']:.4f}",
+            f"{row['train-loss']:.4f}" if "train-loss" in row else "",
+            f"{row['round-time']:.2f}s" if "round-time" in row else "",
+        )
+    console.print(table)
+    best = max(rows, key=lambda r: r["test-accuracy"])
+    console.print(
+        f"final accuracy {rows[-1]['test-accuracy']:.4f}  |  best {best['test-accuracy']:.4f} "
+        f"(round {best['round']})  |  {seconds:.1f} s  |  results in {run_dir}",
+        soft_wrap=True,
+    )
+
+
+def _quiet_flower(verbose: bool) -> None:
+    import flwr.common.logger  # noqa: F401  (Flower configures its logger on import)
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower prints through its own handler; no second copy
+    if not verbose:
+        flwr_log.setLevel(logging.ERROR)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import prepare, run
+
+    cfg = prepare(_config(args))  # every config and data error surfaces before any output
+    _quiet_flower(args.verbose)
+    flower_options: dict[str, Any] = {}
+    if args.engine == "flower":
+        flower_options = {
+            "cpus_per_client": args.cpus_per_client,
+            "gpus_per_client": args.gpus_per_client,
+        }
+        if args.app_dir:
+            flower_options["app_dir"] = Path(args.app_dir).resolve()
+        if args.verbose:
+            flower_options["on_line"] = lambda line: console.print(
+                line, markup=False, highlight=False
+            )
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=args.quiet,
+    ) as progress:
+        task = progress.add_task(f"{cfg.strategy} ({args.engine})", total=cfg.num_rounds, status="")
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress.update(
+                task,
+                completed=row["round"],
+                status=f"acc {row['test-accuracy']:.4f}  loss {row['test-loss']:.4f}",
+            )
+            if not args.quiet:
+                progress.console.print(
+                    f"round {row['round']:>3}/{cfg.num_rounds}  test-accuracy "
+                    f"{row['test-accuracy']:.4f}  test-loss {row['test-loss']:.4f}",
+                    highlight=False,
+                )
+
+        run_dir = run(cfg, args.engine, on_round=on_round, flower_options=flower_options)
+    _summary(run_dir, time.perf_counter() - start)
+    return 0
+
+
+# -- listings ---------------------------------------------------------------------------
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from .strategies.registry import STRATEGIES
+
+    table = Table("strategy", "what it does", title="strategies (run-config key: strategy)")
+    for name, (_, text) in STRATEGIES.items():
+        table.add_row(name, text)
+    console.print(table)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .datasets import describe_datasets
+
+    table = Table(
+        "dataset", "input", "classes", "train", "test", "source", title="datasets (key: dataset)"
+    )
+    for d in describe_datasets():
+        table.add_row(
+            d["name"],
+            "x".join(map(str, d["input_shape"])),
+            str(d["num_classes"]),
+            str(d["train_size"] or "varies"),
+            str(d["test_size"] or "varies"),
+            d["source"],
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import MODELS, build_model, count_parameters
+
+    table = Table(
+        "model", "parameters (28x28, 10 classes)", "description", title="models (key: model)"
+    )
+    for name, builder in MODELS.items():
+        n = count_parameters(build_model(name, (1, 28, 28), 10, seed=0))
+        doc = (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
+        table.add_row(name, f"{n:,}", doc)
+    console.print(table)
+    return 0
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    from .federation import DataSpec, load_data, partition_indices
+    from .partitions import label_counts
+    from .plots import partition_heatmap
+
+    cfg = _config(args)
+    spec = DataSpec.of(cfg)
+    data = load_data(spec)
+    parts = partition_indices(spec)
+    counts = label_counts(list(parts), data.y_train.numpy(), data.num_classes)
+    title = f"{cfg.dataset}: {cfg.partition} partition, {cfg.num_clients} clients, seed {cfg.seed}"
+    table = Table("client", *[str(c) for c in range(data.num_classes)], "total", title=title)
+    for i, row in enumerate(counts):
+        table.add_row(str(i), *[str(int(v)) for v in row], str(int(row.sum())))
+    console.print(table)
+    out = Path(args.out or f"partition-{cfg.dataset}-{cfg.partition}-{cfg.num_clients}.png")
+    partition_heatmap(counts, out, title)
+    console.print(f"heatmap saved to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fedmerge`` command."""
+    parser = argparse.ArgumentParser(
+        prog="fedmerge",
+        description="Federated learning on Non-IID data with model-merging aggregation (Flower).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML file of run-config keys (or a pyproject.toml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
+
+    p = sub.add_parser("run", help="run a federated simulation")
+    config_args(p)
+    p.add_argument(
+        "--engine",
+        choices=("local", "flower"),
+        default="local",
+        help="local: in-process (default); flower: Flower's simulation engine (Ray)",
+    )
+    p.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=1.0,
+        help="flower engine: client-resources-num-cpus (default 1)",
+    )
+    p.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="flower engine: client-resources-num-gpus (default 0)",
+    )
+    p.add_argument("--app-dir", help="flower engine: the fedmerge project folder (default: found)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
+    p.set_defaults(func=cmd_run)
+
+    sub.add_parser("strategies", help="list strategies").set_defaults(func=cmd_strategies)
+    sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)
+    sub.add_parser("models", help="list models").set_defaults(func=cmd_models)
+
+    p = sub.add_parser("partitions", help="per-client label counts and a heatmap PNG")
+    config_args(p)
+    p.add_argument("--out", help="PNG path (default: partition-<dataset>-<scheme>-<n>.png)")
+    p.set_defaults(func=cmd_partitions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedmerge`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedmergeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rounds already finished are in the results folder")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

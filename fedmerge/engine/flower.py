@@ -1,0 +1,190 @@
+"""The ``flower`` engine: the same apps on Flower's own simulation engine (``flwr run``, Ray).
+
+This is the path that scales out: Flower's SuperLink schedules the ClientApp on Ray actors
+(``client-resources-num-cpus`` / ``-num-gpus`` each). The command is what a Flower user would
+type, with the environment this offline machine needs (docs/user-guide.md):
+
+    flwr run <project> --run-config <file.toml> \
+        --federation-config "num-supernodes=N client-resources-num-cpus=C" --stream
+
+``flwr run`` leaves a detached local SuperLink running; this module runs each simulation with
+its own scratch ``FLWR_HOME`` and stops the SuperLink it started (and only that one) when the
+run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ..config import ConfigValue, RunConfig
+from ..errors import FedmergeError
+
+log = logging.getLogger(__name__)
+
+
+def find_app_dir(start: Path | None = None) -> Path:
+    """The project folder that holds the Flower app (``pyproject.toml`` with ``[tool.flwr.app]``).
+
+    Found beside the imported ``fedmerge`` package (a checkout, or an editable install).
+    """
+    here = start or Path(__file__).resolve().parents[2]
+    pyproject = here / "pyproject.toml"
+    if pyproject.is_file():
+        data = tomllib.loads(pyproject.read_text())
+        if "app" in data.get("tool", {}).get("flwr", {}):
+            return here
+    raise FedmergeError(
+        f"engine 'flower' needs the fedmerge project folder (pyproject.toml with "
+        f"[tool.flwr.app]); none at {here}. Install fedmerge from a checkout "
+        f"(`pip install -e .`) or pass --app-dir PATH_TO_CHECKOUT."
+    )
+
+
+def toml_value(value: ConfigValue) -> str:
+    """One run-config value in TOML syntax."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def write_run_config(values: Mapping[str, ConfigValue], path: Path) -> Path:
+    """Write run-config keys as a flat TOML file (what ``--run-config FILE`` takes)."""
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for ``flwr run`` on an offline machine, with this interpreter's tools."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Otherwise the SuperLink tries to pip-install the app's dependencies into a fresh
+    # environment, which fails offline and is slow online; they are installed already.
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_superlink(flwr_home: Path, grace: float = 5.0) -> list[int]:
+    """Stop the local SuperLink(s) whose state lives in ``flwr_home``; returns their pids."""
+    pids = _processes_mentioning(str(flwr_home))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        if not _processes_mentioning(str(flwr_home)):
+            break
+        time.sleep(0.1)
+    for pid in _processes_mentioning(str(flwr_home)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def flwr_run_command(
+    app_dir: Path, run_config_file: Path, num_supernodes: int, cpus: float, gpus: float
+) -> list[str]:
+    """The ``flwr run`` command line (a list, never through a shell)."""
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
+    if gpus:
+        federation += f" client-resources-num-gpus={gpus}"
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"
+    return [
+        flwr,
+        "run",
+        str(app_dir),
+        "--run-config",
+        str(run_config_file),
+        "--federation-config",
+        federation,
+        "--stream",
+    ]
+
+
+def run_flower(
+    cfg: RunConfig,
+    *,
+    app_dir: Path | None = None,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    flwr_home: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+) -> list[str]:
+    """Run ``cfg`` with ``flwr run`` on Flower's simulation engine; returns the output lines.
+
+    ``cfg.output_dir`` and ``cfg.data_root`` should be absolute: the ServerApp and the
+    ClientApps run in other processes with other working directories.
+    """
+    app_dir = app_dir or find_app_dir()
+    scratch = Path(tempfile.mkdtemp(prefix="fedmerge-flwr-"))
+    home = flwr_home or scratch / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    run_config_file = write_run_config(cfg.to_mapping(), scratch / "run-config.toml")
+    cmd = flwr_run_command(
+        app_dir, run_config_file, cfg.num_clients, cpus_per_client, gpus_per_client
+    )
+    log.info("running: %s (FLWR_HOME=%s)", " ".join(cmd), home)
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        cmd,
+        cwd=app_dir,
+        env=flower_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    start = time.monotonic()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if on_line:
+                on_line(line)
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise FedmergeError(f"flwr run exceeded {timeout:.0f} s; stopped it")
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_superlink(home)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if proc.returncode != 0:
+        tail = "\n".join(lines[-25:])
+        raise FedmergeError(f"flwr run failed (exit {proc.returncode}); its last lines:\n{tail}")
+    return lines

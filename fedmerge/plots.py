@@ -1,0 +1,60 @@
+"""PNG plots of runs and partitions (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy per round as a PNG."""
+    plt = _pyplot()
+    rounds = [r["round"] for r in rows if "test-accuracy" in r]
+    acc = [r["test-accuracy"] for r in rows if "test-accuracy" in r]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(rounds, acc, marker="o", ms=3)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def partition_heatmap(counts: np.ndarray, path: Path, title: str) -> None:
+    """Per-client label counts (clients x classes) as an annotated heatmap PNG."""
+    plt = _pyplot()
+    n_clients, n_classes = counts.shape
+    fig, ax = plt.subplots(
+        figsize=(max(4.0, 0.45 * n_classes + 1.5), max(3.0, 0.3 * n_clients + 1.2)), dpi=120
+    )
+    im = ax.imshow(counts, aspect="auto", cmap="viridis")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_xticks(range(n_classes))
+    ax.set_yticks(range(n_clients))
+    if n_clients * n_classes <= 400:
+        peak = counts.max() or 1
+        for i in range(n_clients):
+            for j in range(n_classes):
+                color = "black" if counts[i, j] > 0.6 * peak else "white"
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6, color=color)
+    fig.colorbar(im, ax=ax, label="samples")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
