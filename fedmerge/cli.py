@@ -77,8 +77,8 @@ def _quiet_flower(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import prepare, run
 
-    cfg = prepare(_config(args))  # every config and data error surfaces before any output
     _quiet_flower(args.verbose)
+    cfg = prepare(_config(args))  # every config and data error surfaces before any output
     flower_options: dict[str, Any] = {}
     if args.engine == "flower":
         flower_options = {

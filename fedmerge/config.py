@@ -23,7 +23,6 @@ from .errors import ConfigError, unknown_name
 ConfigValue = bool | int | float | str
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "label-quantity", "quantity-skew", "noise", "natural")
-NORMS = ("batch", "group", "layer")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 
@@ -115,7 +114,9 @@ class RunConfig:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         """``mlp-hidden`` parsed into layer sizes."""
-        return _parse_hidden(self.mlp_hidden)
+        from .models import parse_hidden
+
+        return parse_hidden(self.mlp_hidden)
 
 
 def key_to_field(key: str) -> str:
@@ -201,25 +202,11 @@ def _check(ok: bool, key: str, value: object, allowed: str, hint: str | None = N
         raise ConfigError(key, value, allowed, hint)
 
 
-def _parse_hidden(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    _check(
-        bool(sizes) and all(s > 0 for s in sizes),
-        "mlp-hidden",
-        text,
-        "comma-separated positive layer sizes, e.g. '200,200'",
-    )
-    return sizes
-
-
 def _validate(c: RunConfig) -> None:
     # Names that live in registries of the library core are checked here; the strategy name
     # is checked by the ServerApp (its registry imports Flower) and by the CLI up front.
     from .datasets import DATASETS
-    from .models import MODELS
+    from .models import MODELS, NORMS, parse_hidden
 
     _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
     _check(c.num_rounds >= 1, "num-rounds", c.num_rounds, "an integer >= 1")
@@ -241,7 +228,7 @@ def _validate(c: RunConfig) -> None:
     _check(c.model_width >= 1, "model-width", c.model_width, "an integer >= 1")
     if c.model_norm not in NORMS:
         raise unknown_name("model-norm", c.model_norm, NORMS)
-    _parse_hidden(c.mlp_hidden)
+    parse_hidden(c.mlp_hidden)
     _check(c.local_epochs >= 1, "local-epochs", c.local_epochs, "an integer >= 1")
     _check(c.batch_size >= 1, "batch-size", c.batch_size, "an integer >= 1")
     _check(c.lr > 0, "lr", c.lr, "a number > 0")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .errors import FedmergeError
+from .errors import FedmergeError, unknown_name
 from .federation import DataSpec, load_data, make_model, partition_indices
 from .results import default_run_name, read_metrics, run_dir_for
 
@@ -33,9 +33,10 @@ def prepare(cfg: RunConfig) -> RunConfig:
     Raises :class:`fedmerge.errors.FedmergeError` (with the key at fault) on any problem,
     before any engine starts.
     """
-    from .strategies.registry import build_strategy
+    from .strategies.registry import STRATEGIES
 
-    build_strategy(cfg)  # unknown strategy names fail here, listing the valid ones
+    if cfg.strategy not in STRATEGIES:
+        raise unknown_name("strategy", cfg.strategy, STRATEGIES)
     spec = DataSpec.of(cfg)
     data = load_data(spec)
     partition_indices(spec)

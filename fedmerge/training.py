@@ -112,7 +112,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     batches = list(torch.split(order, batch_size))
     # A final batch of one sample breaks BatchNorm in train mode; fold it into the previous one.
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
+        last = batches.pop()
+        batches[-1] = torch.cat([batches[-1], last])
     return batches
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,18 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def local_superlink_port() -> int:
+    """The port ``flwr run`` gives its local SuperLink (Flower's default, or the env override)."""
+    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host, port)) == 0
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").glob("[0-9]*"):
@@ -114,13 +127,18 @@ def stop_superlink(flwr_home: Path, grace: float = 5.0) -> list[int]:
     return pids
 
 
+def _num(value: float) -> int | float:
+    # Flower reads resources with TOML types and wants an int for whole numbers of CPUs.
+    return int(value) if float(value).is_integer() else value
+
+
 def flwr_run_command(
     app_dir: Path, run_config_file: Path, num_supernodes: int, cpus: float, gpus: float
 ) -> list[str]:
     """The ``flwr run`` command line (a list, never through a shell)."""
-    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={_num(cpus)}"
     if gpus:
-        federation += f" client-resources-num-gpus={gpus}"
+        federation += f" client-resources-num-gpus={_num(gpus)}"
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"
     return [
         flwr,
@@ -150,6 +168,16 @@ def run_flower(
     ClientApps run in other processes with other working directories.
     """
     app_dir = app_dir or find_app_dir()
+    port = local_superlink_port()
+    if port_in_use(port):
+        # `flwr run` would silently submit to that SuperLink (another user's run, another
+        # FLWR_HOME), and whoever started it may stop it mid-run: refuse instead.
+        raise FedmergeError(
+            f"a Flower SuperLink already listens on 127.0.0.1:{port} (another `flwr run` in "
+            f"progress, or one left running). Flower's local SuperLink uses fixed ports, so "
+            f"one flower-engine simulation runs at a time on a machine: wait for it, or stop "
+            f"it (e.g. `pkill -f flower-superlink`), or use the local engine."
+        )
     scratch = Path(tempfile.mkdtemp(prefix="fedmerge-flwr-"))
     home = flwr_home or scratch / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)

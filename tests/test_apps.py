@@ -1,0 +1,134 @@
+"""The real ServerApp and ClientApp end to end on the local engine (embedded digits data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedmerge.clients.client_app import app as client_app
+from fedmerge.config import RunConfig
+from fedmerge.federation import DataSpec, client_shard, load_data, make_model
+from fedmerge.results import read_metrics
+from fedmerge.runner import run
+from fedmerge.strategies.registry import STRATEGIES
+
+FAST = {"num-rounds": 2, "num-clients": 4, "model": "mlp", "mlp-hidden": "32", "local-epochs": 1}
+
+
+def cfg_for(tmp_path, **over) -> RunConfig:
+    values = {**FAST, "output-dir": str(tmp_path), **{k.replace("_", "-"): v for k, v in over.items()}}
+    return RunConfig.from_mapping(values)
+
+
+def test_default_run_writes_the_output_folder(tmp_path):
+    cfg = cfg_for(tmp_path, num_rounds=3, model="cnn", num_clients=10)
+    seen = []
+    run_dir = run(cfg, "local", on_round=seen.append)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "accuracy.png",
+        "config.json",
+        "metrics.csv",
+        "metrics.json",
+        "model.pt",
+    ]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] == [r["round"] for r in seen]
+    for r in rows[1:]:
+        assert r["num-clients"] == 10 and r["num-examples"] == 1437
+        assert r["round-time"] > 0 and r["train-loss"] > 0
+    assert rows[-1]["test-accuracy"] > rows[0]["test-accuracy"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["config"]["num-rounds"] == 3 and saved["facts"]["grid"] == "LocalGrid"
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"round", "test-accuracy", "test-loss", "train-loss", "round-time"} <= set(header)
+    state = torch.load(run_dir / "model.pt")
+    model = make_model(cfg, load_data(DataSpec.of(cfg)))
+    model.load_state_dict(state)  # the final model loads back into the configured architecture
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
+    def metrics(seed, name):
+        cfg = cfg_for(tmp_path, seed=seed, run_name=name, fraction_train=0.5)
+        rows = read_metrics(run(cfg, "local"))
+        return [(r["test-accuracy"], r["test-loss"], r.get("train-loss")) for r in rows]
+
+    first, again, other = metrics(3, "a"), metrics(3, "b"), metrics(4, "c")
+    assert first == again
+    assert first != other
+
+
+def test_explicit_run_name_never_overwrites_results(tmp_path):
+    cfg = cfg_for(tmp_path, run_name="keep", num_rounds=1)
+    run_dir = run(cfg, "local")
+    before = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(Exception, match="'run-name'.*already holds a run"):
+        run(cfg, "local")
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_builtin_strategy_runs(tmp_path, name):
+    rows = read_metrics(run(cfg_for(tmp_path, strategy=name, num_clients=5), "local"))
+    assert len(rows) == 3
+    assert all(0.0 <= r["test-accuracy"] <= 1.0 for r in rows)
+
+
+def _train_message(cfg: RunConfig, config: dict) -> tuple[Message, Context]:
+    model = make_model(cfg, load_data(DataSpec.of(cfg)), seed=0)
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)}
+    )
+    from fedmerge.engine.local import set_server_identity
+
+    set_server_identity(1)
+    msg = Message(content, dst_node_id=1000, message_type="train")
+    ctx = Context(1, 1000, {"partition-id": 1, "num-partitions": cfg.num_clients}, RecordDict(), cfg.to_mapping())
+    return msg, ctx
+
+
+def test_client_applies_fedprox_mu_only_when_the_server_sends_it(tmp_path):
+    cfg = cfg_for(tmp_path)
+    replies = {}
+    for mu in (0.0, 5.0):
+        msg, ctx = _train_message(cfg, {"server-round": 1, "proximal-mu": mu})
+        replies[mu] = client_app(msg, ctx)
+    plain, _ = _train_message(cfg, {"server-round": 1})
+    no_key = client_app(plain, _)
+    a = replies[0.0].content["arrays"].to_torch_state_dict()
+    b = replies[5.0].content["arrays"].to_torch_state_dict()
+    c = no_key.content["arrays"].to_torch_state_dict()
+    start = make_model(cfg, load_data(DataSpec.of(cfg)), seed=0).state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)  # mu = 0 is the same as no FedProx
+
+    def drift(s):
+        return sum(((s[k] - start[k]) ** 2).sum().item() for k in s)
+
+    assert drift(b) < drift(a)  # the proximal term holds the client near the global model
+
+
+def test_client_reply_carries_arrays_and_metrics(tmp_path):
+    cfg = cfg_for(tmp_path)
+    msg, ctx = _train_message(cfg, {"server-round": 2})
+    reply = client_app(msg, ctx)
+    metrics = reply.content["metrics"]
+    x, _ = client_shard(DataSpec.of(cfg), 1)
+    assert metrics["num-examples"] == len(x)
+    assert metrics["train-loss"] > 0 and metrics["train-time"] > 0 and metrics["train-steps"] >= 1
+    assert set(reply.content["arrays"].keys()) == set(msg.content["arrays"].keys())
+
+
+def test_client_evaluate_handler(tmp_path):
+    cfg = cfg_for(tmp_path, fraction_evaluate=1.0, num_rounds=1)
+    rows = read_metrics(run(cfg, "local"))
+    assert 0.0 <= rows[1]["client-eval-accuracy"] <= 1.0
+
+
+def test_missing_partition_id_is_a_clear_error(tmp_path):
+    cfg = cfg_for(tmp_path)
+    msg, _ = _train_message(cfg, {"server-round": 1})
+    ctx = Context(1, 1000, {}, RecordDict(), cfg.to_mapping())
+    with pytest.raises(Exception, match="partition-id"):
+        client_app(msg, ctx)

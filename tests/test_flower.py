@@ -1,0 +1,144 @@
+"""fedmerge as a Flower app: loaded the way Flower loads it, and run on Flower's own engines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedmerge.config import RunConfig
+from fedmerge.engine.flower import _processes_mentioning, flower_env
+from fedmerge.results import read_metrics
+from fedmerge.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runner-layer modules may import Flower; the library core must not (STYLE.md).
+RUNNER_LAYER = {"cli", "runner", "engine", "bench"}
+
+
+def copy_app(dest: Path) -> Path:
+    """What a Flower app bundle holds: the project's sources and pyproject, no install."""
+    for name in ("fedmerge", "strategies", "clients"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def test_library_core_imports_no_flwr():
+    core = sorted(
+        f"fedmerge.{p.stem}"
+        for p in (ROOT / "fedmerge").glob("*.py")
+        if p.stem not in RUNNER_LAYER and p.stem != "__init__"
+    )
+    assert "fedmerge.training" in core and "fedmerge.partitions" in core
+    code = textwrap.dedent(
+        f"""
+        import sys, importlib
+        for name in {core!r}:
+            importlib.import_module(name)
+        bad = sorted(m for m in sys.modules if m == "flwr" or m.startswith("flwr."))
+        assert not bad, bad
+        print("ok", len({core!r}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
+
+
+def test_components_load_from_a_copy_of_the_project_like_flower(tmp_path):
+    app_dir = copy_app(tmp_path / "bundle")
+    out_dir = tmp_path / "runs"
+    code = textwrap.dedent(
+        f"""
+        import tomllib, sys
+        from pathlib import Path
+        from flwr.supercore.object_ref import load_app  # Flower's own loader
+        app_dir = Path({str(app_dir)!r})
+        comps = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+        server = load_app(comps["serverapp"], ValueError, app_dir)
+        client = load_app(comps["clientapp"], ValueError, app_dir)
+        import fedmerge, strategies, clients
+        from flwr.serverapp import ServerApp
+        from flwr.clientapp import ClientApp
+        assert isinstance(server, ServerApp) and isinstance(client, ClientApp)
+        for mod in (fedmerge, strategies, clients):
+            assert Path(mod.__file__).is_relative_to(app_dir), mod.__file__
+        from fedmerge.engine.local import run_apps
+        from fedmerge.config import RunConfig
+        cfg = RunConfig(num_rounds=1, num_clients=3, model="mlp", mlp_hidden="16",
+                        output_dir={str(out_dir)!r}, run_name="bundle")
+        run_apps(server, client, cfg.to_mapping(), 3)
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(read_metrics(out_dir / "bundle")) == 2
+
+
+# -- Flower's simulation engine (Ray): tens of seconds each --------------------------------
+FMNIST = {
+    "dataset": "fashion-mnist",
+    "partition": "dirichlet",
+    "partition-beta": 0.5,
+    "num-clients": 4,
+    "num-rounds": 2,
+    "max-train-samples": 2000,
+    "model": "cnn",
+    "batch-size": 32,
+    "lr": 0.01,
+    "save-model": False,
+}
+
+
+@pytest.mark.slow
+def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_root):
+    rows = {}
+    for engine in ("local", "flower"):
+        cfg = RunConfig.from_mapping(
+            {**FMNIST, "data-root": str(shared_data_root), "output-dir": str(tmp_path), "run-name": engine}
+        )
+        rows[engine] = read_metrics(run(cfg, engine, flower_options={"timeout": 600}))
+    assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
+    for a, b in zip(rows["local"], rows["flower"], strict=True):
+        assert a["test-accuracy"] == pytest.approx(b["test-accuracy"], abs=2e-3)
+        assert a["test-loss"] == pytest.approx(b["test-loss"], rel=1e-3)
+    assert rows["flower"][-1]["test-accuracy"] > rows["flower"][0]["test-accuracy"]
+    assert not _processes_mentioning("fedmerge-flwr-")  # the SuperLink it started is gone
+
+
+@pytest.mark.slow
+def test_plain_flwr_run_in_the_project_folder(tmp_path):
+    home = tmp_path / "flwr-home"
+    out = tmp_path / "runs"
+    overrides = f'num-rounds=1 num-clients=3 model="mlp" output-dir="{out}" run-name="plain"'
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        ".",
+        "--run-config",
+        overrides,
+        "--federation-config",
+        "num-supernodes=3 client-resources-num-cpus=1",
+        "--stream",
+    ]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=flower_env(home), capture_output=True, text=True, timeout=600, check=False
+        )
+    finally:
+        from fedmerge.engine.flower import stop_superlink
+
+        stop_superlink(home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fedmerge | round 1/1" in proc.stdout
+    assert len(read_metrics(out / "plain")) == 2
+    assert os.path.exists(out / "plain" / "accuracy.png")
