@@ -140,8 +140,9 @@ def train(
     x, y : torch.Tensor
         The shard (inputs, int64 labels); moved to ``device`` once.
     epochs, batch_size, lr, momentum, weight_decay
-        SGD settings (the update of ``torch.optim.SGD``, see :class:`SGD`); a fresh optimiser per call (FL clients start
-        each round from the global model with no optimiser state).
+        SGD settings (the update of ``torch.optim.SGD``, see :class:`SGD`); a fresh
+        optimiser per call (FL clients start each round from the global model with no
+        optimiser state).
     seed : int
         Seeds the batch order and every random op inside the loop (dropout), without
         touching the caller's global RNG state.

@@ -6,20 +6,24 @@ import json
 
 import pytest
 import torch
+from fedmerge.clients.client_app import app as client_app
+from fedmerge.strategies.registry import STRATEGIES
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedmerge.clients.client_app import app as client_app
 from fedmerge.config import RunConfig
 from fedmerge.federation import DataSpec, client_shard, load_data, make_model
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
-from fedmerge.strategies.registry import STRATEGIES
 
 FAST = {"num-rounds": 2, "num-clients": 4, "model": "mlp", "mlp-hidden": "32", "local-epochs": 1}
 
 
 def cfg_for(tmp_path, **over) -> RunConfig:
-    values = {**FAST, "output-dir": str(tmp_path), **{k.replace("_", "-"): v for k, v in over.items()}}
+    values = {
+        **FAST,
+        "output-dir": str(tmp_path),
+        **{k.replace("_", "-"): v for k, v in over.items()},
+    }
     return RunConfig.from_mapping(values)
 
 
@@ -85,7 +89,13 @@ def _train_message(cfg: RunConfig, config: dict) -> tuple[Message, Context]:
 
     set_server_identity(1)
     msg = Message(content, dst_node_id=1000, message_type="train")
-    ctx = Context(1, 1000, {"partition-id": 1, "num-partitions": cfg.num_clients}, RecordDict(), cfg.to_mapping())
+    ctx = Context(
+        1,
+        1000,
+        {"partition-id": 1, "num-partitions": cfg.num_clients},
+        RecordDict(),
+        cfg.to_mapping(),
+    )
     return msg, ctx
 
 

@@ -60,7 +60,8 @@ def test_components_load_from_a_copy_of_the_project_like_flower(tmp_path):
         from pathlib import Path
         from flwr.supercore.object_ref import load_app  # Flower's own loader
         app_dir = Path({str(app_dir)!r})
-        comps = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+        pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+        comps = pyproject["tool"]["flwr"]["app"]["components"]
         server = load_app(comps["serverapp"], ValueError, app_dir)
         client = load_app(comps["clientapp"], ValueError, app_dir)
         import fedmerge, strategies, clients
@@ -104,7 +105,12 @@ def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_r
     rows = {}
     for engine in ("local", "flower"):
         cfg = RunConfig.from_mapping(
-            {**FMNIST, "data-root": str(shared_data_root), "output-dir": str(tmp_path), "run-name": engine}
+            {
+                **FMNIST,
+                "data-root": str(shared_data_root),
+                "output-dir": str(tmp_path),
+                "run-name": engine,
+            }
         )
         rows[engine] = read_metrics(run(cfg, engine, flower_options={"timeout": 600}))
     assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
@@ -132,7 +138,13 @@ def test_plain_flwr_run_in_the_project_folder(tmp_path):
     ]
     try:
         proc = subprocess.run(
-            cmd, cwd=ROOT, env=flower_env(home), capture_output=True, text=True, timeout=600, check=False
+            cmd,
+            cwd=ROOT,
+            env=flower_env(home),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
     finally:
         from fedmerge.engine.flower import stop_superlink

@@ -166,7 +166,8 @@ def test_resnet20_parameter_count() -> None:
 def test_resnet20_structure_and_width() -> None:
     model = build_model("resnet20", CIFAR, 10, width=2)
     assert isinstance(model, ResNet20)
-    for stage, channels in zip((model.layer1, model.layer2, model.layer3), (32, 64, 128)):
+    stages = (model.layer1, model.layer2, model.layer3)
+    for stage, channels in zip(stages, (32, 64, 128), strict=True):
         assert len(stage) == 3
         for block in stage:
             assert block.conv2.out_channels == channels

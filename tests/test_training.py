@@ -89,7 +89,9 @@ def test_regularizer_changes_training():
     prox = build_model("mlp", (1, 8, 8), 10, seed=0)
     ref = [p.detach().clone() for p in prox.parameters()]
     train(plain, x, y, epochs=3, batch_size=10, lr=0.1, seed=0)
-    train(prox, x, y, epochs=3, batch_size=10, lr=0.1, seed=0, regularizers=[proximal_term(ref, 10.0)])
+    train(
+        prox, x, y, epochs=3, batch_size=10, lr=0.1, seed=0, regularizers=[proximal_term(ref, 10.0)]
+    )
 
     def dist(m):
         return sum(((p - r) ** 2).sum() for p, r in zip(m.parameters(), ref, strict=True)).item()
