@@ -86,7 +86,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
     device = resolve_device(cfg.device)
-    x, y = client_shard(spec, pid)
+    x, y = client_shard(spec, pid, str(device))
     model = _model(cfg, spec, msg.content["arrays"].to_torch_state_dict()).to(device)
     result = train(
         model,
@@ -118,7 +118,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's own shard (local-data accuracy)."""
     cfg, spec, pid = _setup(context)
     device = resolve_device(cfg.device)
-    x, y = client_shard(spec, pid)
+    x, y = client_shard(spec, pid, str(device))
     model = _model(cfg, spec, msg.content["arrays"].to_torch_state_dict())
     loss, acc = evaluate(model, x, y, batch_size=cfg.eval_batch_size, device=device)
     metrics = MetricRecord({"num-examples": len(y), "eval-loss": loss, "eval-accuracy": acc})

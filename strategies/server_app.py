@@ -63,6 +63,8 @@ class RoundRecorder:
         self.cfg, self.data, self.run_dir = cfg, data, run_dir
         self.device = resolve_device(cfg.device)
         self.model = make_model(cfg, data).to(self.device)
+        # The test split moves to the device once, not every round.
+        self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
         self.rows: list[dict[str, float | int]] = []
         self._last_end: float | None = None
 
@@ -71,8 +73,8 @@ class RoundRecorder:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(
             self.model,
-            self.data.x_test,
-            self.data.y_test,
+            self.x_test,
+            self.y_test,
             batch_size=self.cfg.eval_batch_size,
             device=self.device,
         )

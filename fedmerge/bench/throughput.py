@@ -32,7 +32,8 @@ any timing), and the model is the same seeded CNN.
 ``flower``
     The same run with engine ``flower`` (``flwr run``, Ray). Reported: start-up seconds (from
     the call until the ServerApp's round-0 line arrives, which includes start-up and the
-    initial evaluation), and the same per-round figures from metrics.json.
+    initial evaluation; Flower streams the log in batches, so this is good to about a
+    second), and the same per-round figures from metrics.json.
 
 Figures (rounds 1..R; round 0 and every centralized evaluation excluded, since the bare loop
 evaluates nothing):
@@ -40,7 +41,8 @@ evaluates nothing):
 * ``samples/s`` = training samples processed (shard sizes x local epochs, summed over clients
   and rounds) / total round seconds. This end-to-end figure is the one compared with bare
   (``ratio``): both include their aggregation.
-* ``s/round`` = mean seconds per round.
+* ``s/round`` = mean seconds per round; ``s/round 2..R`` the same without round 1, which
+  carries one-time costs (the ClientApp builds its model; Flower starts its Ray actors).
 * ``train s/round`` = per round, the sum over clients of the seconds spent in the epoch loops
   themselves (batches, forward, backward, step), and ``loop samples/s`` the throughput of
   those loops alone.
@@ -74,6 +76,10 @@ Fairness notes: data loading and partitioning happen before any timing for every
 timing; a few warm-up steps run before the first measured round; repeats alternate bare and
 local and each figure is the median over ``--repeats``. The bare loop keeps no running loss
 (fedmerge's loop sums it on the device), which errs in the bare loop's favour.
+
+On a busy machine, pass ``--threads 1``: torch's intra-op threads wait for each other, and
+with two threads on two cores that other processes also use, both loops slowed down about a
+hundredfold in our checks, which swamps every difference this benchmark looks for.
 """
 
 from __future__ import annotations
@@ -394,6 +400,10 @@ def _figures(
         "samples": samples,
         "samples_per_s": samples / total,
         "seconds_per_round": total / rounds,
+        # Rounds 2..R: without first-round costs (Flower starts its Ray actors in round 1).
+        "later_seconds_per_round": (total - round_seconds[0]) / (rounds - 1)
+        if rounds > 1
+        else None,
         "round_seconds": list(round_seconds),
         "train_seconds_per_round": None,
         "overhead_seconds_per_round": None,
@@ -632,6 +642,7 @@ def render(report: dict[str, Any]) -> None:
         "samples/s",
         "x bare",
         "s/round",
+        "s/round 2..R",
         "train s/round",
         "overhead s/round",
         "loop samples/s",
@@ -644,6 +655,7 @@ def render(report: dict[str, Any]) -> None:
             f"{res['samples_per_s']:,.0f}",
             f"{report['ratios'][name]:.3f}",
             f"{res['seconds_per_round']:.3f}",
+            _fmt(res["later_seconds_per_round"], ".3f"),
             _fmt(res["train_seconds_per_round"], ".3f"),
             _fmt(res["overhead_seconds_per_round"], ".3f"),
             _fmt(res["loop_samples_per_s"], ",.0f"),
@@ -672,9 +684,11 @@ def render(report: dict[str, Any]) -> None:
         fl = report["results"]["flower"]
         console.print(
             f"flower: {fl['cpus_per_client']:g} CPUs per client, {fl['concurrent_clients']} "
-            f"client(s) at a time; start-up = call until the round-0 line (includes the "
-            f"initial evaluation); overhead {fl['train_seconds_method']}. Ray sets the "
-            f"clients' threads, --threads does not apply to them."
+            f"client(s) at a time; start-up = call until the round-0 line reaches this "
+            f"process (includes the initial evaluation; Flower streams logs in batches, so "
+            f"to about a second); round 1 includes starting the Ray actors (see s/round "
+            f"2..R); overhead {fl['train_seconds_method']}. Ray sets the clients' threads; "
+            f"--threads does not apply to them."
         )
 
 
