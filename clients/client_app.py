@@ -19,6 +19,7 @@ from torch import nn
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
+from fedmerge.scopes import WSARegularizer, scope_names, scope_of, target_from_config
 from fedmerge.training import Regularizer, evaluate, proximal_term, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,16 @@ def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn
 def _regularizers(
     config: ConfigRecord, model: nn.Module, device: torch.device
 ) -> list[Regularizer]:
+    """The loss terms the server asked for in this instruction's config."""
     regs: list[Regularizer] = []
     mu = float(config.get("proximal-mu", 0.0))
-    if mu > 0:
+    if mu > 0:  # Flower's FedProx
         ref = [p.detach().clone().to(device) for p in model.parameters()]
         regs.append(proximal_term(ref, mu))
+    target = target_from_config(config)
+    if target is not None and float(config["wsa-lambda"]) > 0:  # fedmerge's FedWSA
+        lam, reverse = float(config["wsa-lambda"]), bool(config.get("wsa-reverse", False))
+        regs.append(WSARegularizer(target, lam, reverse=reverse, device=device))
     return regs
 
 
@@ -101,15 +107,19 @@ def train_handler(msg: Message, context: Context) -> Message:
         device=device,
         regularizers=_regularizers(config, model, device),
     )
+    state = model.state_dict()
+    scope = scope_of(state, scope_names(state, cfg.wsa_layers))  # diagnostics, every strategy
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
             "train-loss": result.loss,
             "train-time": result.seconds,
             "train-steps": result.steps,
+            "scope-mu": list(scope.mu),
+            "scope-sigma": list(scope.sigma),
         }
     )
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(state)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

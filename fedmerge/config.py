@@ -76,6 +76,11 @@ class RunConfig:
     fedopt_beta_2: float = 0.99
     fedopt_tau: float = 0.001
     trimmed_beta: float = 0.2
+    # Weight Scope Alignment
+    wsa_lambda: float = 0.01
+    wsa_fusion: str = "moment"
+    wsa_reverse: bool = False
+    wsa_layers: str = "conv-linear"
     # results
     output_dir: str = "runs"
     run_name: str = ""
@@ -207,6 +212,7 @@ def _validate(c: RunConfig) -> None:
     # is checked by the ServerApp (its registry imports Flower) and by the CLI up front.
     from .datasets import DATASETS
     from .models import MODELS, NORMS, parse_hidden
+    from .scopes import FUSION_RULES, LAYER_SETS
 
     _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
     _check(c.num_rounds >= 1, "num-rounds", c.num_rounds, "an integer >= 1")
@@ -260,6 +266,11 @@ def _validate(c: RunConfig) -> None:
         value = getattr(c, key_to_field(key))
         _check(0 <= value < 1, key, value, "a number in [0, 1)")
     _check(0 <= c.trimmed_beta < 0.5, "trimmed-beta", c.trimmed_beta, "a number in [0, 0.5)")
+    _check(c.wsa_lambda >= 0, "wsa-lambda", c.wsa_lambda, "a number >= 0")
+    if c.wsa_fusion not in FUSION_RULES:
+        raise unknown_name("wsa-fusion", c.wsa_fusion, FUSION_RULES)
+    if c.wsa_layers not in LAYER_SETS:
+        raise unknown_name("wsa-layers", c.wsa_layers, LAYER_SETS)
     _check(bool(c.output_dir), "output-dir", c.output_dir, "a folder path")
     _check(
         bool(_RUN_NAME_RE.match(c.run_name)),

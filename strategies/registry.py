@@ -26,6 +26,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmerge.config import RunConfig
 from fedmerge.errors import unknown_name
+from fedmerge.scopes import sigma_spread
+
+from .wsa import FedWSA
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -42,6 +45,10 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     times = [m["train-time"] for m in metrics if "train-time" in m]
     if times:
         merged["train-time-max"] = float(max(times))
+    sigmas = [list(m["scope-sigma"]) for m in metrics if "scope-sigma" in m]
+    if len(sigmas) == len(metrics) and len({len(s) for s in sigmas}) == 1:
+        # How far apart the clients' weight scopes drifted this round (WSA diagnostics).
+        merged["scope-sigma-std"], merged["scope-spread"] = sigma_spread(sigmas)
     return merged
 
 
@@ -103,6 +110,16 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
     "fedtrimmedavg": (
         lambda c: FedTrimmedAvg(beta=c.trimmed_beta, **_common(c)),
         "Flower FedTrimmedAvg: coordinate-wise trimmed mean (trimmed-beta)",
+    ),
+    "fedwsa": (
+        lambda c: FedWSA(
+            lam=c.wsa_lambda,
+            fusion=c.wsa_fusion,
+            reverse=c.wsa_reverse,
+            layers=c.wsa_layers,
+            **_common(c),
+        ),
+        "fedmerge FedWSA: Weight Scope Alignment, fused target scope (wsa-*)",
     ),
 }
 
