@@ -58,3 +58,25 @@ def partition_heatmap(counts: np.ndarray, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_scope_spread(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Per round and per layer, the std over clients of the layer's weight std ``s_l``."""
+    plt = _pyplot()
+    data = [(r["round"], r["scope-sigma-std"]) for r in rows if "scope-sigma-std" in r]
+    if not data:
+        return
+    rounds = [d[0] for d in data]
+    per_layer = list(zip(*[d[1] for d in data], strict=True))
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for i, values in enumerate(per_layer):
+        ax.plot(rounds, values, marker="o", ms=2, label=f"layer {i}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("std over clients of s_l")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -10,6 +10,7 @@ Layout of ``<output-dir>/<run-name>/``::
     metrics.csv     the same table
     model.pt        the final global model's state dict (save-model = true)
     accuracy.png    test accuracy per round
+    scope-spread.png  per layer, the spread of the clients' weight scopes per round
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from .config import RunConfig
 from .errors import ConfigError
-from .plots import plot_accuracy  # noqa: F401  (re-exported: results and their plot)
+from .plots import plot_accuracy, plot_scope_spread  # noqa: F401  (results and their plots)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
 MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy.png"
+SCOPE_PLOT_FILE = "scope-spread.png"
 
 
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:

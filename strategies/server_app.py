@@ -26,7 +26,9 @@ from fedmerge.federation import DataSpec, load_data, make_model
 from fedmerge.results import (
     CONFIG_JSON,
     PLOT_FILE,
+    SCOPE_PLOT_FILE,
     plot_accuracy,
+    plot_scope_spread,
     run_dir_for,
     save_model,
     write_json,
@@ -149,4 +151,5 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         save_model(run_dir, final.to_torch_state_dict())
     title = f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, {cfg.num_clients} clients)"
     plot_accuracy(rows, run_dir / PLOT_FILE, title)
+    plot_scope_spread(rows, run_dir / SCOPE_PLOT_FILE, f"client scope spread: {title}")
     return run_dir

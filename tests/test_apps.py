@@ -37,6 +37,7 @@ def test_default_run_writes_the_output_folder(tmp_path):
         "metrics.csv",
         "metrics.json",
         "model.pt",
+        "scope-spread.png",
     ]
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] == [r["round"] for r in seen]

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from fedmerge.clients.client_app import app as client_app
+from fedmerge.strategies.wsa import FedWSA
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedmerge.clients.client_app import app as client_app
 from fedmerge.config import RunConfig
 from fedmerge.engine.local import LocalGrid, set_server_identity
 from fedmerge.errors import ConfigError
@@ -30,7 +31,6 @@ from fedmerge.scopes import (
     target_from_config,
     target_to_config,
 )
-from fedmerge.strategies.wsa import FedWSA
 
 
 def test_scope_names_pick_conv_and_linear_weights():
