@@ -187,6 +187,66 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise FedmergeError(f"{flag}: got {text!r}; allowed: comma-separated numbers") from None
+
+
+def cmd_connectivity(args: argparse.Namespace) -> int:
+    import json
+
+    from .connectivity import connectivity_experiment
+    from .plots import plot_paths
+
+    cfg = _config(args)
+    seeds = tuple(int(v) for v in _floats(args.seeds, "--seeds"))
+    if len(seeds) != 2 or seeds[0] == seeds[1]:
+        raise FedmergeError(f"--seeds: got {args.seeds!r}; allowed: two different seeds, e.g. 1,2")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = connectivity_experiment(
+        cfg,
+        lambdas=_floats(args.lambdas, "--lambdas"),
+        epochs=args.epochs,
+        seeds=seeds,  # type: ignore[arg-type]
+        split=args.split,
+        points=args.points,
+    )
+    title = (
+        f"{cfg.model} on {cfg.dataset}, seeds {seeds[0]} and {seeds[1]}, {args.epochs} epochs, "
+        f"split {args.split}"
+    )
+    table = Table(
+        "wsa-lambda",
+        "acc A",
+        "acc B",
+        "acc t=0.5",
+        "acc barrier",
+        "loss barrier",
+        "scope gap",
+        title=f"linear mode connectivity: {title}",
+    )
+    for r in results:
+        table.add_row(
+            f"{r['wsa-lambda']:g}",
+            f"{r['accuracy-a']:.4f}",
+            f"{r['accuracy-b']:.4f}",
+            f"{r['accuracy-mid']:.4f}",
+            f"{r['accuracy-barrier']:.4f}",
+            f"{r['loss-barrier']:.4f}",
+            f"{r['scope-gap']:.4f}",
+        )
+    console.print(table)
+    (out / "connectivity.json").write_text(
+        json.dumps({"config": cfg.to_mapping(), "title": title, "results": results}, indent=2)
+    )
+    plot_paths(results, out / "connectivity.png", title, "wsa-lambda")
+    console.print(f"results in {out}", soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedmerge`` command."""
     parser = argparse.ArgumentParser(
@@ -227,6 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("strategies", help="list strategies").set_defaults(func=cmd_strategies)
     sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)
     sub.add_parser("models", help="list models").set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "connectivity",
+        help="loss/accuracy barrier between two models, with and without a shared WSA scope",
+    )
+    config_args(p)
+    p.add_argument("--lambdas", default="0,0.01,0.1,1", help="wsa-lambda values (0 = no WSA)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of each model")
+    p.add_argument("--seeds", default="1,2", help="initialisation/shuffling seeds of A and B")
+    p.add_argument(
+        "--split",
+        choices=("same", "partition"),
+        default="same",
+        help="same: both see all data; partition: clients 0 and 1 of a 2-client split",
+    )
+    p.add_argument("--points", type=int, default=11, help="points on the path, ends included")
+    p.add_argument("--out", default="runs/connectivity", help="output folder")
+    p.set_defaults(func=cmd_connectivity)
 
     p = sub.add_parser("partitions", help="per-client label counts and a heatmap PNG")
     config_args(p)

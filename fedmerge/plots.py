@@ -80,3 +80,23 @@ def plot_scope_spread(rows: Sequence[Mapping[str, Any]], path: Path, title: str)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_paths(results: Sequence[Mapping[str, Any]], path: Path, title: str, key: str) -> None:
+    """Loss and accuracy along interpolation paths, one line per ``results[i][key]``."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    for r in results:
+        label = f"{key} = {r[key]}"
+        ax_loss.plot(r["t"], r["loss"], marker="o", ms=3, label=label)
+        ax_acc.plot(r["t"], r["accuracy"], marker="o", ms=3, label=label)
+    ax_loss.set_ylabel("test loss")
+    ax_acc.set_ylabel("test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("t  (0 = model A, 1 = model B)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
