@@ -65,19 +65,10 @@ def _summary(run_dir: Path, seconds: float) -> None:
     )
 
 
-def _quiet_flower(verbose: bool) -> None:
-    import flwr.common.logger  # noqa: F401  (Flower configures its logger on import)
-
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = False  # Flower prints through its own handler; no second copy
-    if not verbose:
-        flwr_log.setLevel(logging.ERROR)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import prepare, run
+    from .runner import prepare, quiet_flower, run
 
-    _quiet_flower(args.verbose)
+    quiet_flower(args.verbose)
     cfg = prepare(_config(args))  # every config and data error surfaces before any output
     flower_options: dict[str, Any] = {}
     if args.engine == "flower":

@@ -100,3 +100,25 @@ def plot_paths(results: Sequence[Mapping[str, Any]], path: Path, title: str, key
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_sweep(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    """Mean test accuracy and mean client scope spread per round, one line per variant."""
+    plt = _pyplot()
+    fig, (ax_acc, ax_spread) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
+    for variant, r in rows.items():
+        curve = r["accuracy-curve"]
+        ax_acc.plot(range(len(curve)), curve, label=variant, lw=1.2)
+        spread = r["scope-spread-curve"]
+        ax_spread.plot(range(1, len(spread) + 1), spread, label=variant, lw=1.2)
+    ax_acc.set_ylabel("test accuracy (mean over seeds)")
+    ax_spread.set_ylabel("client scope spread (mean rel. std of s_l)")
+    ax_spread.set_yscale("log")
+    for ax in (ax_acc, ax_spread):
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -27,6 +27,16 @@ _ROUND_LINE = re.compile(
 )
 
 
+def quiet_flower(verbose: bool = False) -> None:
+    """Keep Flower's per-round log lines out of the way (``verbose`` keeps them)."""
+    import flwr.common.logger  # noqa: F401  (Flower configures its logger on import)
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower prints through its own handler; no second copy
+    if not verbose:
+        flwr_log.setLevel(logging.ERROR)
+
+
 def prepare(cfg: RunConfig) -> RunConfig:
     """Validate ``cfg`` against the data and registries; pin absolute paths and the run name.
 
