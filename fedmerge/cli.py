@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -304,10 +305,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*=")
+
+
+def _overrides_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Move ``key=value`` tokens after the options, so that they may be mixed freely
+    (``fedmerge run num-rounds=1 -q dataset=mnist``): argparse wants positionals together."""
+    takes_value = {
+        opt
+        for action in parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+        for a in action._actions
+        if a.option_strings and a.nargs != 0
+        for opt in a.option_strings
+    }
+    head, rest, overrides = argv[:1], [], []
+    for i, token in enumerate(argv[1:], 1):
+        if _OVERRIDE.match(token) and argv[i - 1] not in takes_value:
+            overrides.append(token)
+        else:
+            rest.append(token)
+    return head + rest + overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedmerge`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_overrides_last(parser, sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except FedmergeError as exc:

@@ -71,7 +71,6 @@ class RunConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.9
     fedopt_eta: float = 0.01
-    fedopt_eta_l: float = 0.05
     fedopt_beta_1: float = 0.9
     fedopt_beta_2: float = 0.99
     fedopt_tau: float = 0.001
@@ -199,6 +198,9 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             return float(value)
     elif isinstance(value, str):
         return value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        # `run-name=2024` or `mlp-hidden=100` arrive as numbers from TOML / Flower.
+        return str(value)
     raise ConfigError(key, value, _TYPE_WORDS[kind])
 
 
@@ -259,7 +261,7 @@ def _validate(c: RunConfig) -> None:
     _check(c.proximal_mu >= 0, "proximal-mu", c.proximal_mu, "a number >= 0")
     _check(c.server_lr > 0, "server-lr", c.server_lr, "a number > 0")
     _check(0 <= c.server_momentum < 1, "server-momentum", c.server_momentum, "a number in [0, 1)")
-    for key in ("fedopt-eta", "fedopt-eta-l", "fedopt-tau"):
+    for key in ("fedopt-eta", "fedopt-tau"):
         value = getattr(c, key_to_field(key))
         _check(value > 0, key, value, "a number > 0")
     for key in ("fedopt-beta-1", "fedopt-beta-2"):

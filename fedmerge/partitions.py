@@ -311,7 +311,8 @@ def label_quantity(
     Client ``i`` holds label ``i % num_classes`` and ``k - 1`` other distinct labels drawn at
     random; each label's shuffled samples are split evenly (``np.array_split``) among the clients
     that hold it. Samples of a label that no client holds are dropped, as in NIID-Bench; this
-    happens only when ``num_clients * k < num_classes``.
+    can happen whenever the random draws leave a label unchosen (certainly when
+    ``num_clients * k < num_classes``), and is logged as a warning.
 
     Parameters
     ----------
@@ -358,7 +359,7 @@ def label_quantity(
         ):
             parts[client].append(piece)
     if dropped:
-        logger.info("label-quantity(k=%d): %d samples of unheld labels dropped", k, dropped)
+        logger.warning("label-quantity(k=%d): %d samples of unheld labels dropped", k, dropped)
     return _sorted_parts([np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in parts])
 
 

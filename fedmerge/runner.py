@@ -17,6 +17,7 @@ from .config import RunConfig
 from .errors import FedmergeError, unknown_name
 from .federation import DataSpec, load_data, make_model, partition_indices
 from .results import default_run_name, read_metrics, run_dir_for
+from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def prepare(cfg: RunConfig) -> RunConfig:
 
     if cfg.strategy not in STRATEGIES:
         raise unknown_name("strategy", cfg.strategy, STRATEGIES)
+    resolve_device(cfg.device)  # a device that is not there fails now, not in the ServerApp
     spec = DataSpec.of(cfg)
     data = load_data(spec)
     partition_indices(spec)

@@ -66,7 +66,7 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 def _fedopt(cfg: RunConfig) -> dict[str, Any]:
     return {
         "eta": cfg.fedopt_eta,
-        "eta_l": cfg.fedopt_eta_l,
+        "eta_l": cfg.lr,  # Flower only logs eta_l; the clients' lr is what they use
         "tau": cfg.fedopt_tau,
         **_common(cfg),
     }

@@ -129,3 +129,30 @@ def test_partitions_prints_counts_and_saves_heatmap(capsys, tmp_path):
     for row in data_rows:
         counts = [c.strip() for c in row.split("│")[2:-2]]
         assert sum(1 for c in counts if c != "0") == 2
+
+
+def test_options_and_overrides_mix_freely(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "num-rounds=1",
+        "-q",
+        "model=mlp",
+        "--engine",
+        "local",
+        f"output-dir={tmp_path}",
+        "num-clients=3",
+        "run-name=2024",
+    )
+    assert code == 0, err
+    assert len(read_metrics(tmp_path / "2024")) == 2
+
+
+def test_unavailable_device_fails_before_anything_is_written(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda is valid here")
+    code, _, err = run_cli(capsys, "run", "device=cuda", f"output-dir={tmp_path}")
+    assert code == 2 and "config key 'device'" in err
+    assert not any(tmp_path.iterdir())

@@ -67,9 +67,18 @@ def write_run_config(values: Mapping[str, ConfigValue], path: Path) -> Path:
     return path
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for ``flwr run`` on an offline machine, with this interpreter's tools."""
+def flower_env(flwr_home: Path, ports: tuple[int, int] | None = None) -> dict[str, str]:
+    """Environment for ``flwr run`` on an offline machine, with this interpreter's tools.
+
+    ``ports``: the local SuperLink's HTTP API and Control API ports. Flower's defaults
+    (39091, 39093) are fixed, and a second ``flwr run`` silently submits to a SuperLink that
+    is already listening there (someone else's, with another FLWR_HOME); giving each run
+    free ports of its own keeps simultaneous simulations apart.
+    """
     env = dict(os.environ)
+    if ports is not None:
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(ports[0])
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(ports[1])
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["FLWR_HOME"] = str(flwr_home)
@@ -82,16 +91,16 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def local_superlink_port() -> int:
-    """The port ``flwr run`` gives its local SuperLink (Flower's default, or the env override)."""
-    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something accepts TCP connections on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.3)
-        return sock.connect_ex((host, port)) == 0
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports nobody listens on right now (the OS picks them)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for sock in socks:  # all bound at once, so the OS cannot hand out one port twice
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -168,16 +177,6 @@ def run_flower(
     ClientApps run in other processes with other working directories.
     """
     app_dir = app_dir or find_app_dir()
-    port = local_superlink_port()
-    if port_in_use(port):
-        # `flwr run` would silently submit to that SuperLink (another user's run, another
-        # FLWR_HOME), and whoever started it may stop it mid-run: refuse instead.
-        raise FedmergeError(
-            f"a Flower SuperLink already listens on 127.0.0.1:{port} (another `flwr run` in "
-            f"progress, or one left running). Flower's local SuperLink uses fixed ports, so "
-            f"one flower-engine simulation runs at a time on a machine: wait for it, or stop "
-            f"it (e.g. `pkill -f flower-superlink`), or use the local engine."
-        )
     scratch = Path(tempfile.mkdtemp(prefix="fedmerge-flwr-"))
     home = flwr_home or scratch / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -190,7 +189,7 @@ def run_flower(
     proc = subprocess.Popen(
         cmd,
         cwd=app_dir,
-        env=flower_env(home),
+        env=flower_env(home, tuple(free_ports(2))),  # type: ignore[arg-type]
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -10,7 +10,8 @@ order and every client's randomness derives from (seed, partition id, round).
 Flower internals this module depends on (kept here, under tests/test_engine_local.py):
 ``flwr.supercore.task_identity.TaskIdentity`` must name a run and the server's node before a
 strategy creates its first ``Message``; ``flwr.supercore.run.Run.create_empty``;
-``flwr.common.constant.SUPERLINK_NODE_ID`` and ``ErrorCode``.
+``flwr.common.constant.SUPERLINK_NODE_ID`` and ``ErrorCode``; and the private
+``Metadata._message_id``, which ``push_messages`` fills in as Flower's SuperLink does.
 """
 
 from __future__ import annotations
