@@ -1,0 +1,136 @@
+"""Mode connectivity (interpolation, barriers, BN repair) and the sweep runner."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fedmerge.bench import sweep, wsa_overhead
+from fedmerge.config import RunConfig
+from fedmerge.connectivity import (
+    barrier,
+    connectivity_experiment,
+    evaluate_path,
+    interpolate,
+    reset_bn_stats,
+)
+from fedmerge.models import build_model
+
+
+def test_interpolate_end_points_and_integer_buffers():
+    a = build_model("resnet20", (1, 8, 8), 10, seed=0).state_dict()
+    b = build_model("resnet20", (1, 8, 8), 10, seed=1).state_dict()
+    b["norm1.num_batches_tracked"] = torch.tensor(7)
+    at0, at1, mid = interpolate(a, b, 0.0), interpolate(a, b, 1.0), interpolate(a, b, 0.5)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(at0[k], a[k])
+            torch.testing.assert_close(at1[k], b[k])
+            torch.testing.assert_close(mid[k], (a[k] + b[k]) / 2)
+        else:
+            assert torch.equal(mid[k], a[k])  # integer buffers come from A
+
+
+def test_barrier():
+    ts = [0.0, 0.5, 1.0]
+    assert barrier([1.0, 3.0, 2.0], ts, higher_is_better=False) == pytest.approx(1.5)
+    assert barrier([0.9, 0.5, 0.7], ts, higher_is_better=True) == pytest.approx(0.3)
+    assert barrier([1.0, 1.5, 2.0], ts, higher_is_better=False) == pytest.approx(0.0)
+
+
+def test_path_of_a_model_to_itself_is_flat():
+    model = build_model("cnn", (1, 8, 8), 10, seed=0)
+    state = model.state_dict()
+    x, y = torch.randn(50, 1, 8, 8), torch.randint(0, 10, (50,))
+    path = evaluate_path(model, state, state, x, y, points=5)
+    assert path.loss_barrier == pytest.approx(0.0, abs=1e-6)
+    assert path.accuracy_barrier == pytest.approx(0.0, abs=1e-9)
+    assert len(path.ts) == 5 and path.ts[0] == 0.0 and path.ts[-1] == 1.0
+
+
+def test_bn_repair_recomputes_running_stats():
+    model = build_model("resnet20", (1, 8, 8), 10, seed=0)
+    x = torch.randn(300, 1, 8, 8) * 3 + 1
+    reset_bn_stats(model, x, batch_size=100)
+    # the stem's BatchNorm now holds the mean of its inputs' conv outputs over all of x
+    with torch.no_grad():
+        feats = model.conv1(x)
+    torch.testing.assert_close(
+        model.norm1.running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-5
+    )
+    assert not model.training
+
+
+def test_connectivity_experiment_on_digits():
+    cfg = RunConfig(model="mlp", mlp_hidden="32", batch_size=32)
+    res = connectivity_experiment(cfg, lambdas=[0.0, 1.0], epochs=1, points=3)
+    assert [r["wsa-lambda"] for r in res] == [0.0, 1.0]
+    for r in res:
+        assert r["accuracy-a"] > 0.5 and r["accuracy-b"] > 0.5
+        assert r["accuracy"][0] == r["accuracy-a"] and r["accuracy"][-1] == r["accuracy-b"]
+        assert r["loss-barrier"] >= 0 - 1e-9 and r["scope-gap"] >= 0
+    part = connectivity_experiment(cfg, lambdas=[0.0], epochs=1, points=3, split="partition")
+    assert len(part) == 1
+
+
+TINY = """
+seeds = [0, 1]
+[base]
+num-clients = 3
+num-rounds = 1
+model = "mlp"
+mlp-hidden = "16"
+save-model = false
+[partitions.dir]
+partition = "dirichlet"
+[variants.fedavg]
+strategy = "fedavg"
+[variants."fedwsa-l1.0"]
+strategy = "fedwsa"
+wsa-lambda = 1.0
+"""
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path):
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(TINY)
+    out = tmp_path / "out"
+    assert sweep.main([str(spec_file), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dir"]) == {"fedavg", "fedwsa-l1.0"}
+    assert summary["dir"]["fedavg"]["seeds"] == 2
+    report = (out / "report.md").read_text()
+    assert "| fedavg |" in report and "fedwsa-l1.0" in report
+    assert (out / "dir.png").exists()
+
+    # Interrupted: one cell lost, one cut off mid-run. Only those two run again.
+    keep = out / "dir" / "fedavg" / "s0" / "metrics.json"
+    before = keep.read_bytes()
+    shutil.rmtree(out / "dir" / "fedavg" / "s1")
+    cut = out / "dir" / "fedwsa-l1.0" / "s0" / "metrics.json"
+    cut.write_text(json.dumps(json.loads(cut.read_text())[:1]))
+    assert sweep.main([str(spec_file), "--out", str(out)]) == 0
+    assert keep.read_bytes() == before
+    again = json.loads((out / "summary.json").read_text())
+    assert again["dir"]["fedavg"]["final"] == summary["dir"]["fedavg"]["final"]  # deterministic
+    assert again["dir"]["fedwsa-l1.0"]["final"] == summary["dir"]["fedwsa-l1.0"]["final"]
+
+
+def test_sweep_rejects_bad_specs(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace('strategy = "fedavg"', 'strategy = "fedx"'))
+    assert sweep.main([str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "config key 'strategy'" in capsys.readouterr().err
+    bad.write_text(TINY.replace("num-rounds = 1", "num-rounds = 0"))
+    assert sweep.main([str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "num-rounds" in capsys.readouterr().err
+
+
+def test_wsa_overhead_bench_runs(capsys):
+    assert wsa_overhead.main(["--models", "mlp", "--steps", "5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp" in out and "wsa +%" in out
+    assert wsa_overhead.main(["--models", "gpt"]) == 2
