@@ -101,12 +101,16 @@ FMNIST = {
 
 
 @pytest.mark.slow
-def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_root):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedwsa"])
+def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_root, strategy):
+    # fedwsa: the target scope travels in the ConfigRecord through Flower's real runtime.
     rows = {}
     for engine in ("local", "flower"):
         cfg = RunConfig.from_mapping(
             {
                 **FMNIST,
+                "strategy": strategy,
+                "wsa-lambda": 10.0,
                 "data-root": str(shared_data_root),
                 "output-dir": str(tmp_path),
                 "run-name": engine,
@@ -118,6 +122,9 @@ def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_r
         assert a["test-accuracy"] == pytest.approx(b["test-accuracy"], abs=2e-3)
         assert a["test-loss"] == pytest.approx(b["test-loss"], rel=1e-3)
     assert rows["flower"][-1]["test-accuracy"] > rows["flower"][0]["test-accuracy"]
+    if strategy == "fedwsa":
+        for a, b in zip(rows["local"][1:], rows["flower"][1:], strict=True):
+            assert a["wsa-target-sigma"] == pytest.approx(b["wsa-target-sigma"], rel=1e-4)
     assert not _processes_mentioning("fedmerge-flwr-")  # the SuperLink it started is gone
 
 
@@ -154,3 +161,22 @@ def test_plain_flwr_run_in_the_project_folder(tmp_path):
     assert "fedmerge | round 1/1" in proc.stdout
     assert len(read_metrics(out / "plain")) == 2
     assert os.path.exists(out / "plain" / "accuracy.png")
+
+
+def test_each_flower_run_gets_free_superlink_ports(tmp_path):
+    from fedmerge.engine.flower import free_ports, toml_value, write_run_config
+
+    ports = free_ports(2)
+    assert len(set(ports)) == 2 and all(1024 <= p < 65536 for p in ports)
+    env = flower_env(tmp_path, (ports[0], ports[1]))
+    assert env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == str(ports[0])
+    assert env["FLWR_LOCAL_CONTROL_API_PORT"] == str(ports[1])
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path)
+    # the run-config file Flower reads back holds exactly the config's values
+    import tomllib
+
+    cfg = RunConfig(data_root='C:\\data "quoted"', lr=1e-5, download=True)
+    path = write_run_config(cfg.to_mapping(), tmp_path / "rc.toml")
+    assert tomllib.loads(path.read_text()) == cfg.to_mapping()
+    assert toml_value(3) == "3" and toml_value(False) == "false"
