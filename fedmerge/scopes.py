@@ -83,12 +83,12 @@ def scope_names(state: Mapping[str, torch.Tensor], layers: str = "conv-linear") 
 
 def layer_stats(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable per-tensor mean and (population) standard deviation, stacked."""
-    mus, sigmas = [], []
+    mus, variances = [], []
     for w in tensors:
-        flat = w.reshape(-1)
-        mus.append(flat.mean())
-        sigmas.append(flat.std(correction=0))
-    return torch.stack(mus), torch.stack(sigmas)
+        var, mu = torch.var_mean(w.reshape(-1), correction=0)  # one pass over the tensor
+        mus.append(mu)
+        variances.append(var)
+    return torch.stack(mus), torch.stack(variances).sqrt()
 
 
 def scope_of(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> Scope:

@@ -137,6 +137,7 @@ def run_sweep(spec: dict[str, Any], out: Path, jobs: int = 1) -> None:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if math.isfinite(v)]  # a diverged run has no scope spread
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -170,6 +171,8 @@ def summarize(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             ]
             rows[variant] = {
                 "seeds": len(runs),
+                # a run whose final test loss is not finite: its weights blew up (NaN / inf)
+                "diverged": sum(not math.isfinite(r[-1]["test-loss"]) for r in runs),
                 "final": _mean_std(final),
                 "best": _mean_std(best),
                 "scope-spread": _mean_std(spread),
@@ -199,9 +202,9 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
         lines += ["", f"## {partition} (`{keys}`)", ""]
         lines.append(
             "| variant | keys | final acc | best acc | scope spread (last round) | s/round "
-            "| seeds |"
+            "| seeds | diverged |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for variant, r in rows.items():
             fm, fs = r["final"]
             bm, bs = r["best"]
@@ -210,7 +213,7 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
                 f"| {variant} | `{json.dumps(spec['variants'][variant])}` "
                 f"| {100 * fm:.2f} +- {100 * fs:.2f} "
                 f"| {100 * bm:.2f} +- {100 * bs:.2f} | {sm:.4f} +- {ss:.4f} "
-                f"| {r['seconds-per-round']:.2f} | {r['seeds']} |"
+                f"| {r['seconds-per-round']:.2f} | {r['seeds']} | {r['diverged']} |"
             )
         png = out / f"{partition}.png"
         plot_sweep(rows, png, f"{partition}: {keys}")
