@@ -20,7 +20,15 @@ from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
 from fedmerge.scopes import WSARegularizer, scope_names, scope_of, target_from_config
-from fedmerge.training import Regularizer, evaluate, proximal_term, resolve_device, train
+from fedmerge.training import (
+    Regularizer,
+    TrainResult,
+    evaluate,
+    proximal_term,
+    resolve_device,
+    train,
+)
+from fedmerge.vectorised import ClientJob, can_vectorise, train_many
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +115,11 @@ def train_handler(msg: Message, context: Context) -> Message:
         device=device,
         regularizers=_regularizers(config, model, device),
     )
-    state = model.state_dict()
+    return _train_reply(msg, cfg, model.state_dict(), result)
+
+
+def _train_reply(msg: Message, cfg: RunConfig, state: dict, result: TrainResult) -> Message:
+    """The reply to a train instruction: trained arrays, FedAvg weight, training metrics."""
     scope = scope_of(state, scope_names(state, cfg.wsa_layers))  # diagnostics, every strategy
     metrics = MetricRecord(
         {
@@ -119,8 +131,68 @@ def train_handler(msg: Message, context: Context) -> Message:
             "scope-sigma": list(scope.sigma),
         }
     )
-    arrays = ArrayRecord(state)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+_fallback_logged: set[str] = set()
+
+
+def train_batch(messages: list[Message], contexts: list[Context]) -> list[Message] | None:
+    """Train several nodes' instructions together (vectorised); None = use the ClientApp.
+
+    The local engine calls this with all train instructions of a round when ``vectorise`` is
+    on. Each reply is what :func:`train_handler` would have sent for that node (same arrays to
+    float tolerance, same metrics), so a strategy cannot tell the two paths apart. Returns
+    None, and the engine calls the ClientApp node by node, when the instructions differ in
+    run-config or learning rate, or the model cannot be vectorised exactly (dropout,
+    BatchNorm; see ``fedmerge.vectorised``).
+    """
+    setups = [_setup(ctx) for ctx in contexts]
+    cfg, spec, _ = setups[0]
+    if not cfg.vectorise or any(s[0] != cfg or s[1] != spec for s in setups):
+        return None
+    configs = [m.content["config"] for m in messages]
+    lrs = {float(c.get("lr", cfg.lr)) for c in configs}
+    if len(lrs) != 1:
+        return None
+    device = resolve_device(cfg.device)
+    template = make_model(cfg, load_data(spec))
+    ok, reason = can_vectorise(template)
+    if not ok:
+        if cfg.model not in _fallback_logged:
+            _fallback_logged.add(cfg.model)
+            log.warning("vectorise: %s; training clients one by one", reason)
+        return None
+    jobs = []
+    for msg, config, (_, _, pid) in zip(messages, configs, setups, strict=True):
+        target = target_from_config(config)
+        x, y = client_shard(spec, pid, str(device))
+        jobs.append(
+            ClientJob(
+                state=msg.content["arrays"].to_torch_state_dict(),
+                x=x,
+                y=y,
+                seed=client_seed(cfg.seed, pid, int(config.get("server-round", 0))),
+                proximal_mu=float(config.get("proximal-mu", 0.0)),
+                wsa_target=target,
+                wsa_lambda=float(config["wsa-lambda"]) if target is not None else 0.0,
+                wsa_reverse=bool(config.get("wsa-reverse", False)),
+            )
+        )
+    results = train_many(
+        template,
+        jobs,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=lrs.pop(),
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        device=device,
+    )
+    return [
+        _train_reply(msg, cfg, state, result)
+        for msg, (state, result) in zip(messages, results, strict=True)
+    ]
 
 
 @app.evaluate()

@@ -62,6 +62,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     device: str = "auto"
+    vectorise: bool = False
     # server
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0

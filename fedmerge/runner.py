@@ -113,6 +113,7 @@ class _ProgressHandler(logging.Handler):
 
 def _run_local(cfg: RunConfig, on_round: RoundCallback | None) -> None:
     from .clients.client_app import app as client_app
+    from .clients.client_app import train_batch
     from .engine.local import run_apps
     from .strategies.server_app import app as server_app
     from .strategies.server_app import progress_log
@@ -123,7 +124,8 @@ def _run_local(cfg: RunConfig, on_round: RoundCallback | None) -> None:
     progress_log.setLevel(logging.INFO)
     progress_log.propagate = False  # the callback reports rounds; no second copy via root
     try:
-        run_apps(server_app, client_app, cfg.to_mapping(), cfg.num_clients)
+        batch = train_batch if cfg.vectorise else None
+        run_apps(server_app, client_app, cfg.to_mapping(), cfg.num_clients, batch_train=batch)
     finally:
         progress_log.removeHandler(handler)
         progress_log.setLevel(old_level)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
+from flwr.app import Context, Error, Message, MessageType, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -29,6 +29,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger(__name__)
+
+#: Trains a round's instructions together: (messages, contexts) -> replies, or None.
+BatchTrain = Callable[[list[Message], list[Context]], list[Message] | None]
 
 #: Node ids of the local engine's clients are FIRST_NODE_ID + partition id (the SuperLink
 #: itself is node 1). Clients never see their node id in fedmerge: they use partition ids.
@@ -49,6 +52,10 @@ class LocalGrid(Grid):
         "num-partitions": num_nodes}``, as Flower's simulation engine gives them.
     run_id : int
         The run id put in every context and message.
+    batch_train : callable, optional
+        ``(train messages, their nodes' contexts) -> replies or None``: trains a round's
+        clients together (fedmerge's vectorised path). When it returns None, or raises, the
+        ClientApp is called node by node as usual.
     """
 
     def __init__(
@@ -57,8 +64,10 @@ class LocalGrid(Grid):
         run_config: Mapping[str, UserConfigValue],
         num_nodes: int,
         run_id: int = 1,
+        batch_train: BatchTrain | None = None,
     ) -> None:
         self.client_app = client_app
+        self.batch_train = batch_train
         self._run = Run.create_empty(run_id)
         self._contexts = {
             FIRST_NODE_ID + i: Context(
@@ -113,13 +122,34 @@ class LocalGrid(Grid):
             log.debug("%s", traceback.format_exc())
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
 
+    def _deliver_batch(self, messages: list[Message]) -> list[Message] | None:
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        known = all(m.metadata.dst_node_id in self._contexts for m in messages)
+        if self.batch_train is None or len(train) != len(messages) or len(train) < 2 or not known:
+            return None
+        contexts = [self._contexts[m.metadata.dst_node_id] for m in messages]
+        try:
+            return self.batch_train(messages, contexts)
+        except Exception as exc:  # noqa: BLE001 - the per-node path reports per-node errors
+            log.warning(
+                "batched training failed (%s: %s); calling the ClientApp per node",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Run the ClientApp for each message now; keep the replies for ``pull_messages``."""
+        messages = list(messages)
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = message_id = uuid4().hex
-            self._replies[message_id] = self._deliver(msg)
-            ids.append(message_id)
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            ids.append(msg.metadata.message_id)
+        replies = self._deliver_batch(messages)
+        if replies is None:
+            replies = [self._deliver(msg) for msg in messages]
+        for message_id, reply in zip(ids, replies, strict=True):
+            self._replies[message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -146,9 +176,10 @@ def run_apps(
     run_config: Mapping[str, UserConfigValue],
     num_nodes: int,
     run_id: int = 1,
+    batch_train: BatchTrain | None = None,
 ) -> LocalGrid:
     """Run ``server_app`` against ``num_nodes`` in-process nodes running ``client_app``."""
-    grid = LocalGrid(client_app, run_config, num_nodes, run_id)
+    grid = LocalGrid(client_app, run_config, num_nodes, run_id, batch_train)
     set_server_identity(run_id)
     context = Context(
         run_id=run_id,
