@@ -211,7 +211,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
         f"split {args.split}"
     )
     table = Table(
-        "wsa-lambda",
+        "lambda",
         "acc A",
         "acc B",
         "acc t=0.5",
