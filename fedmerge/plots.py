@@ -105,12 +105,15 @@ def plot_paths(results: Sequence[Mapping[str, Any]], path: Path, title: str, key
 def plot_sweep(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
     """Mean test accuracy and mean client scope spread per round, one line per variant."""
     plt = _pyplot()
-    fig, (ax_acc, ax_spread) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
-    for variant, r in rows.items():
+    fig, (ax_acc, ax_spread) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
+    for i, (variant, r) in enumerate(rows.items()):
+        style = {"label": variant, "lw": 1.2, "color": colors[(2 * i) % 20 + (2 * i) // 20 % 2]}
+        style["ls"] = "-" if i < 10 else "--"
         curve = r["accuracy-curve"]
-        ax_acc.plot(range(len(curve)), curve, label=variant, lw=1.2)
+        ax_acc.plot(range(len(curve)), curve, **style)
         spread = r["scope-spread-curve"]
-        ax_spread.plot(range(1, len(spread) + 1), spread, label=variant, lw=1.2)
+        ax_spread.plot(range(1, len(spread) + 1), spread, **style)
     ax_acc.set_ylabel("test accuracy (mean over seeds)")
     ax_spread.set_ylabel("client scope spread (mean rel. std of s_l)")
     ax_spread.set_yscale("log")
