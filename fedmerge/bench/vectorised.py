@@ -93,6 +93,44 @@ def run_grid(models: list[str], clients: list[int], base: BenchSettings) -> list
     return results
 
 
+def profile_step(model_name: str, clients: int, batch_size: int, input_shape=(1, 28, 28)) -> str:
+    """Top operators (CPU time) of training ``clients`` clients for a few steps, per-client
+    loop against ``train_many``: where the vectorised path spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..models import build_model
+    from ..training import train
+    from ..vectorised import ClientJob, train_many
+
+    g = torch.Generator().manual_seed(0)
+    n = batch_size * 5  # 5 steps per client
+    shards = [
+        (torch.randn(n, *input_shape, generator=g), torch.randint(0, 10, (n,), generator=g))
+        for _ in range(clients)
+    ]
+    model = build_model(model_name, input_shape, 10, seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    jobs = [ClientJob(state, x, y, seed=i) for i, (x, y) in enumerate(shards)]
+    kw = {"epochs": 1, "batch_size": batch_size, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5}
+    train_many(model, jobs[:2], **kw)  # warm-up
+    lines = []
+    for name, fn in (
+        (
+            "per-client",
+            lambda: [
+                (model.load_state_dict(state), train(model, x, y, seed=i, **kw))
+                for i, (x, y) in enumerate(shards)
+            ],
+        ),
+        ("vectorised", lambda: train_many(model, jobs, **kw)),
+    ):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        lines.append(f"--- {name}: {clients} clients x 5 steps of batch {batch_size} ---")
+        lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
     p = argparse.ArgumentParser(prog="python -m fedmerge.bench.vectorised")
@@ -105,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-samples", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="profile the first model/clients only")
     args = p.parse_args(argv)
+    if args.profile:
+        model, k = args.models.split(",")[0], int(args.clients.split(",")[0])
+        print(profile_step(model, k, args.batch_size))
+        return 0
     base = BenchSettings(
         dataset=args.dataset,
         data_root=args.data_root,
