@@ -28,14 +28,19 @@ _ROUND_LINE = re.compile(
 )
 
 
-def quiet_flower(verbose: bool = False) -> None:
-    """Keep Flower's per-round log lines out of the way (``verbose`` keeps them)."""
+def quiet_flower(verbose: bool = False) -> tuple[int, bool]:
+    """Keep Flower's per-round log lines out of the way (``verbose`` keeps them).
+
+    Returns the logger's previous ``(level, propagate)``, for callers that restore them.
+    """
     import flwr.common.logger  # noqa: F401  (Flower configures its logger on import)
 
     flwr_log = logging.getLogger("flwr")
+    previous = (flwr_log.level, flwr_log.propagate)
     flwr_log.propagate = False  # Flower prints through its own handler; no second copy
     if not verbose:
         flwr_log.setLevel(logging.ERROR)
+    return previous
 
 
 def prepare(cfg: RunConfig) -> RunConfig:

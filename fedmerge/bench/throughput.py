@@ -223,12 +223,10 @@ def _sync(device: torch.device) -> Callable[[], None]:
 @contextlib.contextmanager
 def quiet_flower() -> Iterator[None]:
     """Silence Flower's INFO log lines (as the fedmerge CLI does) for the duration."""
-    import flwr.common.logger  # noqa: F401  (Flower configures its logger on import)
+    from ..runner import quiet_flower as quiet
 
+    level, propagate = quiet()
     flwr_log = logging.getLogger("flwr")
-    level, propagate = flwr_log.level, flwr_log.propagate
-    flwr_log.setLevel(logging.ERROR)
-    flwr_log.propagate = False
     try:
         yield
     finally:
