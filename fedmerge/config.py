@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -196,6 +197,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             return int(value)
     elif kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan / inf pass every range check below
+                raise ConfigError(key, value, "a finite number")
             return float(value)
     elif isinstance(value, str):
         return value
