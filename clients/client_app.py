@@ -9,6 +9,7 @@ term; later strategies add their own keys. So one ClientApp serves every strateg
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
-from fedmerge.scopes import WSARegularizer, scope_names, scope_of, target_from_config
+from fedmerge.scopes import Scope, WSARegularizer, scope_names, scope_of, target_from_config
 from fedmerge.training import (
     Regularizer,
     TrainResult,
@@ -68,28 +69,54 @@ def _setup(context: Context) -> tuple[RunConfig, DataSpec, int]:
 _models: dict[tuple, nn.Module] = {}
 
 
-def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn.Module:
+def _cached_model(cfg: RunConfig, spec: DataSpec) -> nn.Module:
     key = (spec.dataset, cfg.model, cfg.model_width, cfg.model_norm, cfg.mlp_hidden)
     if key not in _models:
         _models[key] = make_model(cfg, load_data(spec))
-    model = _models[key]
+    return _models[key]
+
+
+def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn.Module:
+    model = _cached_model(cfg, spec)
     model.load_state_dict(state)
     return model
 
 
-def _regularizers(
-    config: ConfigRecord, model: nn.Module, device: torch.device
-) -> list[Regularizer]:
-    """The loss terms the server asked for in this instruction's config."""
+@dataclass(frozen=True)
+class _Terms:
+    """The extra loss terms a train instruction's config asks for (read in one place)."""
+
+    proximal_mu: float  # Flower's FedProx: 0 = no term
+    wsa_target: Scope | None  # fedmerge's FedWSA: None = no term
+    wsa_lambda: float
+    wsa_reverse: bool
+
+    @classmethod
+    def of(cls, config: ConfigRecord) -> _Terms:
+        target = target_from_config(config)
+        lam = float(config["wsa-lambda"]) if target is not None else 0.0
+        if lam <= 0:
+            target, lam = None, 0.0
+        return cls(
+            float(config.get("proximal-mu", 0.0)),
+            target,
+            lam,
+            bool(config.get("wsa-reverse", False)),
+        )
+
+
+def _regularizers(terms: _Terms, model: nn.Module, device: torch.device) -> list[Regularizer]:
+    """The loss terms the server asked for, as regularizers of ``training.train``."""
     regs: list[Regularizer] = []
-    mu = float(config.get("proximal-mu", 0.0))
-    if mu > 0:  # Flower's FedProx
+    if terms.proximal_mu > 0:
         ref = [p.detach().clone().to(device) for p in model.parameters()]
-        regs.append(proximal_term(ref, mu))
-    target = target_from_config(config)
-    if target is not None and float(config["wsa-lambda"]) > 0:  # fedmerge's FedWSA
-        lam, reverse = float(config["wsa-lambda"]), bool(config.get("wsa-reverse", False))
-        regs.append(WSARegularizer(target, lam, reverse=reverse, device=device))
+        regs.append(proximal_term(ref, terms.proximal_mu))
+    if terms.wsa_target is not None:
+        regs.append(
+            WSARegularizer(
+                terms.wsa_target, terms.wsa_lambda, reverse=terms.wsa_reverse, device=device
+            )
+        )
     return regs
 
 
@@ -113,7 +140,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         weight_decay=cfg.weight_decay,
         seed=client_seed(cfg.seed, pid, server_round),
         device=device,
-        regularizers=_regularizers(config, model, device),
+        regularizers=_regularizers(_Terms.of(config), model, device),
     )
     return _train_reply(msg, cfg, model.state_dict(), result)
 
@@ -156,7 +183,7 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
     if len(lrs) != 1:
         return None
     device = resolve_device(cfg.device)
-    template = make_model(cfg, load_data(spec))
+    template = _cached_model(cfg, spec)  # a stateless template: train_many never writes it
     ok, reason = can_vectorise(template)
     if not ok:
         if cfg.model not in _fallback_logged:
@@ -165,7 +192,7 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
         return None
     jobs = []
     for msg, config, (_, _, pid) in zip(messages, configs, setups, strict=True):
-        target = target_from_config(config)
+        terms = _Terms.of(config)
         x, y = client_shard(spec, pid, str(device))
         jobs.append(
             ClientJob(
@@ -173,10 +200,10 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
                 x=x,
                 y=y,
                 seed=client_seed(cfg.seed, pid, int(config.get("server-round", 0))),
-                proximal_mu=float(config.get("proximal-mu", 0.0)),
-                wsa_target=target,
-                wsa_lambda=float(config["wsa-lambda"]) if target is not None else 0.0,
-                wsa_reverse=bool(config.get("wsa-reverse", False)),
+                proximal_mu=terms.proximal_mu,
+                wsa_target=terms.wsa_target,
+                wsa_lambda=terms.wsa_lambda,
+                wsa_reverse=terms.wsa_reverse,
             )
         )
     results = train_many(
