@@ -1,0 +1,287 @@
+"""Permutation specs: which axis of which tensor is indexed by which hidden-unit permutation.
+
+Hidden units of a network can be reordered without changing the function it computes, as long
+as every tensor that produces a unit and every tensor that consumes it is reordered the same
+way. A :class:`PermutationSpec` declares that structure once per architecture (Git Re-Basin,
+Ainsworth et al., ICLR 2023, arXiv 2209.04836); every matcher (:mod:`fedmerge.matching`)
+returns permutations for a spec, and only :func:`apply_permutations` applies them.
+
+Conventions
+-----------
+A permutation of ``n`` units is a ``torch.long`` tensor ``perm`` of shape ``(n,)``. Applying
+it to a model puts old unit ``perm[i]`` at position ``i`` (``W'[i] = W[perm[i]]`` along every
+axis the permutation indexes). Applying ``p`` then ``q`` equals applying ``p[q]``; the inverse
+of ``p`` is ``argsort(p)``.
+
+Grouped units (attention heads, GroupNorm groups) are declared with ``num_groups > 1``: the
+``n`` units form ``num_groups`` consecutive blocks of ``n // num_groups``; a valid permutation
+moves whole blocks to block positions and may reorder units only inside a block. Two grouped
+permutations can share their block order (``tied_to``): in multi-head attention, q/k and v/out
+have their own within-head orders but must move heads together.
+
+An axis that holds every unit several times in a row (the first linear layer after flattening
+a ``(C, H, W)`` feature map holds channel ``c`` at columns ``c*H*W .. (c+1)*H*W - 1``) is
+declared as :class:`Axis` with ``repeat = H*W``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Axis",
+    "PermGroup",
+    "PermutationSpec",
+    "Site",
+    "apply_permutations",
+    "axis_index",
+    "check_spec",
+    "compose",
+    "identity_permutations",
+    "invert",
+    "is_valid_permutation",
+    "random_permutations",
+    "spec_from_axes",
+]
+
+State = Mapping[str, Tensor]
+Permutations = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One tensor axis indexed by permutation ``perm``, each unit ``repeat`` times in a row."""
+
+    perm: str
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where the activations of a permutation's units are read (activation matching).
+
+    Attributes
+    ----------
+    module : str
+        Name (as in ``model.named_modules()``) of the module whose *output* holds the units.
+    axis : int
+        Unit axis of that output: 1 for ``(N, C, ...)`` conv/linear outputs, -1 for token
+        sequences ``(N, T, D)``. All other axes are samples (each spatial position or token is
+        one sample).
+    relu : bool
+        Apply ReLU to the output first (when the model applies it functionally in ``forward``,
+        so that no module outputs the post-activation values).
+    """
+
+    module: str
+    axis: int = 1
+    relu: bool = False
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One permutation: its size, its group structure and where its activations are read.
+
+    Attributes
+    ----------
+    size : int
+        Number of units.
+    num_groups : int
+        1 for free units; ``g > 1`` when units form ``g`` blocks that move as wholes (heads,
+        GroupNorm groups). Must divide ``size``.
+    tied_to : str or None
+        Name of another grouped permutation whose block order this one shares.
+    sites : tuple of Site
+        Activation sites; activations from several sites (e.g. every block output of a
+        residual stream) are stacked as more samples of the same units.
+    """
+
+    size: int
+    num_groups: int = 1
+    tied_to: str | None = None
+    sites: tuple[Site, ...] = ()
+
+    @property
+    def group_size(self) -> int:
+        """Units per block."""
+        return self.size // self.num_groups
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    """The permutation structure of one architecture.
+
+    Attributes
+    ----------
+    perms : dict of str to PermGroup
+        Every permutation by name.
+    axes : dict of str to tuple of (Axis or None)
+        For every entry of the model's state dict (parameters *and* buffers), one entry per
+        tensor dimension: the :class:`Axis` that indexes it, or ``None``. Scalars map to ``()``.
+    """
+
+    perms: dict[str, PermGroup]
+    axes: dict[str, tuple[Axis | None, ...]]
+    _touching: dict[str, tuple[tuple[str, int], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        touching: dict[str, list[tuple[str, int]]] = {name: [] for name in self.perms}
+        for tensor, axes in self.axes.items():
+            for dim, axis in enumerate(axes):
+                if axis is None:
+                    continue
+                if axis.perm not in self.perms:
+                    raise ValueError(f"{tensor} axis {dim} names unknown permutation {axis.perm}")
+                touching[axis.perm].append((tensor, dim))
+        for name, group in self.perms.items():
+            if group.size < 1 or group.num_groups < 1 or group.size % group.num_groups:
+                raise ValueError(f"permutation {name}: {group.num_groups} groups of {group.size}")
+            if group.tied_to is not None:
+                other = self.perms.get(group.tied_to)
+                if other is None or other.num_groups != group.num_groups:
+                    raise ValueError(
+                        f"permutation {name} is tied to {group.tied_to}, which must exist and "
+                        f"have the same number of groups ({group.num_groups})"
+                    )
+            if not touching[name]:
+                raise ValueError(f"permutation {name} indexes no tensor axis")
+        object.__setattr__(self, "_touching", {k: tuple(v) for k, v in touching.items()})
+
+    def touching(self, perm: str) -> tuple[tuple[str, int], ...]:
+        """Every ``(tensor, dim)`` indexed by ``perm``."""
+        return self._touching[perm]
+
+    def block_order_root(self, perm: str) -> str:
+        """The permutation whose block order ``perm`` follows (itself when not tied)."""
+        seen = {perm}
+        while (tied := self.perms[perm].tied_to) is not None:
+            if tied in seen:
+                raise ValueError(f"tied_to forms a cycle through {perm}")
+            seen.add(tied)
+            perm = tied
+        return perm
+
+
+def spec_from_axes(
+    axes: Mapping[str, Iterable[str | Axis | None]], perms: Mapping[str, PermGroup]
+) -> PermutationSpec:
+    """Build a spec, accepting a bare permutation name for ``Axis(name)``."""
+    norm = {
+        tensor: tuple(Axis(a) if isinstance(a, str) else a for a in dims)
+        for tensor, dims in axes.items()
+    }
+    return PermutationSpec(perms=dict(perms), axes=norm)
+
+
+def check_spec(spec: PermutationSpec, state: State) -> None:
+    """Check that ``spec`` describes ``state`` exactly.
+
+    Raises
+    ------
+    ValueError
+        Naming the tensor: a state entry missing from the spec or the reverse, a wrong number
+        of axes, or an axis whose length is not ``size * repeat`` of its permutation.
+    """
+    missing = sorted(set(state) - set(spec.axes))
+    extra = sorted(set(spec.axes) - set(state))
+    if missing or extra:
+        raise ValueError(f"spec and state differ: not in spec {missing}, not in state {extra}")
+    for tensor, axes in spec.axes.items():
+        shape = tuple(state[tensor].shape)
+        if len(axes) != len(shape):
+            raise ValueError(f"{tensor}: spec has {len(axes)} axes, tensor has shape {shape}")
+        for dim, axis in enumerate(axes):
+            if axis is not None and shape[dim] != spec.perms[axis.perm].size * axis.repeat:
+                raise ValueError(
+                    f"{tensor} axis {dim} has {shape[dim]} entries; permutation {axis.perm} "
+                    f"has {spec.perms[axis.perm].size} units x repeat {axis.repeat}"
+                )
+
+
+def axis_index(perm: Tensor, repeat: int) -> Tensor:
+    """The index along an axis holding every unit ``repeat`` times in a row."""
+    if repeat == 1:
+        return perm
+    offsets = torch.arange(repeat, device=perm.device)
+    return (perm[:, None] * repeat + offsets).reshape(-1)
+
+
+def apply_permutations(spec: PermutationSpec, perms: Mapping[str, Tensor], state: State) -> dict:
+    """Return a permuted copy of ``state`` (``state`` itself is never modified).
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+        The architecture's spec.
+    perms : dict of str to Tensor
+        A permutation for every name in ``spec.perms`` (missing names mean identity).
+    state : mapping of str to Tensor
+        A state dict described by ``spec``.
+
+    Returns
+    -------
+    dict of str to Tensor
+        New tensors (on the devices of the inputs); tensors no permutation touches are cloned.
+    """
+    out = {}
+    for tensor, value in state.items():
+        axes = spec.axes[tensor]
+        for dim, axis in enumerate(axes):
+            if axis is None or axis.perm not in perms:
+                continue
+            index = axis_index(perms[axis.perm].to(value.device), axis.repeat)
+            value = value.index_select(dim, index)
+        out[tensor] = value.clone() if value is state[tensor] else value
+    return out
+
+
+def identity_permutations(
+    spec: PermutationSpec, device: torch.device | None = None
+) -> Permutations:
+    """The identity for every permutation of ``spec``."""
+    return {name: torch.arange(g.size, device=device) for name, g in spec.perms.items()}
+
+
+def invert(perm: Tensor) -> Tensor:
+    """The inverse permutation."""
+    return torch.argsort(perm)
+
+
+def compose(first: Tensor, then: Tensor) -> Tensor:
+    """The permutation equal to applying ``first`` and then ``then``."""
+    return first[then]
+
+
+def random_permutations(spec: PermutationSpec, generator: torch.Generator) -> Permutations:
+    """A random valid permutation for every name of ``spec`` (blocks and ties respected)."""
+    block_orders: dict[str, Tensor] = {}
+    out: Permutations = {}
+    for name in spec.perms:  # dict order: deterministic for a generator state
+        group = spec.perms[name]
+        root = spec.block_order_root(name)
+        if root not in block_orders:
+            block_orders[root] = torch.randperm(group.num_groups, generator=generator)
+        blocks = block_orders[root]
+        size = group.group_size
+        parts = [
+            blocks[b] * size + torch.randperm(size, generator=generator) for b in range(len(blocks))
+        ]
+        out[name] = torch.cat(parts)
+    return out
+
+
+def is_valid_permutation(spec: PermutationSpec, name: str, perm: Tensor) -> bool:
+    """True when ``perm`` is a permutation of ``name``'s units that respects its blocks."""
+    group = spec.perms[name]
+    if perm.shape != (group.size,) or perm.dtype != torch.long:
+        return False
+    if not torch.equal(torch.sort(perm).values, torch.arange(group.size, device=perm.device)):
+        return False
+    blocks = perm.view(group.num_groups, group.group_size) // group.group_size
+    return bool((blocks == blocks[:, :1]).all())
