@@ -239,6 +239,48 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_experiment(args: argparse.Namespace) -> int:
+    import json
+
+    from .merge_experiment import one_shot_experiment
+
+    cfg = _config(args)
+    pairs = [int(v) for v in _floats(args.pairs, "--pairs")]
+    betas = _floats(args.betas, "--betas")
+    if not pairs or any(not 0 <= b <= 1 for b in betas):
+        raise FedmergeError(
+            f"--pairs/--betas: got {args.pairs!r}/{args.betas!r}; allowed: at least one pair, "
+            "betas in [0, 1]"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, summary = one_shot_experiment(
+        cfg, pairs=pairs, epochs=args.epochs, betas=betas, merge_samples=args.merge_samples
+    )
+    title = (
+        f"one-shot merge: {cfg.model} on {cfg.dataset}, classes split in halves, "
+        f"{args.epochs} epochs, {len(pairs)} pair(s), {args.merge_samples} merge-site samples"
+    )
+    table = Table("method", "joint accuracy", "gap closed", "merge s", title=title)
+    for r in summary:
+        gap = "" if r["gap-closed"] != r["gap-closed"] else f"{100 * r['gap-closed']:.0f}%"
+        table.add_row(
+            r["method"],
+            f"{100 * r['accuracy-mean']:.2f} ± {100 * r['accuracy-std']:.2f}",
+            gap,
+            f"{r['seconds-mean']:.2f}",
+        )
+    console.print(table)
+    (out / "merge-experiment.json").write_text(
+        json.dumps(
+            {"config": cfg.to_mapping(), "title": title, "rows": rows, "summary": summary},
+            indent=2,
+        )
+    )
+    console.print(f"results in {out}", soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedmerge`` command."""
     parser = argparse.ArgumentParser(
@@ -297,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=11, help="points on the path, ends included")
     p.add_argument("--out", default="runs/connectivity", help="output folder")
     p.set_defaults(func=cmd_connectivity)
+
+    p = sub.add_parser(
+        "merge-experiment",
+        help="one-shot merge of two models trained on disjoint halves of the classes",
+    )
+    config_args(p)
+    p.add_argument("--pairs", default="0,1,2", help="pair seeds (model seeds 2s and 2s+1)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs of each model")
+    p.add_argument("--betas", default="0.25,0.5,0.75", help="dual-space (MuDSC) beta values")
+    p.add_argument(
+        "--merge-samples", type=int, default=1000, help="labelled samples at the merge site"
+    )
+    p.add_argument("--out", default="runs/merge-experiment", help="output folder")
+    p.set_defaults(func=cmd_merge_experiment)
 
     p = sub.add_parser("partitions", help="per-client label counts and a heatmap PNG")
     config_args(p)

@@ -82,6 +82,14 @@ class RunConfig:
     wsa_fusion: str = "moment"
     wsa_reverse: bool = False
     wsa_layers: str = "conv-linear"
+    wsa_merge: str = "average"
+    # neuron-matched averaging (fedmatch)
+    match_method: str = "weight"
+    match_reference: str = "global"
+    match_iterations: int = 1
+    match_beta: float = 0.5
+    match_bn_repair: bool = True
+    match_max_sweeps: int = 100
     # results
     output_dir: str = "runs"
     run_name: str = ""
@@ -217,6 +225,7 @@ def _validate(c: RunConfig) -> None:
     # Names that live in registries of the library core are checked here; the strategy name
     # is checked by the ServerApp (its registry imports Flower) and by the CLI up front.
     from .datasets import DATASETS
+    from .merging import MATCHER_NAMES, MERGES, REFERENCES
     from .models import MODELS, NORMS, parse_hidden
     from .scopes import FUSION_RULES, LAYER_SETS
 
@@ -277,6 +286,24 @@ def _validate(c: RunConfig) -> None:
         raise unknown_name("wsa-fusion", c.wsa_fusion, FUSION_RULES)
     if c.wsa_layers not in LAYER_SETS:
         raise unknown_name("wsa-layers", c.wsa_layers, LAYER_SETS)
+    if c.wsa_merge not in MERGES:
+        raise unknown_name("wsa-merge", c.wsa_merge, MERGES)
+    if c.match_method not in MATCHER_NAMES:
+        raise unknown_name("match-method", c.match_method, MATCHER_NAMES)
+    if c.match_reference not in REFERENCES:
+        raise unknown_name("match-reference", c.match_reference, REFERENCES)
+    _check(c.match_iterations >= 1, "match-iterations", c.match_iterations, "an integer >= 1")
+    _check(0 <= c.match_beta <= 1, "match-beta", c.match_beta, "a number in [0, 1]")
+    _check(c.match_max_sweeps >= 1, "match-max-sweeps", c.match_max_sweeps, "an integer >= 1")
+    matching = c.strategy == "fedmatch" or (c.strategy == "fedwsa" and c.wsa_merge == "matched")
+    needs_proxy = c.match_method == "activation" or (c.match_method == "dual" and c.match_beta < 1)
+    _check(
+        not (matching and needs_proxy and c.proxy_size == 0),
+        "proxy-size",
+        c.proxy_size,
+        f"> 0 for match-method={c.match_method} (it matches on the server's proxy slice)",
+        "set e.g. proxy-size=500, or use match-method=weight (data-free)",
+    )
     _check(bool(c.output_dir), "output-dir", c.output_dir, "a folder path")
     _check(
         bool(_RUN_NAME_RE.match(c.run_name)),

@@ -1,0 +1,260 @@
+"""One-shot merge experiment: two models trained on disjoint halves of the classes, merged.
+
+The setting of Git Re-Basin (arXiv 2209.04836, "disjoint" experiments) and ZipIt!: model A
+is trained from seed ``2s`` on the training samples of the first half of the classes (0-4 on
+MNIST), model B from seed ``2s + 1`` on the second half (5-9); both have all ``num_classes``
+outputs. Every merge is judged by its *joint* test accuracy over all classes, next to:
+
+- model A and model B alone (each near 50%: they know half the classes);
+- the plain average (no alignment);
+- the aligned averages, one per matcher (weight, activation, dual-space at several beta);
+- the logit ensemble (mean of the two models' logits): the upper reference every weight-space
+  merge is measured against (it runs both networks).
+
+"Merge-site data" is a small labelled slice of the training split drawn evenly from both halves
+(``merge_samples``): activation-based matchers and BatchNorm repair read its inputs, the
+learned merges of later issues its labels too. Models with BatchNorm get their statistics
+recomputed on it after *every* merge, the plain average included, so that no row is
+handicapped by stale statistics.
+
+Extra rows (e.g. NP Merge) plug in through :data:`EXTRA_METHODS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .matching import match
+from .merging import average, repair_batchnorm
+from .models import model_spec
+from .permutations import apply_permutations
+from .training import evaluate, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class MergeSite:
+    """Everything a merge method may use: the two models, the template, merge-site data."""
+
+    model: nn.Module
+    a: State
+    b: State
+    x: Tensor
+    y: Tensor
+    seed: int
+
+
+#: Extra one-shot rows: name -> ``fn(site) -> merged state`` (NP Merge registers here).
+EXTRA_METHODS: dict[str, Callable[[MergeSite], State]] = {}
+
+
+def class_halves(y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Boolean masks of the first ``ceil(C/2)`` classes and of the rest."""
+    cut = math.ceil(num_classes / 2)
+    first = y < cut
+    return first, ~first
+
+
+def merge_site_indices(y: Tensor, num_classes: int, size: int, seed: int) -> np.ndarray:
+    """``size`` training indices, half from each class half, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for mask in class_halves(y, num_classes):
+        idx = np.flatnonzero(mask.numpy())
+        picks.append(rng.choice(idx, size=min(len(idx), size // 2), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def _cpu(state: dict[str, Tensor]) -> State:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _aligned_average(site: MergeSite, matcher: str, beta: float = 0.5) -> State:
+    spec = model_spec(site.model)
+    perms = match(
+        matcher,
+        spec,
+        site.a,
+        site.b,
+        model=site.model,
+        inputs=site.x,
+        beta=beta,
+        seed=site.seed,
+    )
+    return average([site.a, apply_permutations(spec, perms, site.b)], reference=site.a)
+
+
+def merge_methods(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], State]]:
+    """The weight-space merges of the table, in row order."""
+    methods: dict[str, Callable[[MergeSite], State]] = {
+        "plain average": lambda s: average([s.a, s.b], reference=s.a),
+        "weight matching": lambda s: _aligned_average(s, "weight"),
+        "activation matching": lambda s: _aligned_average(s, "activation"),
+    }
+    for beta in betas:
+        methods[f"dual (MuDSC) beta={beta:g}"] = lambda s, b=beta: _aligned_average(s, "dual", b)
+    methods.update(EXTRA_METHODS)
+    return methods
+
+
+@torch.no_grad()
+def _ensemble_accuracy(
+    model: nn.Module, a: State, b: State, x: Tensor, y: Tensor, device: torch.device
+) -> float:
+    model_a, model_b = _loaded(model, a, device), _loaded(model, b, device)
+    correct = 0
+    for start in range(0, len(y), 1024):
+        xb = x[start : start + 1024].to(device)
+        logits = (model_a(xb) + model_b(xb)) / 2
+        correct += int((logits.argmax(1).cpu() == y[start : start + 1024]).sum())
+    return correct / len(y)
+
+
+def _loaded(template: nn.Module, state: State, device: torch.device) -> nn.Module:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def one_shot_pair(
+    cfg,  # RunConfig (imported lazily, as in connectivity.py)
+    *,
+    pair_seed: int,
+    epochs: int,
+    betas: Sequence[float],
+    merge_samples: int,
+) -> list[dict]:
+    """Train one pair (seeds ``2s``, ``2s+1``) and score every merge; one row per method."""
+    from .federation import DataSpec, load_data, make_model
+
+    device = resolve_device(cfg.device)
+    data = load_data(DataSpec.of(cfg))
+    first, second = class_halves(data.y_train, data.num_classes)
+    models, states = [], []
+    for k, mask in enumerate((first, second)):
+        seed = 2 * pair_seed + k
+        model = make_model(cfg, data, seed=seed)
+        train(
+            model,
+            data.x_train[mask],
+            data.y_train[mask],
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=seed,
+            device=device,
+        )
+        models.append(model.cpu())
+        states.append(_cpu(model.state_dict()))
+    template = make_model(cfg, data, seed=0)
+    idx = torch.from_numpy(
+        merge_site_indices(data.y_train, data.num_classes, merge_samples, pair_seed)
+    )
+    site = MergeSite(
+        template, states[0], states[1], data.x_train[idx], data.y_train[idx], pair_seed
+    )
+    x_test, y_test = data.x_test, data.y_test
+    test_first, _ = class_halves(y_test, data.num_classes)
+
+    def score(name: str, state: State, seconds: float) -> dict:
+        model = _loaded(template, state, device)
+        _, acc = evaluate(model, x_test, y_test, batch_size=cfg.eval_batch_size, device=device)
+        _, acc_a = evaluate(
+            model,
+            x_test[test_first],
+            y_test[test_first],
+            batch_size=cfg.eval_batch_size,
+            device=device,
+        )
+        _, acc_b = evaluate(
+            model,
+            x_test[~test_first],
+            y_test[~test_first],
+            batch_size=cfg.eval_batch_size,
+            device=device,
+        )
+        return {
+            "method": name,
+            "pair": pair_seed,
+            "accuracy": acc,
+            "accuracy-first-half": acc_a,
+            "accuracy-second-half": acc_b,
+            "seconds": seconds,
+        }
+
+    rows = [score("model A", states[0], 0.0), score("model B", states[1], 0.0)]
+    for name, method in merge_methods(betas).items():
+        start = time.perf_counter()
+        merged = method(site)
+        merged = repair_batchnorm(template, merged, site.x)  # a copy when there is no BN
+        rows.append(score(name, merged, time.perf_counter() - start))
+        log.info("pair %d %s: %.4f", pair_seed, name, rows[-1]["accuracy"])
+    start = time.perf_counter()
+    ens = _ensemble_accuracy(template, states[0], states[1], x_test, y_test, device)
+    rows.append(
+        {
+            "method": "logit ensemble",
+            "pair": pair_seed,
+            "accuracy": ens,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    return rows
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Mean and std over pairs per method, and the share of the average-to-ensemble gap closed."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {m: [r for r in rows if r["method"] == m] for m in methods}
+    mean = {m: statistics.fmean(r["accuracy"] for r in by[m]) for m in methods}
+    out = []
+    for m in methods:
+        accs = [r["accuracy"] for r in by[m]]
+        gap = mean.get("logit ensemble", math.nan) - mean.get("plain average", math.nan)
+        out.append(
+            {
+                "method": m,
+                "accuracy-mean": mean[m],
+                "accuracy-std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "pairs": len(accs),
+                "gap-closed": (mean[m] - mean.get("plain average", math.nan)) / gap
+                if gap > 0
+                else math.nan,
+                "seconds-mean": statistics.fmean(r["seconds"] for r in by[m]),
+            }
+        )
+    return out
+
+
+def one_shot_experiment(
+    cfg,
+    *,
+    pairs: Sequence[int] = (0, 1, 2),
+    epochs: int = 5,
+    betas: Sequence[float] = (0.25, 0.5, 0.75),
+    merge_samples: int = 1000,
+) -> tuple[list[dict], list[dict]]:
+    """Run every pair; returns (per-pair rows, summary rows)."""
+    rows: list[dict] = []
+    for pair in pairs:
+        rows.extend(
+            one_shot_pair(
+                cfg, pair_seed=pair, epochs=epochs, betas=betas, merge_samples=merge_samples
+            )
+        )
+    return rows, summarise(rows)

@@ -1,0 +1,270 @@
+"""Merge functions over N models: plain average and neuron-matched average, plus BN repair.
+
+A merge function is ``merge(states, weights, *, reference, **hparams) -> state``: a pure
+function of state dicts (``{name: tensor}``) that never modifies its inputs. Weights are the
+clients' data sizes (normalised here). Integer buffers (``num_batches_tracked``) are copied
+from the reference, never averaged. Hyper-parameters are bound once with
+:func:`functools.partial`; :data:`MERGES` is the registry.
+
+Neuron-matched averaging (Git Re-Basin, Ainsworth et al., ICLR 2023, arXiv 2209.04836;
+MuDSC, Xu et al., CVPR 2024, arXiv 2403.01753; FedMA, Wang et al., ICLR 2020): align every
+model's hidden units to a reference with a matcher of :mod:`fedmerge.matching`, then take the
+weighted average. Reference choices (``match-reference``):
+
+``global``
+    The model the server sent this round (``reference`` argument). Clients start from it, so
+    in FL this mostly undoes the permutation drift of one round of local training.
+``largest``
+    The client model with the largest weight.
+``barycenter``
+    Start from the largest client, then ``iterations`` times: align every model to the
+    current reference, average, and use the average as the next reference (an approximate
+    Fréchet mean under permutations; Git Re-Basin's "MergeMany" aligns each model to the
+    mean of the others instead, which is quadratic in N: this form stays linear).
+
+Deviations from the papers are listed in docs/methods.md ("Neuron-matched averaging").
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, unknown_name
+from .permutations import PermutationSpec, apply_permutations
+
+log = logging.getLogger(__name__)
+
+State = Mapping[str, Tensor]
+#: ``merge(states, weights, *, reference) -> state``.
+MergeFn = Callable[..., dict[str, Tensor]]
+
+#: Matchers of :mod:`fedmerge.matching` (run-config key ``match-method``).
+MATCHER_NAMES: tuple[str, ...] = ("weight", "activation", "dual")
+#: Reference choices of :func:`matched_average` (run-config key ``match-reference``).
+REFERENCES: tuple[str, ...] = ("global", "largest", "barycenter")
+
+
+def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Weights summing to 1 (uniform when ``None``); raises ValueError on bad weights."""
+    if n < 1:
+        raise ValueError("need at least one model to merge")
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    if len(w) != n or any(not x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"need {n} non-negative weights with a positive sum, got {weights}")
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def average(
+    states: Sequence[State],
+    weights: Sequence[float] | None = None,
+    *,
+    reference: State | None = None,
+) -> dict[str, Tensor]:
+    """Weighted average of floating tensors; integer tensors from ``reference`` (or model 0).
+
+    Parameters
+    ----------
+    states : sequence of state dicts
+        Models with identical keys and shapes.
+    weights : sequence of float, optional
+        Non-negative weights (data sizes); uniform when omitted.
+    reference : state dict, optional
+        Source of non-floating tensors (``num_batches_tracked``).
+
+    Returns
+    -------
+    dict of str to Tensor
+        A new state dict.
+    """
+    w = normalise_weights(weights, len(states))
+    source = reference if reference is not None else states[0]
+    out: dict[str, Tensor] = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point():
+            out[key] = source[key].clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64 if first.dtype == torch.float64 else None)
+        for wk, state in zip(w, states, strict=True):
+            acc.add_(state[key], alpha=wk)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+@dataclass
+class MatchReport:
+    """What one matched merge did (for logs and round metrics).
+
+    Attributes
+    ----------
+    seconds : float
+        Wall time spent matching (not averaging).
+    units_moved : float
+        Fraction of hidden units whose position changed, averaged over models and
+        permutations (0 = every model was already aligned to the reference).
+    matches : int
+        Number of model-to-reference matchings run (``N * iterations``: linear in N).
+    """
+
+    seconds: float = 0.0
+    units_moved: float = 0.0
+    matches: int = 0
+    _moved: list[float] = field(default_factory=list, repr=False)
+
+
+def matched_average(
+    states: Sequence[State],
+    weights: Sequence[float] | None = None,
+    *,
+    reference: State | None = None,
+    spec: PermutationSpec,
+    matcher: str = "weight",
+    mode: str = "global",
+    iterations: int = 1,
+    beta: float = 0.5,
+    model: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    report: MatchReport | None = None,
+) -> dict[str, Tensor]:
+    """Align every model to a reference with ``matcher``, then take the weighted average.
+
+    Parameters
+    ----------
+    states : sequence of state dicts
+        The models to merge (e.g. a round's client models).
+    weights : sequence of float, optional
+        Their data sizes; uniform when omitted.
+    reference : state dict, optional
+        The global model (required by ``mode="global"``; otherwise only a source of integer
+        buffers).
+    spec : PermutationSpec
+        The architecture's spec (:func:`fedmerge.models.model_spec`).
+    matcher : {"weight", "activation", "dual"}
+        See :func:`fedmerge.matching.match`.
+    mode : {"global", "largest", "barycenter"}
+        Which reference to align to (module docstring).
+    iterations : int
+        Align-then-average passes; ``barycenter`` uses them all, the other modes re-align to
+        the previous average after the first pass when ``iterations > 1``.
+    beta : float
+        Weight-space share of the dual matcher's similarity.
+    model : torch.nn.Module, optional
+        Template of the architecture, needed by data-based matchers.
+    inputs : Tensor, optional
+        Inputs at the merge site (the server's proxy slice), needed by data-based matchers.
+    seed : int
+        Seed of the matchers' visiting order.
+    max_sweeps : int
+        Coordinate-descent sweeps per matching.
+    report : MatchReport, optional
+        Filled with timing and how many units moved.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The merged state dict.
+    """
+    from .matching import match  # local: keeps the module importable for plain averaging
+
+    if mode not in REFERENCES:
+        raise unknown_name("match-reference", mode, REFERENCES)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ConfigError("match-iterations", iterations, "an integer >= 1")
+    w = normalise_weights(weights, len(states))
+    if mode == "global":
+        if reference is None:
+            raise ValueError("match-reference=global needs the global model as `reference`")
+        current: State = reference
+    else:
+        current = states[max(range(len(states)), key=lambda k: w[k])]
+    report = report if report is not None else MatchReport()
+    merged: dict[str, Tensor] = {}
+    for _ in range(iterations):
+        start = time.perf_counter()
+        aligned = []
+        for state in states:
+            perms = match(
+                matcher,
+                spec,
+                current,
+                state,
+                model=model,
+                inputs=inputs,
+                beta=beta,
+                seed=seed,
+                max_sweeps=max_sweeps,
+            )
+            report._moved.append(_fraction_moved(perms))
+            aligned.append(apply_permutations(spec, perms, state))
+        report.seconds += time.perf_counter() - start
+        report.matches += len(states)
+        merged = average(aligned, w, reference=reference if reference is not None else states[0])
+        current = merged
+    report.units_moved = sum(report._moved) / len(report._moved)
+    return merged
+
+
+def _fraction_moved(perms: Mapping[str, Tensor]) -> float:
+    """Fraction of units, over all permutations, that a permutation moves."""
+    total = sum(p.numel() for p in perms.values())
+    moved = sum(int((p != torch.arange(p.numel(), device=p.device)).sum()) for p in perms.values())
+    return moved / total if total else 0.0
+
+
+@torch.no_grad()
+def repair_batchnorm(
+    model: nn.Module, state: State, inputs: Tensor, *, batch_size: int = 256
+) -> dict[str, Tensor]:
+    """Recompute BatchNorm running statistics of ``state`` on ``inputs`` (REPAIR-lite).
+
+    The running means and variances of a merged model belong to none of the models merged;
+    one pass in training mode over data at the merge site with a cumulative average
+    (``momentum=None``) replaces them by the merged network's own statistics. Models without
+    BatchNorm are returned unchanged (as a copy).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Template of the architecture (not modified: a deep copy is used).
+    state : state dict
+        The merged model.
+    inputs : Tensor
+        Inputs at the merge site (e.g. the server's proxy slice), on the model's device.
+    batch_size : int
+        Forward batch size; statistics are exact averages over the batches' statistics.
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``state`` with new ``running_mean``/``running_var``/``num_batches_tracked``.
+    """
+    work = copy.deepcopy(model)
+    work.load_state_dict(dict(state))
+    norms = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return {k: v.clone() for k, v in state.items()}
+    if len(inputs) == 0:
+        raise ValueError("BatchNorm repair needs data at the merge site (proxy-size > 0)")
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    work.train()
+    for start in range(0, len(inputs), batch_size):
+        work(inputs[start : start + batch_size])
+    return {k: v.detach().clone() for k, v in work.state_dict().items()}
+
+
+#: Merge functions by name (run-config values of ``merge``): bind hyper-parameters with
+#: :func:`functools.partial`.
+MERGES: dict[str, MergeFn] = {"average": average, "matched": matched_average}
