@@ -8,6 +8,14 @@ in place, never call ``.item()`` and use :func:`torch.nn.functional.relu` (not i
 Parameter names are part of the API: later code (merging, permutation alignment) refers to
 layers by name, so they are kept short and stable (``conv1``, ``fc1``, ``layer2.0.norm1``...).
 
+Every model declares its permutation structure beside it: a ``permutation_spec()`` method
+returns a :class:`~fedmerge.permutations.PermutationSpec` computed from the instance (sizes
+follow the input shape and options), which :func:`model_spec` returns checked against the
+state dict. It covers every state entry (buffers included) and names readable permutations:
+``P_fc1`` (mlp, cnn, vgg9 units), ``P_conv1`` (channels), ``P_layer2_res`` (a ResNet residual
+stream), ``P_layer2.0_inner`` (a block's inner channels), ``P_res``, ``P_block0_qk``,
+``P_block0_vo``, ``P_block0_mlp`` (ViT).
+
 Models
 ------
 ``mlp``
@@ -20,6 +28,10 @@ Models
 ``resnet20``
     The CIFAR ResNet-20 (He et al., CVPR 2016) with a width multiplier and a choice of
     normalisation layer.
+``vit``
+    A small pre-norm Vision Transformer (Dosovitskiy et al., ICLR 2021): width
+    ``64 * model-width``, 2 blocks, 4 heads, patch size 4 (2 for images below 16x16); separate
+    q, k, v layers so attention heads can be permuted.
 """
 
 from __future__ import annotations
@@ -34,6 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError, unknown_name
+from fedmerge.permutations import (
+    Axis,
+    PermGroup,
+    PermutationSpec,
+    Site,
+    check_spec,
+    layer_axes,
+)
 
 __all__ = [
     "MLP",
@@ -43,8 +63,10 @@ __all__ = [
     "BasicBlock",
     "ResNet20",
     "SimpleCNN",
+    "ViT",
     "build_model",
     "count_parameters",
+    "model_spec",
     "parse_hidden",
 ]
 
@@ -160,6 +182,61 @@ def _make_norm(norm: str, channels: int, groups: int) -> nn.Module:
     return nn.GroupNorm(groups, channels)
 
 
+def _chain_spec(
+    model: nn.Module, convs: tuple[str, ...], linears: tuple[str, ...]
+) -> PermutationSpec:
+    """Spec of a chain conv..., flatten, linear... with ReLU after every layer but the last."""
+    axes: dict[str, tuple[Axis | None, ...]] = {}
+    perms: dict[str, PermGroup] = {}
+    names = (*convs, *linears)
+    previous: Axis | None = None
+    for index, name in enumerate(names):
+        layer = getattr(model, name)
+        if convs and name == linears[0]:
+            # Flattening (C, H, W) puts channel c at columns c*H*W .. (c+1)*H*W - 1.
+            previous = Axis(
+                f"P_{convs[-1]}", layer.in_features // getattr(model, convs[-1]).out_channels
+            )
+        current = f"P_{name}" if index < len(names) - 1 else None
+        axes |= layer_axes(name, layer, current, previous)
+        if current is not None:
+            size = layer.out_channels if name in convs else layer.out_features
+            perms[current] = PermGroup(size, sites=(Site(name, relu=True),))
+        previous = None if current is None else Axis(current)
+    return PermutationSpec(perms, axes)
+
+
+def _norm_groups(norm: nn.Module) -> int:
+    """Blocks of channels a normalisation layer ties together (1 unless GroupNorm)."""
+    return norm.num_groups if isinstance(norm, nn.GroupNorm) else 1
+
+
+def model_spec(model: nn.Module) -> PermutationSpec:
+    """The permutation spec of a model, computed from the instance (sizes follow its shape).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with a ``permutation_spec()`` method (every model of :data:`MODELS`).
+
+    Returns
+    -------
+    PermutationSpec
+        Checked against ``model.state_dict()`` with :func:`fedmerge.permutations.check_spec`.
+
+    Raises
+    ------
+    TypeError
+        When the model's class declares no permutation spec.
+    """
+    method = getattr(model, "permutation_spec", None)
+    if not callable(method):
+        raise TypeError(f"{type(model).__name__} declares no permutation_spec()")
+    spec = method()
+    check_spec(spec, model.state_dict())
+    return spec
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +272,10 @@ class MLP(nn.Module):
         for name in hidden_names:
             x = F.relu(getattr(self, name)(x))
         return getattr(self, out_name)(x)
+
+    def permutation_spec(self) -> PermutationSpec:
+        """``P_fc1 ... P_fc{K-1}``: the units of every hidden layer (output rows are fixed)."""
+        return _chain_spec(self, (), self.layer_names)
 
 
 class SimpleCNN(nn.Module):
@@ -254,6 +335,10 @@ class SimpleCNN(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+    def permutation_spec(self) -> PermutationSpec:
+        """``P_conv1``, ``P_conv2`` (channels), ``P_fc1``, ``P_fc2`` (units)."""
+        return _chain_spec(self, ("conv1", "conv2"), ("fc1", "fc2", "fc3"))
 
 
 class VGG9(nn.Module):
@@ -323,6 +408,11 @@ class VGG9(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(self.fc_dropout2(x))
+
+    def permutation_spec(self) -> PermutationSpec:
+        """``P_conv1 ... P_conv6`` (channels), ``P_fc1``, ``P_fc2`` (units)."""
+        convs = tuple(f"conv{i}" for i in range(1, 7))
+        return _chain_spec(self, convs, ("fc1", "fc2", "fc3"))
 
 
 class BasicBlock(nn.Module):
@@ -437,12 +527,237 @@ class ResNet20(nn.Module):
         # simplest thing for torch.func transforms.
         return self.fc(x.mean(dim=(2, 3)))
 
+    def permutation_spec(self) -> PermutationSpec:
+        """Residual streams ``P_layer{s}_res`` and inner channels ``P_layer{s}.{b}_inner``.
+
+        A residual stream is shared by everything added to it: the stem (``conv1``,
+        ``norm1``) for ``layer1``, the projection shortcut for ``layer2``/``layer3``, every
+        block's ``conv2``/``norm2``, and consumed by the next blocks' ``conv1`` and shortcut
+        inputs (including the strided first block of the next stage) and by ``fc``. With group
+        norm every permutation moves channels only with their group (``num_groups``).
+        Activations: every block output of the stage (post-ReLU), plus the stem for
+        ``layer1``; the inner channels at ``norm1`` (+ ReLU).
+        """
+        groups = _norm_groups(self.norm1)
+        stream = "P_layer1_res"
+        axes = layer_axes("conv1", self.conv1, stream) | layer_axes("norm1", self.norm1, stream)
+        sizes = {stream: self.conv1.out_channels}
+        sites: dict[str, list[Site]] = {stream: [Site("norm1", relu=True)]}
+        for stage_index, stage in enumerate((self.layer1, self.layer2, self.layer3), start=1):
+            for block_index, block in enumerate(stage):
+                prefix = f"layer{stage_index}.{block_index}"
+                source = stream
+                if isinstance(block.shortcut, nn.Sequential):  # a new stream starts here
+                    stream = f"P_layer{stage_index}_res"
+                    shortcut = block.shortcut
+                    axes |= layer_axes(f"{prefix}.shortcut.conv", shortcut.conv, stream, source)
+                    axes |= layer_axes(f"{prefix}.shortcut.norm", shortcut.norm, stream)
+                inner = f"P_{prefix}_inner"
+                axes |= layer_axes(f"{prefix}.conv1", block.conv1, inner, source)
+                axes |= layer_axes(f"{prefix}.norm1", block.norm1, inner)
+                axes |= layer_axes(f"{prefix}.conv2", block.conv2, stream, inner)
+                axes |= layer_axes(f"{prefix}.norm2", block.norm2, stream)
+                sizes[stream] = block.conv2.out_channels
+                sizes[inner] = block.conv1.out_channels
+                sites[inner] = [Site(f"{prefix}.norm1", relu=True)]
+                sites.setdefault(stream, []).append(Site(prefix))
+        axes |= layer_axes("fc", self.fc, None, stream)
+        perms = {
+            name: PermGroup(size, num_groups=groups, sites=tuple(sites[name]))
+            for name, size in sizes.items()
+        }
+        return PermutationSpec(perms, axes)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``proj`` linear layers.
+
+    Separate layers (rather than one fused ``qkv``) let the rows of q, k and v be permuted
+    independently. Plain matmul + softmax, so :func:`torch.func.vmap` and float64 work.
+
+    Parameters
+    ----------
+    dim : int
+        Token width.
+    heads : int
+        Number of heads; must divide ``dim``.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"{heads} heads do not divide the width {dim}")
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply attention to tokens ``(N, T, dim)``."""
+
+        def split(t: Tensor) -> Tensor:  # (N, T, dim) -> (N, heads, T, dim / heads)
+            return t.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.proj((weights @ v).transpose(-3, -2).flatten(-2))
+
+
+class FeedForward(nn.Module):
+    """Token-wise MLP ``fc2(act(fc1(x)))`` with a GELU module (its output is a Site)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply to tokens ``(N, T, dim)``."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply to tokens ``(N, T, dim)``; the output is the residual stream."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small pre-norm Vision Transformer (Dosovitskiy et al., ICLR 2021) for CPU-sized runs.
+
+    ``patch`` (``Conv2d`` C->dim, kernel = stride = patch size) turns the image into
+    ``T = (H/p)(W/p)`` tokens; a learned ``cls`` token ``(1, 1, dim)`` is prepended and a
+    learned position embedding ``pos`` ``(1, T+1, dim)`` added; then ``depth``
+    :class:`TransformerBlock` (``blocks.{i}.norm1``, ``.attn.q/k/v/proj``, ``.norm2``,
+    ``.mlp.fc1``, ``.mlp.act`` (GELU), ``.mlp.fc2``), a final LayerNorm ``norm`` and ``head``
+    on the cls token. No dropout. ``cls`` and ``pos`` start from a normal(0, 0.02) truncated
+    at +-2 std (0.04); linear layers keep PyTorch's default initialisation.
+
+    The registry's ``vit`` uses ``dim = 64 * width``, ``mlp_dim = 128 * width`` (run-config
+    ``model-width``), ``depth = 2``, ``heads = 4`` and patch size 4 for images of at least
+    16x16 (28x28, 32x32), 2 below (8x8 digits); it has 72,074 parameters on 28x28 with 10
+    classes.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, H, W)``.
+    num_classes : int
+        Number of output logits.
+    dim, depth, heads, mlp_dim : int
+        Token width, number of blocks, attention heads (must divide ``dim``), MLP hidden size.
+    patch_size : int, optional
+        Side of the square patches; by default 4 for images of at least 16x16, else 2.
+
+    Raises
+    ------
+    ConfigError
+        (key ``model``) when the patch size does not divide the image height and width.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_dim: int = 128,
+        patch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        if patch_size is None:
+            patch_size = 4 if min(height, width) >= 16 else 2
+        if height % patch_size or width % patch_size:
+            raise ConfigError(
+                "model",
+                "vit",
+                f"mlp, cnn or resnet20 for {height}x{width} images",
+                hint=f"vit needs image sides divisible by its patch size {patch_size}",
+            )
+        tokens = (height // patch_size) * (width // patch_size)
+        self.heads = heads
+        self.patch = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        for param in (self.cls, self.pos):
+            nn.init.trunc_normal_(param, std=0.02, a=-0.04, b=0.04)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return logits ``(N, num_classes)`` for a batch ``(N, C, H, W)``."""
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (N, T, dim)
+        cls = self.cls.expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+    def permutation_spec(self) -> PermutationSpec:
+        """Stream ``P_res``; per block ``P_block{i}_qk``, ``P_block{i}_vo``, ``P_block{i}_mlp``.
+
+        ``P_res`` indexes every tensor that writes to or reads from the stream (patch rows,
+        ``cls``/``pos`` features, every LayerNorm, q/k/v/fc1 columns, proj/fc2 rows, head
+        columns); LayerNorm over the features commutes with a consistent permutation of them.
+        ``P_block{i}_qk`` (q and k rows) and ``P_block{i}_vo`` (v rows, proj columns) are
+        grouped by head (``num_groups = heads``) and share their block order (``vo`` is tied
+        to ``qk``): heads move as wholes and together, units move only inside a head.
+        Activations: block outputs (``P_res``), q and k outputs, v outputs, the GELU output.
+        ``attn.k.bias`` is permuted with ``P_block{i}_qk`` like every key row, although it
+        has no effect on the function (it shifts all scores of a query alike, which the
+        softmax cancels).
+        """
+        res = "P_res"
+        dim = self.patch.out_channels
+        axes = layer_axes("patch", self.patch, res)
+        axes |= {"cls": (None, None, Axis(res)), "pos": (None, None, Axis(res))}
+        perms: dict[str, PermGroup] = {}
+        for index, block in enumerate(self.blocks):
+            prefix, name = f"blocks.{index}", f"P_block{index}"
+            qk, vo, mlp = f"{name}_qk", f"{name}_vo", f"{name}_mlp"
+            attn = f"{prefix}.attn"
+            axes |= layer_axes(f"{prefix}.norm1", block.norm1, res)
+            axes |= layer_axes(f"{attn}.q", block.attn.q, qk, res)
+            axes |= layer_axes(f"{attn}.k", block.attn.k, qk, res)
+            axes |= layer_axes(f"{attn}.v", block.attn.v, vo, res)
+            axes |= layer_axes(f"{attn}.proj", block.attn.proj, res, vo)
+            axes |= layer_axes(f"{prefix}.norm2", block.norm2, res)
+            axes |= layer_axes(f"{prefix}.mlp.fc1", block.mlp.fc1, mlp, res)
+            axes |= layer_axes(f"{prefix}.mlp.fc2", block.mlp.fc2, res, mlp)
+            perms[qk] = PermGroup(
+                dim, self.heads, sites=(Site(f"{attn}.q", -1), Site(f"{attn}.k", -1))
+            )
+            perms[vo] = PermGroup(dim, self.heads, tied_to=qk, sites=(Site(f"{attn}.v", -1),))
+            perms[mlp] = PermGroup(
+                block.mlp.fc1.out_features, sites=(Site(f"{prefix}.mlp.act", -1),)
+            )
+        axes |= layer_axes("norm", self.norm, res) | layer_axes("head", self.head, None, res)
+        sites = tuple(Site(f"blocks.{i}", -1) for i in range(len(self.blocks)))
+        return PermutationSpec({res: PermGroup(dim, sites=sites), **perms}, axes)
+
 
 # ---------------------------------------------------------------------------------------------
 # Builders and registry
 # ---------------------------------------------------------------------------------------------
 # Every builder has the same signature so that build_model can call any of them; each uses the
-# options that apply to it and ignores the others (width and norm only shape resnet20).
+# options that apply to it and ignores the others (width shapes resnet20 and vit, norm only
+# resnet20).
 
 
 def _build_mlp(
@@ -501,6 +816,21 @@ def _build_resnet20(
     return ResNet20(_image_shape("resnet20", input_shape), num_classes, width, norm, norm_groups)
 
 
+def _build_vit(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: int,
+    norm: str,
+    hidden: tuple[int, ...],
+    norm_groups: int,
+) -> nn.Module:
+    """Small pre-norm Vision Transformer (2 blocks, 4 heads, width 64 x model-width)."""
+    del norm, hidden, norm_groups  # uniform registry signature
+    shape = _image_shape("vit", input_shape)
+    return ViT(shape, num_classes, dim=64 * width, mlp_dim=128 * width)
+
+
 #: Model builders by name. Each is called as
 #: ``builder(input_shape, num_classes, *, width, norm, hidden, norm_groups)``; prefer
 #: :func:`build_model`, which validates the options and handles the seed.
@@ -509,6 +839,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": _build_cnn,
     "vgg9": _build_vgg9,
     "resnet20": _build_resnet20,
+    "vit": _build_vit,
 }
 
 
@@ -528,15 +859,15 @@ def build_model(
     Parameters
     ----------
     name : str
-        A key of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"vgg9"`` or ``"resnet20"``
-        (run-config key ``model``).
+        A key of :data:`MODELS`: ``"mlp"``, ``"cnn"``, ``"vgg9"``, ``"resnet20"`` or
+        ``"vit"`` (run-config key ``model``).
     input_shape : tuple of int
         Shape of one example: ``(C, H, W)`` for images, ``(D,)`` for vectors (mlp only).
     num_classes : int
         Number of output logits.
     width : int, default 1
-        Channel multiplier of ``resnet20`` (run-config key ``model-width``); checked for every
-        model but used only by ``resnet20``.
+        Channel multiplier of ``resnet20`` and width multiplier of ``vit`` (run-config key
+        ``model-width``); checked for every model but used only by those two.
     norm : str, default "batch"
         Normalisation of ``resnet20``: ``"batch"``, ``"group"`` or ``"layer"`` (run-config
         key ``model-norm``); checked for every model but used only by ``resnet20``.
@@ -560,8 +891,9 @@ def build_model(
     ------
     ConfigError
         Naming ``model`` (unknown name, a convolutional model on vector inputs, images too
-        small), ``model-width``, ``model-norm`` (unknown norm, or group norm whose groups do
-        not divide the channels), ``mlp-hidden`` or ``seed``.
+        small or, for ``vit``, not divisible by the patch size), ``model-width``,
+        ``model-norm`` (unknown norm, or group norm whose groups do not divide the channels),
+        ``mlp-hidden`` or ``seed``.
     ValueError
         When ``input_shape`` or ``num_classes`` is malformed (a dataset bug, not a config one).
     """

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "Axis",
@@ -39,11 +39,14 @@ __all__ = [
     "Site",
     "apply_permutations",
     "axis_index",
+    "block_order",
+    "check_permutations",
     "check_spec",
     "compose",
     "identity_permutations",
     "invert",
     "is_valid_permutation",
+    "layer_axes",
     "random_permutations",
     "spec_from_axes",
 ]
@@ -285,3 +288,116 @@ def is_valid_permutation(spec: PermutationSpec, name: str, perm: Tensor) -> bool
         return False
     blocks = perm.view(group.num_groups, group.group_size) // group.group_size
     return bool((blocks == blocks[:, :1]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for declaring specs and checking matcher output
+# ---------------------------------------------------------------------------------------------
+
+# Layers whose state entries layer_axes knows: a weight whose first two axes are (out, in) and
+# normalisations whose every 1-D entry (affine, running statistics) follows the channels.
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def layer_axes(
+    name: str, module: nn.Module, out: str | Axis | None, inp: str | Axis | None = None
+) -> dict[str, tuple[Axis | None, ...]]:
+    """The spec axes of every state entry of one layer (a shortcut for declaring specs).
+
+    Parameters
+    ----------
+    name : str
+        The layer's name in the model (prefix of its state-dict keys).
+    module : torch.nn.Module
+        ``Linear`` or ``Conv1d/2d/3d`` (``groups=1``): ``weight`` is ``(out, inp, None...)``
+        and ``bias`` is ``(out,)``. ``BatchNorm*``, ``GroupNorm`` or ``LayerNorm`` over one
+        feature axis: ``weight``, ``bias``, ``running_mean`` and ``running_var`` are
+        ``(out,)``; ``num_batches_tracked`` is ``()``. Only entries the module has are listed.
+    out : str or Axis or None
+        Permutation of the output units (channels of a norm); a name means ``Axis(name)``.
+    inp : str or Axis or None
+        Permutation of the input units of a ``Linear``/``Conv``; must be ``None`` for norms.
+
+    Returns
+    -------
+    dict of str to tuple of (Axis or None)
+        ``{f"{name}.{entry}": axes}`` for the module's own state entries.
+
+    Raises
+    ------
+    TypeError
+        For any other module type, or a grouped convolution.
+    """
+    out_axis = Axis(out) if isinstance(out, str) else out
+    in_axis = Axis(inp) if isinstance(inp, str) else inp
+    if isinstance(module, _PRODUCERS):
+        if getattr(module, "groups", 1) != 1:
+            raise TypeError(f"{name}: grouped convolutions are not supported")
+    elif isinstance(module, _CHANNEL_NORMS):
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+            raise TypeError(f"{name}: LayerNorm over more than one axis is not supported")
+        if in_axis is not None:
+            raise TypeError(f"{name}: a normalisation layer has no input permutation")
+    else:
+        raise TypeError(f"{name}: no permutation axes known for {type(module).__name__}")
+    axes: dict[str, tuple[Axis | None, ...]] = {}
+    for entry, value in module.state_dict(keep_vars=True).items():
+        if value.ndim == 0:
+            axes[f"{name}.{entry}"] = ()
+        elif entry == "weight" and isinstance(module, _PRODUCERS):
+            axes[f"{name}.{entry}"] = (out_axis, in_axis) + (None,) * (value.ndim - 2)
+        else:
+            axes[f"{name}.{entry}"] = (out_axis,)
+    return axes
+
+
+def block_order(spec: PermutationSpec, name: str, perm: Tensor) -> Tensor:
+    """The block order of a grouped permutation: ``b[j]`` = old block moved to block ``j``."""
+    size = spec.perms[name].group_size
+    return perm.view(spec.perms[name].num_groups, size)[:, 0] // size
+
+
+def check_permutations(
+    spec: PermutationSpec, perms: Mapping[str, Tensor], *, complete: bool = True
+) -> None:
+    """Check matcher output: valid permutations that respect blocks and ties.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+        The architecture's spec.
+    perms : dict of str to Tensor
+        Permutations by name.
+    complete : bool, default True
+        Require a permutation for every name of ``spec`` (otherwise missing names are
+        identities, as in :func:`apply_permutations`, and are not checked).
+
+    Raises
+    ------
+    ValueError
+        Naming the permutation: unknown or missing name, not a ``torch.long`` permutation of
+        the right size, units moved across blocks, or a block order that differs from that of
+        the permutation it is tied to.
+    """
+    unknown = sorted(set(perms) - set(spec.perms))
+    if unknown:
+        raise ValueError(f"permutations not in the spec: {unknown}")
+    missing = sorted(set(spec.perms) - set(perms))
+    if complete and missing:
+        raise ValueError(f"permutations missing: {missing}")
+    for name, perm in perms.items():
+        group = spec.perms[name]
+        if not is_valid_permutation(spec, name, perm):
+            raise ValueError(
+                f"permutation {name} is not a valid permutation of {group.size} units in "
+                f"{group.num_groups} blocks (got {perm.dtype} of shape {tuple(perm.shape)}, or "
+                "units moved across blocks)"
+            )
+        root = spec.block_order_root(name)
+        if root != name and root in perms:
+            if not torch.equal(block_order(spec, name, perm), block_order(spec, root, perms[root])):
+                raise ValueError(
+                    f"permutation {name} moves its blocks differently from {root}, whose block "
+                    "order it is tied to"
+                )

@@ -48,7 +48,7 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
 
 
 def test_registry_names() -> None:
-    assert set(MODELS) == {"mlp", "cnn", "vgg9", "resnet20"}
+    assert set(MODELS) == {"mlp", "cnn", "vgg9", "resnet20", "vit"}
     assert NORMS == ("batch", "group", "layer")
 
 
@@ -219,7 +219,14 @@ def test_mlp_layers_and_vector_input() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "norm"), [("mlp", "batch"), ("cnn", "batch"), ("vgg9", "batch"), ("resnet20", "group")]
+    ("name", "norm"),
+    [
+        ("mlp", "batch"),
+        ("cnn", "batch"),
+        ("vgg9", "batch"),
+        ("resnet20", "group"),
+        ("vit", "batch"),
+    ],
 )
 def test_functional_call_and_vmap(name: str, norm: str) -> None:
     # Later work evaluates stacks of client models with functional_call + vmap.
@@ -267,7 +274,10 @@ def test_conv_model_on_vector_input(name: str) -> None:
     assert error.allowed == "mlp for vector datasets such as synthetic"
 
 
-@pytest.mark.parametrize(("name", "shape"), [("cnn", (1, 3, 3)), ("vgg9", (1, 7, 7))])
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("cnn", (1, 3, 3)), ("vgg9", (1, 7, 7)), ("vit", (1, 30, 30)), ("vit", (1, 8, 9))],
+)
 def test_image_too_small(name: str, shape: tuple[int, ...]) -> None:
     _raises("model", name=name, input_shape=shape)
 
