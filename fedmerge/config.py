@@ -90,6 +90,17 @@ class RunConfig:
     match_beta: float = 0.5
     match_bn_repair: bool = True
     match_max_sweeps: int = 100
+    # NP Merge (fednpmerge; the match-* keys align the clients first)
+    np_form: str = "pairwise"
+    np_align: str = "reference"
+    np_init: str = "weights"
+    np_params: str = "all"
+    np_lr: float = 0.01
+    np_epochs: int = 10
+    np_batch_size: int = 64
+    np_holdout: float = 0.2
+    np_patience: int = 3
+    np_bn_mode: str = "train"
     # results
     output_dir: str = "runs"
     run_name: str = ""
@@ -295,6 +306,16 @@ def _validate(c: RunConfig) -> None:
     _check(c.match_iterations >= 1, "match-iterations", c.match_iterations, "an integer >= 1")
     _check(0 <= c.match_beta <= 1, "match-beta", c.match_beta, "a number in [0, 1]")
     _check(c.match_max_sweeps >= 1, "match-max-sweeps", c.match_max_sweeps, "an integer >= 1")
+    from .npmerge import NPOptions  # NP Merge: every np-* key, named when wrong
+
+    NPOptions.from_config(c)
+    _check(
+        not (c.strategy == "fednpmerge" and c.proxy_size == 0),
+        "proxy-size",
+        c.proxy_size,
+        "> 0 for strategy fednpmerge (it learns its coefficients on the server's proxy slice)",
+        "set e.g. proxy-size=500",
+    )
     matching = c.strategy == "fedmatch" or (c.strategy == "fedwsa" and c.wsa_merge == "matched")
     needs_proxy = c.match_method == "activation" or (c.match_method == "dual" and c.match_beta < 1)
     _check(
