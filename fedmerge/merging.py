@@ -17,8 +17,8 @@ weighted average. Reference choices (``match-reference``):
 ``largest``
     The client model with the largest weight.
 ``barycenter``
-    Start from the largest client, then ``iterations`` times: align every model to the
-    current reference, average, and use the average as the next reference (an approximate
+    Start from the largest client, then ``max(iterations, 3)`` times: align every model to
+    the current reference, average, and use the average as the next reference (an approximate
     Fréchet mean under permutations; Git Re-Basin's "MergeMany" aligns each model to the
     mean of the others instead, which is quadratic in N: this form stays linear).
 
@@ -47,6 +47,8 @@ MergeFn = Callable[..., dict[str, Tensor]]
 
 #: Matchers of :mod:`fedmerge.matching` (run-config key ``match-method``).
 MATCHER_NAMES: tuple[str, ...] = ("weight", "activation", "dual")
+#: Minimum align-then-average passes of ``match-reference=barycenter``.
+BARYCENTER_PASSES = 3
 #: Reference choices of :func:`matched_average` (run-config key ``match-reference``).
 REFERENCES: tuple[str, ...] = ("global", "largest", "barycenter")
 
@@ -121,6 +123,97 @@ class MatchReport:
     _moved: list[float] = field(default_factory=list, repr=False)
 
 
+def align_one(
+    spec: PermutationSpec,
+    matcher: str,
+    target: State,
+    state: State,
+    *,
+    model: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    beta: float = 0.5,
+    seed: int = 0,
+    max_sweeps: int = 100,
+) -> tuple[dict[str, Tensor], float]:
+    """``state`` with its units permuted to match ``target``'s, and the fraction moved."""
+    from .matching import match  # local: SciPy's import only when matching
+
+    perms = match(
+        matcher,
+        spec,
+        target,
+        state,
+        model=model,
+        inputs=inputs,
+        beta=beta,
+        seed=seed,
+        max_sweeps=max_sweeps,
+    )
+    return apply_permutations(spec, perms, state), _fraction_moved(perms)
+
+
+def align_models(
+    states: Sequence[State],
+    weights: Sequence[float] | None = None,
+    *,
+    reference: State | None = None,
+    spec: PermutationSpec,
+    matcher: str = "weight",
+    mode: str = "global",
+    iterations: int = 1,
+    beta: float = 0.5,
+    model: nn.Module | None = None,
+    inputs: Tensor | None = None,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    report: MatchReport | None = None,
+) -> list[dict[str, Tensor]]:
+    """Every model aligned to the ``mode`` reference (the alignment of :func:`matched_average`).
+
+    Parameters are those of :func:`matched_average`; returns the aligned copies, in input
+    order. With ``iterations > 1`` the reference becomes the weighted average of the aligned
+    models after each pass. One matching per model and pass: linear in the number of models.
+    """
+    if mode not in REFERENCES:
+        raise unknown_name("match-reference", mode, REFERENCES)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ConfigError("match-iterations", iterations, "an integer >= 1")
+    w = normalise_weights(weights, len(states))
+    if mode == "global":
+        if reference is None:
+            raise ValueError("match-reference=global needs the global model as `reference`")
+        target: State = reference
+    else:
+        target = states[max(range(len(states)), key=lambda k: w[k])]
+    report = report if report is not None else MatchReport()
+    if mode == "barycenter":
+        iterations = max(iterations, BARYCENTER_PASSES)
+    aligned: list[dict[str, Tensor]] = []
+    for it in range(iterations):
+        if it:
+            target = average(aligned, w, reference=reference)
+        start = time.perf_counter()
+        aligned = []
+        for state in states:
+            out, moved = align_one(
+                spec,
+                matcher,
+                target,
+                state,
+                model=model,
+                inputs=inputs,
+                beta=beta,
+                seed=seed,
+                max_sweeps=max_sweeps,
+            )
+            report._moved.append(moved)
+            aligned.append(out)
+        report.seconds += time.perf_counter() - start
+        report.matches += len(states)
+    report.units_moved = sum(report._moved) / len(report._moved)
+    return aligned
+
+
 def matched_average(
     states: Sequence[State],
     weights: Sequence[float] | None = None,
@@ -155,8 +248,8 @@ def matched_average(
     mode : {"global", "largest", "barycenter"}
         Which reference to align to (module docstring).
     iterations : int
-        Align-then-average passes; ``barycenter`` uses them all, the other modes re-align to
-        the previous average after the first pass when ``iterations > 1``.
+        Align-then-average passes; after the first, the reference is the previous average
+        (``barycenter`` makes at least 3).
     beta : float
         Weight-space share of the dual matcher's similarity.
     model : torch.nn.Module, optional
@@ -175,44 +268,23 @@ def matched_average(
     dict of str to Tensor
         The merged state dict.
     """
-    from .matching import match  # local: keeps the module importable for plain averaging
-
-    if mode not in REFERENCES:
-        raise unknown_name("match-reference", mode, REFERENCES)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ConfigError("match-iterations", iterations, "an integer >= 1")
     w = normalise_weights(weights, len(states))
-    if mode == "global":
-        if reference is None:
-            raise ValueError("match-reference=global needs the global model as `reference`")
-        current: State = reference
-    else:
-        current = states[max(range(len(states)), key=lambda k: w[k])]
-    report = report if report is not None else MatchReport()
-    merged: dict[str, Tensor] = {}
-    for _ in range(iterations):
-        start = time.perf_counter()
-        aligned = []
-        for state in states:
-            perms = match(
-                matcher,
-                spec,
-                current,
-                state,
-                model=model,
-                inputs=inputs,
-                beta=beta,
-                seed=seed,
-                max_sweeps=max_sweeps,
-            )
-            report._moved.append(_fraction_moved(perms))
-            aligned.append(apply_permutations(spec, perms, state))
-        report.seconds += time.perf_counter() - start
-        report.matches += len(states)
-        merged = average(aligned, w, reference=reference if reference is not None else states[0])
-        current = merged
-    report.units_moved = sum(report._moved) / len(report._moved)
-    return merged
+    aligned = align_models(
+        states,
+        w,
+        reference=reference,
+        spec=spec,
+        matcher=matcher,
+        mode=mode,
+        iterations=iterations,
+        beta=beta,
+        model=model,
+        inputs=inputs,
+        seed=seed,
+        max_sweeps=max_sweeps,
+        report=report,
+    )
+    return average(aligned, w, reference=reference if reference is not None else states[0])
 
 
 def _fraction_moved(perms: Mapping[str, Tensor]) -> float:

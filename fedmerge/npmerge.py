@@ -65,8 +65,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import ConfigError, unknown_name
-from .merging import REFERENCES, average, normalise_weights, repair_batchnorm
-from .permutations import PermutationSpec, apply_permutations
+from .merging import (
+    REFERENCES,
+    MatchReport,
+    align_models,
+    align_one,
+    average,
+    normalise_weights,
+    repair_batchnorm,
+)
+from .permutations import PermutationSpec
 from .training import _batches, resolve_device
 
 if TYPE_CHECKING:  # only for annotations: merge_experiment may import this module
@@ -501,12 +509,6 @@ def learn_coefficients(
 # ---------------------------------------------------------------------------------------------
 
 
-def _moved(perms: Mapping[str, Tensor]) -> float:
-    total = sum(p.numel() for p in perms.values())
-    moved = sum(int((p != torch.arange(p.numel())).sum()) for p in perms.values())
-    return moved / total if total else 0.0
-
-
 @dataclass(frozen=True)
 class Alignment:
     """How models are aligned before merging (the ``match-*`` keys).
@@ -553,12 +555,10 @@ class Alignment:
         moved: list[float],
     ) -> dict[str, Tensor]:
         """``state`` with its units permuted to match ``target``'s."""
-        from .matching import match  # local: SciPy's import (~1 s) only when matching
-
         start = time.perf_counter()
-        perms = match(
-            self.matcher,
+        aligned, fraction = align_one(
             self.spec,
+            self.matcher,
             target,
             state,
             model=model,
@@ -567,8 +567,7 @@ class Alignment:
             seed=seed,
             max_sweeps=self.max_sweeps,
         )
-        moved.append(_moved(perms))
-        aligned = apply_permutations(self.spec, perms, state)
+        moved.append(fraction)
         report.match_seconds += time.perf_counter() - start
         return aligned
 
@@ -586,21 +585,24 @@ def align_to_reference(
     moved: list[float],
 ) -> list[dict[str, Tensor]]:
     """Every model aligned to the ``match-reference`` (the alignment of ``matched_average``)."""
-    if alignment.mode == "global":
-        if reference is None:
-            raise ValueError("match-reference=global needs the global model as `reference`")
-        target: State = reference
-    else:
-        target = states[max(range(len(states)), key=lambda k: shares[k])]
-    aligned: list[dict[str, Tensor]] = []
-    for _ in range(alignment.iterations):
-        aligned = [
-            alignment.align(
-                target, s, model=model, inputs=inputs, seed=seed, report=report, moved=moved
-            )
-            for s in states
-        ]
-        target = average(aligned, shares, reference=reference)
+    match_report = MatchReport()
+    aligned = align_models(
+        states,
+        shares,
+        reference=reference,
+        spec=alignment.spec,
+        matcher=alignment.matcher,
+        mode=alignment.mode,
+        iterations=alignment.iterations,
+        beta=alignment.beta,
+        model=model,
+        inputs=inputs,
+        seed=seed,
+        max_sweeps=alignment.max_sweeps,
+        report=match_report,
+    )
+    report.match_seconds += match_report.seconds
+    moved.extend(match_report._moved)
     return aligned
 
 

@@ -157,7 +157,8 @@ class FedMatch(FedAvg):
             return arrays, metrics
         start = time.perf_counter()
         valid = [r for r in replies if not r.has_error()]
-        states = [r.content[self.arrayrecord_key].to_torch_state_dict() for r in valid]
+        # The reply's one ArrayRecord, under whatever key: FedAvg aggregates it so.
+        states = [next(iter(r.content.array_records.values())).to_torch_state_dict() for r in valid]
         weights = [
             float(next(iter(r.content.metric_records.values()))[self.weighted_by_key])
             for r in valid
