@@ -54,6 +54,8 @@ def _setup(context: Context) -> tuple[RunConfig, DataSpec, int]:
             "partition-id and num-partitions",
             'start the SuperNode with --node-config "partition-id=0 num-partitions=10"',
         ) from exc
+    if "data-root" in context.node_config:  # this SuperNode keeps its data at its own path
+        cfg = cfg.replace(data_root=str(context.node_config["data-root"]))
     if num_partitions != cfg.num_clients:
         log.warning(
             "node num-partitions=%d differs from num-clients=%d; partitioning into %d",

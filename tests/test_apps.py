@@ -143,3 +143,18 @@ def test_missing_partition_id_is_a_clear_error(tmp_path):
     ctx = Context(1, 1000, {}, RecordDict(), cfg.to_mapping())
     with pytest.raises(Exception, match="partition-id"):
         client_app(msg, ctx)
+
+
+def test_a_supernode_may_keep_its_data_at_its_own_path(tmp_path):
+    from fedmerge.clients.client_app import _setup
+
+    cfg = cfg_for(tmp_path).replace(dataset="mnist", data_root="/nowhere")
+    node = {"partition-id": 1, "num-partitions": 4, "data-root": str(tmp_path / "data")}
+    ctx = Context(1, 1000, node, RecordDict(), cfg.to_mapping())
+    got, spec, pid = _setup(ctx)
+    assert got.data_root == str(tmp_path / "data") and spec.data_root == got.data_root
+    assert pid == 1
+    plain = Context(
+        1, 1000, {"partition-id": 0, "num-partitions": 4}, RecordDict(), cfg.to_mapping()
+    )
+    assert _setup(plain)[0].data_root == "/nowhere"
