@@ -69,6 +69,7 @@ class RunConfig:
     fraction_evaluate: float = 0.0
     min_train_clients: int = 2
     eval_batch_size: int = 1024
+    round_timeout: float = 0.0
     proximal_mu: float = 0.01
     server_lr: float = 1.0
     server_momentum: float = 0.9
@@ -282,6 +283,12 @@ def _validate(c: RunConfig) -> None:
         f"at most num-clients ({c.num_clients})",
     )
     _check(c.eval_batch_size >= 1, "eval-batch-size", c.eval_batch_size, "an integer >= 1")
+    _check(
+        c.round_timeout >= 0,
+        "round-timeout",
+        c.round_timeout,
+        "a number >= 0 (seconds; 0 = Flower's default, 3600)",
+    )
     _check(c.proximal_mu >= 0, "proximal-mu", c.proximal_mu, "a number >= 0")
     _check(c.server_lr > 0, "server-lr", c.server_lr, "a number > 0")
     _check(0 <= c.server_momentum < 1, "server-momentum", c.server_momentum, "a number in [0, 1)")

@@ -1,8 +1,12 @@
-"""Build the strategy a run-config names: Flower's built-ins now, fedmerge's own later.
+"""Build the strategy a run-config names: Flower's built-ins and fedmerge's own.
 
 Every entry takes the validated :class:`fedmerge.config.RunConfig` and returns a Flower
-Message-API strategy. fedmerge does not wrap or alter Flower's built-ins: a run with
-``strategy = "fedavg"`` is Flower's ``FedAvg`` exactly.
+Message-API strategy built through :func:`.validation.validated`: the class is the named one
+behind :class:`.validation.ValidatedReplies`, which drops malformed client replies (logged and
+counted in ``rejected-replies``) before the strategy aggregates. Otherwise fedmerge does not
+alter Flower's built-ins: with ``strategy = "fedavg"``, the aggregation is Flower's ``FedAvg``
+exactly, over the replies that pass. A new entry builds ``validated(MyStrategy)(...)``;
+:func:`build_strategy` refuses an entry that does not.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from fedmerge.config import RunConfig
 from fedmerge.errors import unknown_name
 from fedmerge.scopes import sigma_spread
 
+from .fedmatch import FedMatch, fedmatch_options, matched_merge
+from .npmerge import FedNPMerge, fednpmerge_options
+from .validation import ValidatedReplies, validated
 from .wsa import FedWSA
 
 
@@ -80,52 +87,69 @@ StrategyBuilder = Callable[[RunConfig], Strategy]
 
 #: name -> (builder, one-line description). Keys are what ``strategy = ...`` accepts.
 STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
-    "fedavg": (lambda c: FedAvg(**_common(c)), "Flower FedAvg: data-size weighted mean"),
+    "fedavg": (lambda c: validated(FedAvg)(**_common(c)), "Flower FedAvg: data-size weighted mean"),
     "fedprox": (
-        lambda c: FedProx(proximal_mu=c.proximal_mu, **_common(c)),
+        lambda c: validated(FedProx)(proximal_mu=c.proximal_mu, **_common(c)),
         "Flower FedProx: FedAvg + clients' proximal term (proximal-mu)",
     ),
     "fedavgm": (
-        lambda c: FedAvgM(
+        lambda c: validated(FedAvgM)(
             server_learning_rate=c.server_lr, server_momentum=c.server_momentum, **_common(c)
         ),
         "Flower FedAvgM: server momentum (server-lr, server-momentum)",
     ),
     "fedadam": (
-        lambda c: FedAdam(**_fedopt(c), **_betas(c)),
+        lambda c: validated(FedAdam)(**_fedopt(c), **_betas(c)),
         "Flower FedAdam: server Adam (fedopt-*)",
     ),
     "fedyogi": (
-        lambda c: FedYogi(**_fedopt(c), **_betas(c)),
+        lambda c: validated(FedYogi)(**_fedopt(c), **_betas(c)),
         "Flower FedYogi: server Yogi (fedopt-*)",
     ),
     "fedadagrad": (
-        lambda c: FedAdagrad(**_fedopt(c)),
+        lambda c: validated(FedAdagrad)(**_fedopt(c)),
         "Flower FedAdagrad: server Adagrad (fedopt-eta, fedopt-tau)",
     ),
     "fedmedian": (
-        lambda c: FedMedian(**_common(c)),
+        lambda c: validated(FedMedian)(**_common(c)),
         "Flower FedMedian: coordinate-wise median",
     ),
     "fedtrimmedavg": (
-        lambda c: FedTrimmedAvg(beta=c.trimmed_beta, **_common(c)),
+        lambda c: validated(FedTrimmedAvg)(beta=c.trimmed_beta, **_common(c)),
         "Flower FedTrimmedAvg: coordinate-wise trimmed mean (trimmed-beta)",
     ),
     "fedwsa": (
-        lambda c: FedWSA(
+        lambda c: validated(FedWSA)(
             lam=c.wsa_lambda,
             fusion=c.wsa_fusion,
             reverse=c.wsa_reverse,
             layers=c.wsa_layers,
+            merge=matched_merge(c) if c.wsa_merge == "matched" else None,
             **_common(c),
         ),
         "fedmerge FedWSA: Weight Scope Alignment, fused target scope (wsa-*)",
+    ),
+    "fedmatch": (
+        lambda c: validated(FedMatch)(**fedmatch_options(c), **_common(c)),
+        "fedmerge FedMatch: clients aligned by neuron matching, then averaged (match-*)",
+    ),
+    "fednpmerge": (
+        lambda c: validated(FedNPMerge)(**fednpmerge_options(c), **_common(c)),
+        "fedmerge FedNPMerge: aligned clients merged with per-parameter coefficients learned "
+        "on the server proxy slice (np-*, match-*, proxy-size)",
     ),
 }
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
-    """The strategy ``cfg.strategy`` names, configured from ``cfg``."""
+    """The strategy ``cfg.strategy`` names, configured from ``cfg`` (replies validated)."""
     if cfg.strategy not in STRATEGIES:
         raise unknown_name("strategy", cfg.strategy, STRATEGIES)
-    return STRATEGIES[cfg.strategy][0](cfg)
+    strategy = STRATEGIES[cfg.strategy][0](cfg)
+    if not isinstance(strategy, ValidatedReplies):
+        # Without the mixin one bad reply can crash the server or poison the model.
+        raise TypeError(
+            f"strategy {cfg.strategy!r}: its registry entry must build "
+            f"validated({type(strategy).__name__})(...), see strategies/validation.py"
+        )
+    return strategy

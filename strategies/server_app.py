@@ -134,6 +134,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         grid=grid,
         initial_arrays=ArrayRecord(initial.state_dict()),
         num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout or 3600.0,
         train_config=ConfigRecord({"lr": cfg.lr}),
         evaluate_fn=recorder,
     )

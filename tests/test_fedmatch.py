@@ -57,7 +57,9 @@ def test_permuted_client_replies_merge_back_into_the_global_model(reference):
     requests = _requests(strategy, model, 3)
     g = torch.Generator().manual_seed(0)
     copies = [apply_permutations(spec, random_permutations(spec, g), state) for _ in requests]
-    replies = [_reply(r, c, 10 * (i + 1)) for i, (r, c) in enumerate(zip(requests, copies))]
+    replies = [
+        _reply(r, c, 10 * (i + 1)) for i, (r, c) in enumerate(zip(requests, copies, strict=True))
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     merged = arrays.to_torch_state_dict()
     if reference == "global":

@@ -68,7 +68,13 @@ def time_round(model_name: str, matcher: str, n: int, *, proxy: int, drift: floa
         report = MatchReport()
         start = time.perf_counter()
         merged = matched_average(
-            clients, reference=state, spec=spec, matcher=matcher, model=model, inputs=x, report=report
+            clients,
+            reference=state,
+            spec=spec,
+            matcher=matcher,
+            model=model,
+            inputs=x,
+            report=report,
         )
         times.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -108,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'fedavg s':>9} {'max rel err':>11}"
     )
     for name in models:
-        params = sum(
-            p.numel() for p in build_model(name, SHAPES[name], 10, seed=0).parameters()
-        )
+        params = sum(p.numel() for p in build_model(name, SHAPES[name], 10, seed=0).parameters())
         for matcher in args.matchers.split(","):
             for n in (int(v) for v in args.clients.split(",")):
                 seconds, plain, err = time_round(

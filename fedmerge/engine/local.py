@@ -7,6 +7,23 @@ no Ray, no serialisation to the wire, no start-up cost: the strategy code (``sta
 Flower's engines, only the transport differs. Deterministic: nodes are visited in a fixed
 order and every client's randomness derives from (seed, partition id, round).
 
+Timeouts: ``send_and_receive(messages, timeout=t)`` (what Flower's ``start()`` calls, ``t``
+= its ``timeout`` argument) gives each client call ``t`` seconds, as Flower's engines wait ``t``
+for clients that run in parallel. The call runs in a worker thread; a client still running at
+its deadline gives no reply this round (the strategy sees fewer replies than it asked for),
+and its node, still busy, gives no reply to later instructions until that call returns. Python
+cannot stop a thread: the late call runs to its end and its reply is discarded. Without a
+timeout (``push_messages``, or ``timeout=None``) clients are called in this thread. The
+vectorised ``batch_train`` path has no deadline.
+
+ClientApp calls never overlap: every call holds one process-wide lock, because a ClientApp may
+keep per-process state (fedmerge's keeps one model object per architecture), which Flower's
+engines never share between two running clients either. While a late call runs, the other
+instructions of the round wait for it at most until the round's deadline (``t`` after the
+round began) and are not delivered (no reply) if it has not ended by then. A wrapper that
+waits without touching client state (the fault injector's stalled node) lets the others run
+with :func:`outside_client_lock`.
+
 Flower internals this module depends on (kept here, under tests/test_engine_local.py):
 ``flwr.supercore.task_identity.TaskIdentity`` must name a run and the server's node before a
 strategy creates its first ``Message``; ``flwr.supercore.run.Run.create_empty``;
@@ -17,12 +34,14 @@ strategy creates its first ``Message``; ``flwr.supercore.run.Run.create_empty``;
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict, UserConfigValue
-from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
@@ -30,8 +49,52 @@ from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger(__name__)
 
+#: What the grid calls for each instruction: a ``ClientApp`` or any callable like it
+#: (e.g. :class:`fedmerge.engine.faults.FaultyClientApp`).
+ClientCallable = Callable[[Message, Context], Message]
 #: Trains a round's instructions together: (messages, contexts) -> replies, or None.
 BatchTrain = Callable[[list[Message], list[Context]], list[Message] | None]
+
+# One ClientApp call at a time in this process (see the module docstring); `_holder.held` says
+# whether this thread holds the lock on a grid's behalf.
+_client_lock = threading.Lock()
+_holder = threading.local()
+
+
+@contextmanager
+def _holding_client_lock(deadline: float | None) -> Iterator[bool]:
+    """Hold the client lock, waiting until ``deadline`` (``time.monotonic()``; None: forever)."""
+    wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+    if not _client_lock.acquire(timeout=wait):
+        yield False
+        return
+    _holder.held = True
+    try:
+        yield True
+    finally:
+        _holder.held = False
+        _client_lock.release()
+
+
+@contextmanager
+def outside_client_lock() -> Iterator[None]:
+    """Inside a ClientApp call on a ``LocalGrid``: let other clients run for a while.
+
+    For a wait that touches no shared client state (a stalled node in fault injection); the
+    lock is taken back, waiting as long as needed, before the block's end. A no-op outside a
+    grid's call.
+    """
+    if not getattr(_holder, "held", False):
+        yield
+        return
+    _holder.held = False
+    _client_lock.release()
+    try:
+        yield
+    finally:
+        _client_lock.acquire()
+        _holder.held = True
+
 
 #: Node ids of the local engine's clients are FIRST_NODE_ID + partition id (the SuperLink
 #: itself is node 1). Clients never see their node id in fedmerge: they use partition ids.
@@ -43,8 +106,8 @@ class LocalGrid(Grid):
 
     Parameters
     ----------
-    client_app : ClientApp
-        The ClientApp every node runs.
+    client_app : ClientApp or callable
+        The ClientApp every node runs (any ``(message, context) -> Message`` callable).
     run_config : mapping
         The run-config every node's ``Context`` carries.
     num_nodes : int
@@ -60,7 +123,7 @@ class LocalGrid(Grid):
 
     def __init__(
         self,
-        client_app: ClientApp,
+        client_app: ClientCallable,
         run_config: Mapping[str, UserConfigValue],
         num_nodes: int,
         run_id: int = 1,
@@ -80,6 +143,7 @@ class LocalGrid(Grid):
             for i in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
+        self._busy: dict[int, threading.Thread] = {}  # nodes whose call outlived its deadline
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid serves."""
@@ -109,11 +173,48 @@ class LocalGrid(Grid):
         """The persistent context of a node (its ``state`` survives across rounds)."""
         return self._contexts[node_id]
 
-    def _deliver(self, msg: Message) -> Message:
+    def _deliver(
+        self, msg: Message, timeout: float | None = None, round_deadline: float | None = None
+    ) -> Message | None:
+        """The node's reply; None when it is busy, cannot start or misses the deadline."""
         node_id = msg.metadata.dst_node_id
         if node_id not in self._contexts:
             error = Error(ErrorCode.NODE_UNAVAILABLE, f"no node with id {node_id}")
             return Message(error, reply_to=msg)
+        if self._is_busy(node_id):
+            log.warning("node %d is still busy with an earlier instruction: no reply", node_id)
+            return None
+        if timeout is None or timeout >= threading.TIMEOUT_MAX:  # no deadline to enforce
+            return self._call_exclusive(msg, node_id, None)
+        outcome: dict[str, Message | None] = {}
+        worker = threading.Thread(
+            target=lambda: outcome.update(reply=self._call_exclusive(msg, node_id, round_deadline)),
+            name=f"fedmerge-node-{node_id}",
+            daemon=True,  # a client that never returns must not keep the process alive
+        )
+        worker.start()
+        worker.join(max(timeout, 0.0))
+        if worker.is_alive():
+            self._busy[node_id] = worker
+            log.warning("node %d did not reply within %.3g s: no reply", node_id, timeout)
+            return None
+        if "reply" not in outcome:  # the call ended by a BaseException (SystemExit, ...)
+            error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the ClientApp did not return")
+            return Message(error, reply_to=msg)
+        if outcome["reply"] is None:
+            log.warning("node %d not called: a call past its deadline still runs", node_id)
+        return outcome["reply"]
+
+    def _call_exclusive(self, msg: Message, node_id: int, deadline: float | None) -> Message | None:
+        """The ClientApp's reply, called under the client lock; None if not had by ``deadline``."""
+        with _holding_client_lock(deadline) as held:
+            return self._call(msg, node_id) if held else None
+
+    def _is_busy(self, node_id: int) -> bool:
+        worker = self._busy.get(node_id)
+        return worker is not None and worker.is_alive()
+
+    def _call(self, msg: Message, node_id: int) -> Message:
         try:
             return self.client_app(msg, self._contexts[node_id])
         except Exception as exc:  # noqa: BLE001 - Flower's runtime turns any raise into an Error
@@ -122,14 +223,20 @@ class LocalGrid(Grid):
             log.debug("%s", traceback.format_exc())
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
 
-    def _deliver_batch(self, messages: list[Message]) -> list[Message] | None:
+    def _deliver_batch(
+        self, messages: list[Message], round_deadline: float | None
+    ) -> list[Message] | None:
         train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
-        known = all(m.metadata.dst_node_id in self._contexts for m in messages)
+        known = all(
+            m.metadata.dst_node_id in self._contexts and not self._is_busy(m.metadata.dst_node_id)
+            for m in messages
+        )
         if self.batch_train is None or len(train) != len(messages) or len(train) < 2 or not known:
             return None
         contexts = [self._contexts[m.metadata.dst_node_id] for m in messages]
         try:
-            return self.batch_train(messages, contexts)
+            with _holding_client_lock(round_deadline) as held:
+                return self.batch_train(messages, contexts) if held else None
         except Exception as exc:  # noqa: BLE001 - the per-node path reports per-node errors
             log.warning(
                 "batched training failed (%s: %s); calling the ClientApp per node",
@@ -140,16 +247,23 @@ class LocalGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Run the ClientApp for each message now; keep the replies for ``pull_messages``."""
+        return self._push(messages, None)
+
+    def _push(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
         messages = list(messages)
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid4().hex
             ids.append(msg.metadata.message_id)
-        replies = self._deliver_batch(messages)
+        no_limit = timeout is None or timeout >= threading.TIMEOUT_MAX
+        # How long this round waits for a call of an earlier round that outlived its deadline.
+        round_deadline = None if no_limit else time.monotonic() + max(timeout, 0.0)
+        replies = self._deliver_batch(messages, round_deadline)
         if replies is None:
-            replies = [self._deliver(msg) for msg in messages]
+            replies = [self._deliver(msg, timeout, round_deadline) for msg in messages]
         for message_id, reply in zip(ids, replies, strict=True):
-            self._replies[message_id] = reply
+            if reply is not None:
+                self._replies[message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -159,8 +273,12 @@ class LocalGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Deliver every message and return all replies (calls are synchronous: no timeout)."""
-        return self.pull_messages(self.push_messages(messages))
+        """Deliver every message; the replies of the clients that answer within ``timeout`` s.
+
+        The deadline applies to each client call (clients run one after another here, in
+        parallel on Flower's engines); see the module docstring.
+        """
+        return self.pull_messages(self._push(messages, timeout))
 
 
 def set_server_identity(run_id: int) -> None:
@@ -172,7 +290,7 @@ def set_server_identity(run_id: int) -> None:
 
 def run_apps(
     server_app: ServerApp,
-    client_app: ClientApp,
+    client_app: ClientCallable,
     run_config: Mapping[str, UserConfigValue],
     num_nodes: int,
     run_id: int = 1,
