@@ -102,6 +102,9 @@ class RunConfig:
     np_holdout: float = 0.2
     np_patience: int = 3
     np_bn_mode: str = "train"
+    # server fine-tuning on the proxy slice (strategy fedavg-ft: the control for NP Merge)
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
     # results
     output_dir: str = "runs"
     run_name: str = ""
@@ -312,6 +315,15 @@ def _validate(c: RunConfig) -> None:
         raise unknown_name("match-reference", c.match_reference, REFERENCES)
     _check(c.match_iterations >= 1, "match-iterations", c.match_iterations, "an integer >= 1")
     _check(0 <= c.match_beta <= 1, "match-beta", c.match_beta, "a number in [0, 1]")
+    _check(c.finetune_epochs >= 1, "finetune-epochs", c.finetune_epochs, "an integer >= 1")
+    _check(c.finetune_lr > 0, "finetune-lr", c.finetune_lr, "a number > 0")
+    _check(
+        not (c.strategy == "fedavg-ft" and c.proxy_size == 0),
+        "proxy-size",
+        c.proxy_size,
+        "> 0 for strategy fedavg-ft (it fine-tunes on the server's proxy slice)",
+        "set e.g. proxy-size=500",
+    )
     _check(c.match_max_sweeps >= 1, "match-max-sweeps", c.match_max_sweeps, "an integer >= 1")
     from .npmerge import NPOptions  # NP Merge: every np-* key, named when wrong
 

@@ -33,6 +33,7 @@ from fedmerge.errors import unknown_name
 from fedmerge.scopes import sigma_spread
 
 from .fedmatch import FedMatch, fedmatch_options, matched_merge
+from .finetune import FedAvgFineTuned, finetune_options
 from .npmerge import FedNPMerge, fednpmerge_options
 from .validation import ValidatedReplies, validated
 from .wsa import FedWSA
@@ -128,6 +129,11 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
             **_common(c),
         ),
         "fedmerge FedWSA: Weight Scope Alignment, fused target scope (wsa-*)",
+    ),
+    "fedavg-ft": (
+        lambda c: validated(FedAvgFineTuned)(**finetune_options(c), **_common(c)),
+        "fedmerge FedAvg + server SGD on the proxy slice (finetune-*, proxy-size): "
+        "the control for fednpmerge",
     ),
     "fedmatch": (
         lambda c: validated(FedMatch)(**fedmatch_options(c), **_common(c)),

@@ -120,3 +120,15 @@ def test_fedwsa_can_aggregate_by_matched_averaging(tmp_path):
     cfg = _cfg(tmp_path, strategy="fedwsa", **{"wsa-merge": "matched", "wsa-lambda": 0.1})
     rows = read_metrics(run(cfg, "local"))
     assert rows[-1]["test-accuracy"] > 0.5 and "wsa-target-sigma" in rows[-1]
+
+
+def test_fedavg_fine_tuned_on_the_proxy_slice(tmp_path):
+    # The control for NP Merge: FedAvg plus server SGD on the same labelled proxy slice.
+    with pytest.raises(ConfigError, match="proxy-size"):
+        _cfg(tmp_path, strategy="fedavg-ft")
+    cfg = _cfg(tmp_path, strategy="fedavg-ft", **{"proxy-size": 200, "finetune-epochs": 2})
+    rows = read_metrics(run(cfg, "local"))
+    assert rows[-1]["proxy-size"] == 200 and rows[-1]["finetune-time"] > 0
+    assert rows[-1]["test-accuracy"] > 0.5
+    plain = read_metrics(run(cfg.replace(strategy="fedavg", run_name="plain"), "local"))
+    assert rows[-1]["test-accuracy"] != plain[-1]["test-accuracy"]  # the server step acts
