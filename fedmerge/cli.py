@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", help="PNG path (default: partition-<dataset>-<scheme>-<n>.png)")
     p.set_defaults(func=cmd_partitions)
+
+    from .bench.analyses import add_parsers as add_analyses  # imports no torch: --help stays fast
+
+    add_analyses(sub)
     return parser
 
 

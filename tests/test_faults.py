@@ -215,6 +215,7 @@ def _cfg(name: str = "fedavg", **over) -> RunConfig:
         "local-epochs": 1,
         "device": "cpu",
         "save-model": False,
+        "proxy-size": 100,  # server data for the strategies that use it (others ignore it)
         **over,
     }
     return RunConfig.from_mapping(values)
