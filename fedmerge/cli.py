@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.analyses import add_parsers as add_analyses  # imports no torch: --help stays fast
 
     add_analyses(sub)
+
+    from .bench.grid import add_parser as add_bench_parser  # imports no torch either
+
+    add_bench_parser(sub)
     return parser
 
 

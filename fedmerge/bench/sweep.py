@@ -18,6 +18,10 @@ Each cell (partition, variant, seed) is one local-engine run, in
 A cell whose metrics are complete is skipped when the command runs again, so an interrupted
 sweep resumes where it stopped (a cell cut off mid-run is run again from its start). The
 report (``DIR/report.md``, ``DIR/summary.json``, plots) is rebuilt from the folders alone.
+
+``fedmerge bench SPEC.toml`` (:mod:`fedmerge.bench.grid`) runs these specs too, in the same
+folder layout, and adds dataset, ``strategies = "all"`` and ``[grid]`` axes, cells renamed
+into place only once finished, parallel jobs by default and rounds to a target accuracy.
 """
 
 from __future__ import annotations

@@ -1,0 +1,292 @@
+"""The results table, plots and Markdown report of a benchmark grid, built from its folder alone.
+
+Only finished cells count (a folder with every round's metrics; cells in progress live in
+``.partial`` folders and are never read); the report says how many cells are missing and
+which. Files written into the results folder:
+
+``summary.json``
+    One row per (dataset, partition, variant, grid combination): over the finished seeds,
+    ``[mean, std]`` of final-round and best-round test accuracy, of the first round reaching
+    the target accuracy (among the seeds that reach it), and of the wall seconds per round;
+    the mean accuracy curve and its std. ``null`` where there is nothing to average.
+``results.csv``
+    The same rows, flat.
+``report.md``
+    Per dataset, final and best accuracy pivoted (variants x partitions), then one detailed
+    table per partition, and the plots.
+``accuracy-<dataset>.png``, ``partitions-<dataset>.png``
+    Mean test accuracy per round (one panel per partition, one line per variant, a band of
+    +- one std over seeds); per partition, the label counts per client (first seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..results import read_metrics
+from .grid_spec import BenchSpec, Cell
+
+Group = tuple[str, str, str, str]
+_PARTITION_FILE = "partition.json"
+_DONE_FILE = "done.json"
+
+
+def _mean_std(values: Sequence[float | None]) -> list[float] | None:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    return [statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0]
+
+
+def rounds_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | None:
+    """The first round whose test accuracy reaches ``target`` (None if none does)."""
+    return next((int(r["round"]) for r in rows if r["test-accuracy"] >= target), None)
+
+
+def finished_runs(spec: BenchSpec, out: Path) -> dict[Cell, list[dict[str, Any]]]:
+    """Per finished cell, its per-round metrics (cells in spec order)."""
+    runs = {}
+    for cell in spec.cells():
+        folder = out / cell.path
+        try:
+            rows = read_metrics(folder)
+        except (OSError, ValueError):
+            continue
+        if len(rows) == spec.config(cell, out).num_rounds + 1:
+            runs[cell] = rows
+    return runs
+
+
+def dataset_title(spec: BenchSpec, cell: Cell) -> str:
+    """How the report names a cell's dataset: its axis label, else the dataset key."""
+    return cell.dataset or spec.dataset_name(cell)
+
+
+def summarize_group(
+    spec: BenchSpec, out: Path, cells: list[Cell], runs: list[list[dict]], target: float | None
+) -> dict[str, Any]:
+    """One row of the results table from the finished seeds ``runs`` of one group."""
+    first = cells[0]
+    final = [r[-1]["test-accuracy"] for r in runs]
+    best = [max(x["test-accuracy"] for x in r) for r in runs]
+    reached = [rounds_to_target(r, target) for r in runs] if target is not None else []
+    per_round = [statistics.fmean(x.get("round-time", math.nan) for x in r[1:]) for r in runs]
+    per_eval = [statistics.fmean(x.get("eval-time", math.nan) for x in r) for r in runs]
+    spread = [r[-1].get("scope-spread") for r in runs]
+    curves = np.array([[x["test-accuracy"] for x in r] for r in runs])
+    return {
+        "dataset": dataset_title(spec, first),
+        "partition": first.partition,
+        "variant": first.variant,
+        "combo": first.combo,
+        "strategy": spec.config(first, out).strategy,
+        "keys": {**spec.variants[first.variant], **spec.combos[first.combo]},
+        "seeds": len(runs),
+        "seeds-expected": len(spec.seeds),
+        "final-accuracy": _mean_std(final),
+        "best-accuracy": _mean_std(best),
+        "target-accuracy": target,
+        "rounds-to-target": _mean_std([float(r) for r in reached if r is not None]),
+        "reached-target": sum(r is not None for r in reached),
+        "seconds-per-round": _mean_std(per_round),
+        "eval-seconds-per-round": _mean_std(per_eval),
+        "cell-seconds": _mean_std([_seconds(out / c.path) for c in cells]),
+        "diverged": sum(not math.isfinite(r[-1].get("test-loss", math.nan)) for r in runs),
+        "scope-spread": _mean_std(spread),
+        "accuracy-curve": curves.mean(axis=0).tolist(),
+        "accuracy-curve-std": curves.std(axis=0, ddof=1 if len(runs) > 1 else 0).tolist(),
+    }
+
+
+def _seconds(folder: Path) -> float | None:
+    try:
+        return float(json.loads((folder / _DONE_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[str, Any]:
+    """The results table of ``out``: cell counts, missing cells and one row per group.
+
+    ``target`` overrides the spec's ``target-accuracy``.
+    """
+    runs = finished_runs(spec, out)
+    all_cells = spec.cells()
+    rows = []
+    for group in spec.groups():
+        cells = [c for c in all_cells if c.group == group and c in runs]
+        if not cells:
+            continue
+        name = spec.dataset_name(cells[0])
+        goal = target if target is not None else spec.target_for(group[0], name)
+        rows.append(summarize_group(spec, out, cells, [runs[c] for c in cells], goal))
+    return {
+        "source": spec.source,
+        "seeds": list(spec.seeds),
+        "cells": len(all_cells),
+        "finished": len(runs),
+        "missing": [c.label for c in all_cells if c not in runs],
+        "rows": rows,
+    }
+
+
+# -- files -------------------------------------------------------------------------------------
+CSV_COLUMNS = (
+    "dataset", "partition", "variant", "combo", "strategy", "seeds", "final-accuracy",
+    "best-accuracy", "target-accuracy", "rounds-to-target", "reached-target",
+    "seconds-per-round", "diverged", "scope-spread",
+)  # fmt: skip
+
+
+_PAIRS = (
+    "final-accuracy",
+    "best-accuracy",
+    "rounds-to-target",
+    "seconds-per-round",
+    "scope-spread",
+)
+
+
+def write_csv(summary: dict[str, Any], path: Path) -> None:
+    """The rows of ``summary`` as CSV; ``[mean, std]`` pairs become two columns."""
+    header: list[str] = []
+    for col in CSV_COLUMNS:
+        header += [f"{col}-mean", f"{col}-std"] if col in _PAIRS else [col]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in summary["rows"]:
+        line: list[Any] = []
+        for col in CSV_COLUMNS:
+            if col in _PAIRS:
+                line += row[col] or ["", ""]
+            else:
+                line.append("" if row[col] is None else row[col])
+        writer.writerow(line)
+    path.write_text(buf.getvalue())
+
+
+def _pct(pair: list[float] | None) -> str:
+    return "–" if pair is None else f"{100 * pair[0]:.2f} ± {100 * pair[1]:.2f}"
+
+
+def _num(pair: list[float] | None, digits: int) -> str:
+    return "–" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    return f"{row['variant']} [{row['combo']}]" if row["combo"] else row["variant"]
+
+
+def _pivot(rows: list[dict[str, Any]], partitions: list[str], key: str) -> list[str]:
+    labels = list(dict.fromkeys(_row_label(r) for r in rows))
+    cell = {(_row_label(r), r["partition"]): _pct(r[key]) for r in rows}
+    lines = ["| variant | " + " | ".join(partitions) + " |", "|---" * (len(partitions) + 1) + "|"]
+    for label in labels:
+        values = [cell.get((label, p), "missing") for p in partitions]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _detail(rows: list[dict[str, Any]]) -> list[str]:
+    target = next((r["target-accuracy"] for r in rows if r["target-accuracy"]), None)
+    spread = any(r["scope-spread"] for r in rows)
+    head = ["variant", "keys", "final acc", "best acc"]
+    head += [f"rounds to {100 * target:g}%"] if target else []
+    head += ["s/round", "seeds", "diverged"] + (["scope spread"] if spread else [])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cols = [_row_label(r), f"`{json.dumps(r['keys'])}`", _pct(r["final-accuracy"])]
+        cols.append(_pct(r["best-accuracy"]))
+        if target:
+            cols.append(f"{_num(r['rounds-to-target'], 1)} ({r['reached-target']}/{r['seeds']})")
+        cols += [_num(r["seconds-per-round"], 2), f"{r['seeds']}/{r['seeds-expected']}"]
+        cols.append(str(r["diverged"]))
+        cols += [_num(r["scope-spread"], 4)] if spread else []
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines
+
+
+def _heatmaps(spec: BenchSpec, out: Path, cells: list[Cell]) -> dict[str, np.ndarray]:
+    """Per partition (spec order), the label counts of its finished cell of lowest seed."""
+    counts: dict[str, np.ndarray] = {}
+    for partition in spec.partitions:
+        for cell in sorted((c for c in cells if c.partition == partition), key=lambda c: c.seed):
+            try:
+                record = json.loads((out / cell.path / _PARTITION_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            counts[f"{partition} (seed {cell.seed})"] = np.array(record["counts"])
+            break
+    return counts
+
+
+def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Path:
+    """Write ``summary.json``, ``results.csv``, the plots and ``report.md``; returns the last."""
+    from ..plots import partition_heatmaps, plot_accuracy_panels
+
+    summary = summarize(spec, out, target)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_csv(summary, out / "results.csv")
+    missing = summary["missing"]
+    lines = [f"# Benchmark: {spec.source}", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    state = f"Cells: {summary['finished']} of {summary['cells']} finished"
+    if missing:
+        shown = ", ".join(f"`{m}`" for m in missing[:20]) + (", ..." if len(missing) > 20 else "")
+        state += (
+            f"; **{len(missing)} missing** (not run yet, cut off or failed; they are not in "
+            f"the tables; run the same command again to resume): {shown}"
+        )
+    lines += [state + ".", ""]
+    lines += [
+        f"Seeds {list(spec.seeds)}: mean ± std over the finished seeds. Accuracy: centralized "
+        "test accuracy in %, of the last round (final) and of the best round. Rounds to target: "
+        "the first round reaching the target accuracy, over the seeds that reach it (reached/"
+        "finished). s/round: wall seconds of a round (client training and aggregation; the "
+        "central evaluation is excluded).",
+        "",
+        "Base config: `" + json.dumps(spec.base) + "`",
+    ]
+    gone = set(missing)
+    all_cells = [c for c in spec.cells() if c.label not in gone]
+    for dataset in dict.fromkeys(r["dataset"] for r in summary["rows"]):
+        rows = [r for r in summary["rows"] if r["dataset"] == dataset]
+        partitions = list(dict.fromkeys(r["partition"] for r in rows))
+        lines += ["", f"## {dataset}", "", "Final-round accuracy (%):", ""]
+        lines += _pivot(rows, partitions, "final-accuracy")
+        lines += ["", "Best-round accuracy (%):", "", *_pivot(rows, partitions, "best-accuracy")]
+        panels = {
+            p: {
+                _row_label(r): (r["accuracy-curve"], r["accuracy-curve-std"])
+                for r in rows
+                if r["partition"] == p
+            }
+            for p in partitions
+        }
+        png = out / f"accuracy-{dataset}.png"
+        plot_accuracy_panels(panels, png, f"{dataset}: mean test accuracy over seeds")
+        lines += ["", f"![accuracy per round]({png.name})"]
+        cells = [c for c in all_cells if dataset_title(spec, c) == dataset]
+        counts = _heatmaps(spec, out, cells)
+        if counts:
+            png = out / f"partitions-{dataset}.png"
+            partition_heatmaps(counts, png, f"{dataset}: samples per client and class")
+            lines += ["", f"![partitions]({png.name})"]
+        for p in partitions:
+            keys = json.dumps(spec.partitions[p])
+            lines += ["", f"### {dataset}, {p} (`{keys}`)", ""]
+            lines += _detail([r for r in rows if r["partition"] == p])
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

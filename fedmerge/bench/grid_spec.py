@@ -1,0 +1,419 @@
+"""The spec of a benchmark grid: its axes, its cells and their run-configs, checked up front.
+
+A spec is a TOML file, or the name of a preset shipped in ``fedmerge/bench/presets/``::
+
+    description = "what it compares"     # optional; printed in the report
+    seeds = [0, 1, 2]
+    target-accuracy = 0.8                # optional: rounds to reach it (or {mnist = 0.97, ...})
+    datasets = ["mnist", "fashion-mnist"]  # optional axis (or [datasets.NAME] tables of keys)
+    strategies = "all"                   # optional: one variant per registered strategy, or a list
+    [base]                               # run-config keys shared by every cell
+    [partitions.NAME]                    # one table per partition: its run-config keys
+    [variants.NAME]                      # explicit variants: a strategy and its keys
+    [strategy-keys.fedprox]              # keys of the variant `strategies` makes for fedprox
+    [grid]                               # further axes: key = [values]; every combination runs
+
+Every cell is one (dataset, partition, variant, grid combination, seed). Its run-config is
+``[base]`` overridden by the cell's dataset, partition, combination and variant keys; one key
+may come from ``[base]`` and one axis, never from two axes (the merge order never matters).
+A spec of ``python -m fedmerge.bench.sweep`` (seeds, base, partitions, variants) is a bench spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import logging
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..errors import ConfigError, FedmergeError, unknown_name
+
+log = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = (
+    "description",
+    "seeds",
+    "target-accuracy",
+    "datasets",
+    "strategies",
+    "base",
+    "partitions",
+    "variants",
+    "strategy-keys",
+    "grid",
+)
+#: Keys the bench sets itself for every cell: a spec table must not set them.
+RESERVED_KEYS = {
+    "seed": "list the seeds in `seeds = [...]`",
+    "output-dir": "results go to `fedmerge bench --out DIR`",
+    "run-name": "the bench names each cell's folder",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One simulation of the grid. Empty labels mean the spec has no such axis."""
+
+    dataset: str
+    partition: str
+    variant: str
+    combo: str
+    seed: int
+
+    @property
+    def group(self) -> tuple[str, str, str, str]:
+        """The cell without its seed: the row of the results table it counts toward."""
+        return (self.dataset, self.partition, self.variant, self.combo)
+
+    @property
+    def path(self) -> Path:
+        """The cell's folder relative to the results folder: ``[dataset/]partition/variant/
+        [combo/]s<seed>`` (the layout of ``fedmerge.bench.sweep`` when there is no dataset
+        axis and no grid)."""
+        return Path(*[p for p in self.group if p], f"s{self.seed}")
+
+    @property
+    def label(self) -> str:
+        """``dataset/partition/variant/s0``: how progress lines and the report name it."""
+        return self.path.as_posix()
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """A parsed, validated grid (see the module docstring for the TOML form)."""
+
+    source: str
+    text: str
+    seeds: tuple[int, ...]
+    base: dict[str, Any]
+    datasets: dict[str, dict[str, Any]]
+    partitions: dict[str, dict[str, Any]]
+    variants: dict[str, dict[str, Any]]
+    combos: dict[str, dict[str, Any]]
+    description: str = ""
+    target_accuracy: float | dict[str, float] | None = None
+    #: where each variant's keys come from (``variants.NAME`` or ``strategy-keys.NAME``)
+    variant_tables: dict[str, str] = field(default_factory=dict)
+    #: keys applied over every cell (``--data-root`` / ``FEDMERGE_DATA_ROOT``)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """Every cell, in run order (dataset, partition, variant, combination, seed)."""
+        axes = (self.datasets or {"": {}}, self.partitions, self.variants, self.combos)
+        return [Cell(d, p, v, c, s) for d, p, v, c in itertools.product(*axes) for s in self.seeds]
+
+    def groups(self) -> list[tuple[str, str, str, str]]:
+        """Every row of the results table, in cell order."""
+        return list(dict.fromkeys(cell.group for cell in self.cells()))
+
+    def keys(self, cell: Cell) -> dict[str, Any]:
+        """The run-config keys of ``cell`` (without seed, output-dir and run-name)."""
+        merged: dict[str, Any] = {}
+        for _, table in self._layers(cell):
+            merged.update(table)
+        return merged
+
+    def config(self, cell: Cell, out: Path, run_name: str | None = None) -> RunConfig:
+        """The validated run-config of ``cell`` writing to ``out/<cell path>`` (or to the
+        sibling folder ``run_name``). Errors name the spec, the table and the key."""
+        folder = out / cell.path
+        values = {
+            **self.keys(cell),
+            "seed": cell.seed,
+            "output-dir": str(folder.parent),
+            "run-name": run_name or folder.name,
+        }
+        try:
+            return RunConfig.from_mapping(values)
+        except ConfigError as exc:
+            raise self._located(cell, exc) from None
+
+    def dataset_name(self, cell: Cell) -> str:
+        """The dataset a cell trains on (its axis label, or the ``[base]`` dataset)."""
+        return str(self.keys(cell).get("dataset", RunConfig.dataset))
+
+    def target_for(self, dataset_label: str, dataset_name: str) -> float | None:
+        """The target accuracy of a dataset (per-dataset tables: by label, then by name)."""
+        target = self.target_accuracy
+        if isinstance(target, dict):
+            return target.get(dataset_label, target.get(dataset_name))
+        return target
+
+    def replace_overrides(self, overrides: Mapping[str, Any]) -> BenchSpec:
+        """A copy whose cells all take ``overrides`` (validated again)."""
+        spec = dataclasses.replace(self, overrides=dict(overrides))
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Build every cell's run-config and check its strategy against the registry."""
+        from ..strategies.registry import STRATEGIES
+
+        for cell in self.cells():
+            cfg = self.config(cell, Path("."))
+            if cfg.strategy not in STRATEGIES:
+                raise self._located(cell, unknown_name("strategy", cfg.strategy, STRATEGIES))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _layers(self, cell: Cell) -> Iterator[tuple[str, dict[str, Any]]]:
+        yield "base", self.base
+        if cell.dataset:
+            yield f"datasets.{cell.dataset}", self.datasets[cell.dataset]
+        yield f"partitions.{cell.partition}", self.partitions[cell.partition]
+        if cell.combo:
+            yield "grid", self.combos[cell.combo]
+        yield (
+            self.variant_tables.get(cell.variant, f"variants.{cell.variant}"),
+            self.variants[cell.variant],
+        )
+        if self.overrides:
+            yield "command line", self.overrides
+
+    def _located(self, cell: Cell, exc: ConfigError) -> FedmergeError:
+        for table, keys in reversed(list(self._layers(cell))):
+            if exc.key in keys:
+                return FedmergeError(f"{self.source} [{table}]: {exc}")
+        # No table sets the key: its default does not suit this cell.
+        hint = f" (set '{exc.key}' in [base], or for this variant only in "
+        if self.variant_tables.get(cell.variant, "").startswith(("strategies", "strategy-keys")):
+            hint += f"[strategy-keys.{cell.variant}])"
+        else:
+            hint += f"[variants.{cell.variant}])"
+        return FedmergeError(f"{self.source} cell {cell.label}: {exc}{hint}")
+
+
+# -- reading a spec ---------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    """The presets shipped with fedmerge (``fedmerge bench NAME``)."""
+    folder = resources.files("fedmerge.bench").joinpath("presets")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def read_source(source: str | Path) -> tuple[str, str]:
+    """``(label, TOML text)`` of a spec file or a preset name."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            return str(path), path.read_text()
+        except OSError as exc:
+            raise ConfigError("SPEC", str(path), "a readable TOML file", str(exc)) from None
+    names = preset_names()
+    if str(source) in names:
+        text = resources.files("fedmerge.bench").joinpath("presets", f"{source}.toml").read_text()
+        return f"preset {source}", text
+    raise ConfigError("SPEC", str(source), "an existing TOML file or a preset: " + ", ".join(names))
+
+
+def load_spec(source: str | Path, overrides: Mapping[str, Any] | None = None) -> BenchSpec:
+    """Read, expand and validate a spec; every cell's run-config is built before returning.
+
+    Parameters
+    ----------
+    source : str or Path
+        A TOML file, or a preset name (:func:`preset_names`).
+    overrides : mapping, optional
+        Run-config keys applied over every cell (e.g. ``{"data-root": ...}``).
+
+    Raises
+    ------
+    FedmergeError
+        Naming the spec, the table and the key at fault.
+    """
+    label, text = read_source(source)
+    return parse_spec(text, label, overrides)
+
+
+def parse_spec(
+    text: str, source: str = "spec", overrides: Mapping[str, Any] | None = None
+) -> BenchSpec:
+    """Like :func:`load_spec`, from TOML text (``source`` names it in error messages)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FedmergeError(f"{source}: not valid TOML: {exc}") from None
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=2)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise FedmergeError(
+                f"{source}: unknown top-level key {key!r}{hint} "
+                f"(allowed: {', '.join(TOP_LEVEL_KEYS)})"
+            )
+    variants, variant_tables = _variants(raw, source)
+    spec = BenchSpec(
+        source=source,
+        text=text,
+        seeds=_seeds(raw.get("seeds", [0]), source),
+        base=_keys(raw.get("base", {}), "base", source),
+        datasets=_datasets(raw.get("datasets", {}), source),
+        partitions=_named_tables(raw, "partitions", source, required=True),
+        variants=variants,
+        combos=_combos(raw.get("grid", {}), source),
+        description=str(raw.get("description", "")),
+        target_accuracy=_target(raw.get("target-accuracy"), source),
+        variant_tables=variant_tables,
+        overrides=dict(overrides or {}),
+    )
+    _check_axes_disjoint(spec)
+    spec.validate()
+    return spec
+
+
+def _fail(source: str, where: str, message: str) -> FedmergeError:
+    return FedmergeError(f"{source} [{where}]: {message}")
+
+
+def _keys(table: Any, where: str, source: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise _fail(source, where, f"got {table!r}; allowed: a table of run-config keys")
+    for key, value in table.items():
+        if key in RESERVED_KEYS:
+            raise _fail(source, where, f"key {key!r} is set by the bench: {RESERVED_KEYS[key]}")
+        if isinstance(value, dict | list):
+            raise _fail(source, where, f"key {key!r}: got {value!r}; allowed: a single value")
+    return dict(table)
+
+
+def _check_name(name: str, where: str, source: str) -> str:
+    if not _NAME_RE.match(name):
+        raise _fail(
+            source,
+            where,
+            f"name {name!r} is a folder name: letters, digits and . _ + = , - "
+            "(not starting with a dot or a dash)",
+        )
+    return name
+
+
+def _named_tables(
+    raw: Mapping[str, Any], key: str, source: str, *, required: bool = False
+) -> dict[str, dict[str, Any]]:
+    tables = raw.get(key, {})
+    if not isinstance(tables, dict) or (required and not tables):
+        raise _fail(source, key, f"got {tables!r}; allowed: one or more [{key}.NAME] tables")
+    return {
+        _check_name(name, f"{key}.{name}", source): _keys(t, f"{key}.{name}", source)
+        for name, t in tables.items()
+    }
+
+
+def _seeds(seeds: Any, source: str) -> tuple[int, ...]:
+    ok = isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds)
+    if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise _fail(source, "seeds", f"got {seeds!r}; allowed: a list of distinct integers >= 0")
+    return tuple(seeds)
+
+
+def _datasets(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return {_check_name(v, "datasets", source): {"dataset": v} for v in value}
+    tables = _named_tables({"datasets": value}, "datasets", source)
+    return {name: {"dataset": name, **keys} for name, keys in tables.items()}
+
+
+def _variants(raw: Mapping[str, Any], source: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """One variant per strategy of ``strategies`` (with its ``[strategy-keys.*]``), then the
+    explicit ``[variants.*]``; also where each variant's keys come from.
+
+    With ``strategies = "all"`` the registry decides which strategies run, so keys of a
+    strategy it lacks (a preset written for a newer or older fedmerge) are skipped with a
+    warning; with a list, every name must be registered.
+    """
+    from ..strategies.registry import STRATEGIES
+
+    explicit = _named_tables(raw, "variants", source)
+    extra = _named_tables(raw, "strategy-keys", source)
+    names = raw.get("strategies", [])
+    every = names == "all"
+    if every:
+        names = list(STRATEGIES)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _fail(source, "strategies", f'got {names!r}; allowed: "all" or a list of names')
+    for name in names:
+        if name not in STRATEGIES:
+            raise _fail(source, "strategies", str(unknown_name("strategy", name, STRATEGIES)))
+    for name in set(extra) - set(names):
+        if not every:
+            raise _fail(
+                source, f"strategy-keys.{name}", f"{name!r} is not in `strategies`; list it there"
+            )
+        log.warning("%s: [strategy-keys.%s] skipped: no such strategy is registered", source, name)
+    variants: dict[str, dict[str, Any]] = {}
+    tables: dict[str, str] = {}
+    for name in names:
+        if name in explicit:
+            raise _fail(source, "strategies", f"variant {name!r} is also a [variants.{name}]")
+        variants[name] = {"strategy": name, **extra.get(name, {})}
+        tables[name] = f"strategy-keys.{name}" if name in extra else "strategies"
+    variants.update(explicit)
+    tables.update({name: f"variants.{name}" for name in explicit})
+    if not variants:
+        raise _fail(source, "variants", "no variants: add [variants.NAME] tables or `strategies`")
+    return variants, tables
+
+
+def _combos(grid: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Every combination of the ``[grid]`` values, labelled ``key=value,key=value``."""
+    if not isinstance(grid, dict):
+        raise _fail(source, "grid", f"got {grid!r}; allowed: a table of key = [values]")
+    if not grid:
+        return {"": {}}
+    for key, values in grid.items():
+        if key in RESERVED_KEYS:
+            raise _fail(source, "grid", f"key {key!r} is set by the bench: {RESERVED_KEYS[key]}")
+        if not isinstance(values, list) or not values or len(set(map(repr, values))) < len(values):
+            raise _fail(
+                source,
+                "grid",
+                f"key {key!r}: got {values!r}; allowed: a list of distinct values "
+                "(a single value belongs in [base])",
+            )
+    keys = list(grid)
+    combos = {}
+    for values in itertools.product(*grid.values()):
+        label = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        combos[_check_name(label, "grid", source)] = dict(zip(keys, values, strict=True))
+    return combos
+
+
+def _target(value: Any, source: str) -> float | dict[str, float] | None:
+    def check(v: Any) -> float:
+        if isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1:
+            return float(v)
+        raise _fail(source, "target-accuracy", f"got {v!r}; allowed: a fraction in (0, 1]")
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {str(k): check(v) for k, v in value.items()}
+    return check(value)
+
+
+def _check_axes_disjoint(spec: BenchSpec) -> None:
+    """A key set by two axes would make the result depend on the merge order: refuse it."""
+    axes = {
+        "datasets": spec.datasets.values(),
+        "partitions": spec.partitions.values(),
+        "grid": spec.combos.values(),
+        "variants": spec.variants.values(),
+    }
+    owner: dict[str, str] = {}
+    for axis, tables in axes.items():
+        for key in set().union(*[set(t) for t in tables]):
+            if key in owner:
+                raise _fail(
+                    spec.source,
+                    axis,
+                    f"key {key!r} is set by both [{owner[key]}] and [{axis}]; "
+                    "set it in one axis (or in [base])",
+                )
+            owner[key] = axis

@@ -1,0 +1,473 @@
+"""``fedmerge bench``: spec expansion and validation, presets, resume, crash safety, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from fedmerge.strategies.registry import STRATEGIES
+
+from fedmerge.bench import grid
+from fedmerge.bench.grid_spec import Cell, load_spec, parse_spec, preset_names
+from fedmerge.errors import FedmergeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 2 strategies x 2 partitions x 2 seeds of 2 rounds: 8 cells of about a second each.
+TINY = """
+seeds = [0, 1]
+target-accuracy = 0.5
+strategies = ["fedavg", "fedprox"]
+[base]
+dataset = "digits"
+num-clients = 3
+num-rounds = 2
+model = "mlp"
+mlp-hidden = "16"
+save-model = false
+[partitions.iid]
+partition = "iid"
+[partitions.c2]
+partition = "label-quantity"
+partition-k = 2
+[strategy-keys.fedprox]
+proximal-mu = 0.1
+"""
+#: summary keys that measure time: they differ between two runs of the same cells
+TIMES = ("seconds-per-round", "eval-seconds-per-round", "cell-seconds")
+
+
+def _numbers(summary: dict) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in summary["rows"]]
+
+
+def _spec_file(tmp_path: Path, text: str = TINY) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+# -- spec ------------------------------------------------------------------------------------------
+def test_spec_expands_every_axis():
+    spec = parse_spec(
+        """
+        seeds = [3, 4]
+        datasets = ["digits"]
+        strategies = ["fedavg", "fedprox", "fedwsa"]
+        [base]
+        num-rounds = 1
+        [partitions.iid]
+        partition = "iid"
+        [strategy-keys.fedprox]
+        proximal-mu = 0.5
+        [variants."wsa-l1"]
+        strategy = "fedwsa"
+        wsa-lambda = 1.0
+        [grid]
+        local-epochs = [1, 2]
+        lr = [0.1, 0.01]
+        """
+    )
+    variants = ["fedavg", "fedprox", "fedwsa", "wsa-l1"]  # `strategies`, then the spec's own
+    assert list(spec.variants) == variants
+    assert list(spec.combos) == [
+        "local-epochs=1,lr=0.1",
+        "local-epochs=1,lr=0.01",
+        "local-epochs=2,lr=0.1",
+        "local-epochs=2,lr=0.01",
+    ]
+    cells = spec.cells()
+    assert len(cells) == 1 * 1 * len(variants) * 4 * 2
+    assert len(set(cells)) == len(cells) and len({c.path for c in cells}) == len(cells)
+    cell = Cell("digits", "iid", "fedprox", "local-epochs=2,lr=0.01", 4)
+    assert cell in cells
+    assert cell.path == Path("digits/iid/fedprox/local-epochs=2,lr=0.01/s4")
+    cfg = spec.config(cell, Path("/r"))
+    assert (cfg.strategy, cfg.proximal_mu, cfg.local_epochs, cfg.lr) == ("fedprox", 0.5, 2, 0.01)
+    assert (cfg.seed, cfg.num_rounds, cfg.dataset) == (4, 1, "digits")
+    assert Path(cfg.output_dir) / cfg.run_name == Path("/r") / cell.path
+    other = spec.config(Cell("digits", "iid", "fedavg", "local-epochs=1,lr=0.1", 3), Path("/r"))
+    assert (other.strategy, other.proximal_mu) == ("fedavg", 0.01)  # the default key
+
+
+def test_sweep_specs_are_bench_specs():
+    """The layout of fedmerge.bench.sweep: no dataset or grid level in the cell folders."""
+    spec = load_spec(ROOT / "fedmerge/bench/specs/wsa-fashion.toml")
+    cell = spec.cells()[0]
+    assert cell.path == Path("c2/fedavg/s0")
+    assert len(spec.cells()) == 2 * 11 * 3
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (('strategies = ["fedavg", "fedprox"]', 'strategies = ["fedx"]'), "[strategies]"),
+        (("proximal-mu = 0.1", "proximal-mu = -1.0"), "[strategy-keys.fedprox]"),
+        (("[strategy-keys.fedprox]", "[strategy-keys.fedavgm]"), "[strategy-keys.fedavgm]"),
+        (("num-rounds = 2", "num-rounds = 0"), "[base]: config key 'num-rounds'"),
+        (("partition-k = 2", "partition-k = 0"), "[partitions.c2]: config key 'partition-k'"),
+        (('partition = "iid"', 'partition = "iid"\nseed = 3'), "set by the bench"),
+        (("seeds = [0, 1]", "seeds = [0, 0]"), "[seeds]"),
+        (("seeds = [0, 1]", "seed = [0, 1]"), "did you mean seeds"),
+        (("target-accuracy = 0.5", "target-accuracy = 50"), "[target-accuracy]"),
+        (("[partitions.c2]", "[partitions.'c 2']"), "folder name"),
+        (("[strategy-keys.fedprox]", "[grid]\nlr = 0.1\n[strategy-keys.fedprox]"), "[grid]"),
+        (("[strategy-keys.fedprox]", "[grid]\nnum-clients = [3, 4]\n[x]"), "top-level key"),
+    ],
+)
+def test_spec_errors_name_the_file_the_table_and_the_key(change, expected):
+    with pytest.raises(FedmergeError) as info:
+        parse_spec(TINY.replace(*change), "tiny.toml")
+    message = str(info.value)
+    assert message.startswith("tiny.toml") and expected in message, message
+
+
+def test_unknown_strategy_lists_the_valid_ones(tmp_path, capsys):
+    bad = _spec_file(tmp_path, TINY + '[variants.mine]\nstrategy = "fedx"\n')
+    assert grid.main([str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} [variants.mine]: config key 'strategy': got 'fedx'" in err
+    assert all(name in err for name in STRATEGIES)
+
+
+def test_all_strategies_skip_keys_of_strategies_not_registered(caplog):
+    text = TINY.replace('strategies = ["fedavg", "fedprox"]', 'strategies = "all"')
+    text = text.replace(
+        "[strategy-keys.fedprox]", "[strategy-keys.fedfuture]\nlr = 0.1\n[strategy-keys.fedprox]"
+    )
+    text = text.replace("save-model = false", "save-model = false\nproxy-size = 50")
+    with caplog.at_level("WARNING"):
+        spec = parse_spec(text, "tiny.toml")
+    assert list(spec.variants) == list(STRATEGIES)
+    assert "[strategy-keys.fedfuture] skipped" in caplog.text
+    with pytest.raises(FedmergeError, match=r"\[strategy-keys.fedfuture\]: 'fedfuture' is not in"):
+        parse_spec(text.replace('strategies = "all"', 'strategies = ["fedavg", "fedprox"]'))
+
+
+def test_a_default_that_does_not_suit_a_cell_names_the_cell_and_where_to_set_it():
+    text = TINY.replace('strategies = ["fedavg", "fedprox"]', 'strategies = ["fedavg", "fedmatch"]')
+    text = text.replace(
+        "[strategy-keys.fedprox]\nproximal-mu = 0.1",
+        '[strategy-keys.fedmatch]\nmatch-method = "activation"',
+    )
+    with pytest.raises(FedmergeError) as info:
+        parse_spec(text, "tiny.toml")
+    message = str(info.value)
+    assert message.startswith("tiny.toml cell iid/fedmatch/s0: config key 'proxy-size'")
+    assert "[strategy-keys.fedmatch]" in message
+
+
+def test_a_key_of_two_axes_is_refused():
+    text = TINY + '[variants.slow]\nstrategy = "fedavg"\npartition-k = 3\n'
+    with pytest.raises(FedmergeError, match=r"'partition-k' is set by both \[partitions\]"):
+        parse_spec(text)
+
+
+# -- presets ---------------------------------------------------------------------------------------
+NIID_PARTITIONS = {
+    "iid": {"partition": "iid"},
+    "dir05": {"partition": "dirichlet", "partition-beta": 0.5},
+    "c1": {"partition": "label-quantity", "partition-k": 1},
+    "c2": {"partition": "label-quantity", "partition-k": 2},
+    "c3": {"partition": "label-quantity", "partition-k": 3},
+}
+
+
+def test_presets_hold_niid_bench_settings():
+    assert {"niid-bench", "quick"} <= set(preset_names())
+    niid, quick = load_spec("niid-bench"), load_spec("quick")
+    for spec in (niid, quick):
+        assert spec.partitions == NIID_PARTITIONS
+        # Every strategy there is: a new strategy whose defaults do not run alone (it needs
+        # e.g. a proxy slice) fails load_spec above until the presets give it its keys.
+        assert list(spec.variants) == list(STRATEGIES)
+        assert set(spec.datasets) == {"fashion-mnist", "mnist"} and len(spec.seeds) == 3
+        assert "data-root" not in spec.base  # machine-specific: --data-root / env
+    cfg = niid.config(niid.cells()[0], Path("."))
+    settings = (cfg.model, cfg.num_clients, cfg.num_rounds, cfg.local_epochs, cfg.batch_size)
+    assert settings == ("cnn", 10, 50, 10, 64)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fraction_train) == (0.01, 0.9, 1e-5, 1.0)
+    assert (cfg.max_train_samples, cfg.proxy_size) == (0, 0)  # the whole training split
+    quick_cfg = quick.config(quick.cells()[0], Path("."))
+    assert quick_cfg.num_rounds < cfg.num_rounds and quick_cfg.local_epochs < cfg.local_epochs
+    assert (quick_cfg.model, quick_cfg.lr, quick_cfg.batch_size) == ("cnn", 0.01, 64)
+
+
+def test_presets_ship_in_the_wheel():
+    """Presets are read with importlib.resources: setuptools must package them."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"].get("package-data", {})
+    assert "presets/*.toml" in data.get("fedmerge.bench", []), (
+        "pyproject.toml needs [tool.setuptools.package-data] "
+        '"fedmerge.bench" = ["presets/*.toml", "specs/*.toml"]'
+    )
+
+
+def test_data_root_override(tmp_path, monkeypatch, capsys):
+    spec = load_spec("quick", {"data-root": str(tmp_path)})
+    assert {spec.config(c, tmp_path).data_root for c in spec.cells()} == {str(tmp_path)}
+    # The environment variable reaches every cell; a missing folder stops before any cell.
+    monkeypatch.setenv(grid.DATA_ROOT_ENV, str(tmp_path / "nowhere"))
+    assert grid.main(["quick", "--out", str(tmp_path / "o"), "--jobs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "fashion-mnist/iid/fedavg/s0" in err
+    assert not list((tmp_path / "o").glob("*/*/*/s0"))
+
+
+# -- the results folder ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The tiny grid run once, without interruption (in this process)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    spec_file, out = _spec_file(tmp), tmp / "out"
+    assert grid.main([str(spec_file), "--out", str(out), "--jobs", "1", "--threads", "1"]) == 0
+    return spec_file, out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_bench_writes_cells_table_and_plots(finished):
+    spec_file, out, summary = finished
+    assert summary["cells"] == summary["finished"] == 8 and summary["missing"] == []
+    rows = {(r["partition"], r["variant"]): r for r in summary["rows"]}
+    assert set(rows) == {(p, v) for p in ("iid", "c2") for v in ("fedavg", "fedprox")}
+    for (partition, variant), row in rows.items():
+        runs = [json.loads((out / partition / variant / f"s{s}" / "metrics.json").read_text())
+                for s in (0, 1)]  # fmt: skip
+        finals = [r[-1]["test-accuracy"] for r in runs]
+        assert row["final-accuracy"][0] == pytest.approx(sum(finals) / 2)
+        assert row["best-accuracy"][0] >= row["final-accuracy"][0]
+        assert len(row["accuracy-curve"]) == 3 and row["seeds"] == 2
+        first = [next((x["round"] for x in r if x["test-accuracy"] >= 0.5), None) for r in runs]
+        assert row["reached-target"] == sum(f is not None for f in first)
+        assert row["seconds-per-round"][0] > 0
+    assert rows[("iid", "fedprox")]["keys"] == {"strategy": "fedprox", "proximal-mu": 0.1}
+    cell = out / "c2" / "fedprox" / "s1"
+    config = json.loads((cell / "config.json").read_text())["config"]
+    assert (config["run-name"], config["proximal-mu"], config["seed"]) == ("s1", 0.1, 1)
+    counts = json.loads((cell / "partition.json").read_text())["counts"]
+    assert len(counts) == 3 and all(sum(c > 0 for c in row) <= 2 for row in counts)
+    assert not list(out.rglob("*.partial")) and not (out / grid.LOCK_FILE).exists()
+    report = (out / "report.md").read_text()
+    assert "Cells: 8 of 8 finished." in report and "rounds to 50%" in report
+    for name in ("accuracy-digits.png", "partitions-digits.png", "results.csv", "spec.toml"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "spec.toml").read_text() == spec_file.read_text()
+
+
+@pytest.mark.slow
+def test_resume_runs_only_what_is_missing(finished, tmp_path, capsys):
+    spec_file, done, summary = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    kept = out / "iid" / "fedavg" / "s0" / "done.json"
+    before = kept.read_text()
+    shutil.rmtree(out / "c2" / "fedprox" / "s0")  # lost
+    cut = out / "iid" / "fedprox" / "s1" / "metrics.json"  # cut off (a sweep-made folder)
+    cut.write_text(json.dumps(json.loads(cut.read_text())[:2]))
+    stale = out / "c2" / "fedprox" / ".s0.partial"  # a bench killed mid-cell
+    stale.mkdir()
+    (stale / "metrics.json").write_text("[]")
+    (out / grid.LOCK_FILE).write_text("999999999")  # ... which left its lock behind
+
+    assert grid.main([str(spec_file), "--out", str(out), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "8 cells (2 partitions x 2 variants x 2 seeds); 6 done, 2 to run" in listing
+    assert "estimated time" in listing
+
+    assert grid.main([str(spec_file), "--out", str(out), "--jobs", "1", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 of 8 cells done; running 2" in printed
+    assert "c2/fedprox/s0" in printed and "iid/fedprox/s1" in printed
+    assert kept.read_text() == before  # finished cells are not run again
+    assert not stale.exists()
+    again = json.loads((out / "summary.json").read_text())
+    assert _numbers(again) == _numbers(summary)  # deterministic: the same table
+
+
+@pytest.mark.slow
+def test_report_counts_missing_cells_and_changed_specs_are_refused(finished, tmp_path, capsys):
+    _, done, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "c2" / "fedavg" / "s1")
+    assert grid.main(["--report", "--out", str(out)]) == 0  # the spec copied into the folder
+    report = (out / "report.md").read_text()
+    assert "Cells: 7 of 8 finished; **1 missing**" in report and "`c2/fedavg/s1`" in report
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    row = next(r for r in rows if (r["partition"], r["variant"]) == ("c2", "fedavg"))
+    metrics = json.loads((out / "c2" / "fedavg" / "s0" / "metrics.json").read_text())
+    assert row["seeds"] == 1 and row["final-accuracy"] == [metrics[-1]["test-accuracy"], 0.0]
+
+    assert grid.main(["--report", "--out", str(out), "--target-accuracy", "0.99"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {r["target-accuracy"] for r in rows} == {0.99}
+
+    changed = _spec_file(tmp_path, TINY.replace("proximal-mu = 0.1", "proximal-mu = 0.2"))
+    capsys.readouterr()
+    assert grid.main([str(changed), "--out", str(out), "--jobs", "1"]) == 2
+    assert "proximal-mu=0.1" in capsys.readouterr().err
+    assert not (out / "c2" / "fedavg" / "s1").exists()  # refused before running anything
+
+
+@pytest.mark.slow
+def test_a_failing_cell_does_not_stop_the_grid(finished, tmp_path, monkeypatch, capsys):
+    spec_file, done, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    for cell in ("iid/fedavg/s1", "c2/fedprox/s0"):
+        shutil.rmtree(out / cell)
+    real = grid.run_cell
+
+    def flaky(folder: str, cfg_map: dict, threads: int) -> float:
+        if folder.endswith("iid/fedavg/s1"):
+            raise RuntimeError("boom")
+        return real(folder, cfg_map, threads)
+
+    monkeypatch.setattr(grid, "run_cell", flaky)
+    assert grid.main([str(spec_file), "--out", str(out), "--jobs", "1", "--threads", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "iid/fedavg/s1: FAILED: RuntimeError: boom" in captured.out
+    assert (out / "c2" / "fedprox" / "s0" / "done.json").exists()  # the next cell ran
+    assert "1 missing" in (out / "report.md").read_text()
+
+
+def test_lock_refuses_a_second_bench(tmp_path):
+    (tmp_path / grid.LOCK_FILE).write_text(str(os.getppid()))  # a live process
+    with pytest.raises(FedmergeError, match="another fedmerge bench"), grid.exclusive(tmp_path):
+        pass
+    (tmp_path / grid.LOCK_FILE).write_text("999999999")  # stale
+    with grid.exclusive(tmp_path):
+        assert (tmp_path / grid.LOCK_FILE).read_text() == str(os.getpid())
+    assert not (tmp_path / grid.LOCK_FILE).exists()
+
+
+def test_add_parser_wires_the_bench_subcommand():
+    parser = argparse.ArgumentParser(prog="fedmerge")
+    grid.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "quick", "--jobs", "2", "--dry-run"])
+    assert (args.func, args.spec, args.jobs, args.dry_run) == (grid.cmd, "quick", 2, True)
+
+
+def test_the_subcommand_imports_no_torch():
+    """`fedmerge`'s parser imports the module for every command: it must stay light."""
+    code = "import sys, fedmerge.bench.grid; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    spec_file = _spec_file(tmp_path)
+    assert grid.main([str(spec_file), "--jobs", "0"]) == 2
+    assert grid.main([str(spec_file), "--target-accuracy", "80"]) == 2
+    assert grid.main(["no-such-preset"]) == 2
+    assert grid.main(["--report"]) == 2
+    assert grid.main([str(spec_file), "--report", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs" in err and "--target-accuracy" in err and "niid-bench, quick" in err
+    assert "not a results folder" in err
+
+
+# -- acceptance: SIGKILL mid-cell, then resume -----------------------------------------------------
+def _bench(spec_file: Path, out: Path, jobs: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fedmerge.bench.grid", str(spec_file), "--out", str(out)]
+    cmd += ["--jobs", str(jobs), "--threads", "1"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
+def _partials(out: Path) -> list[Path]:
+    return list(out.glob("*/*/.s*.partial"))
+
+
+def _finished(out: Path) -> list[Path]:
+    return [p.parent for p in out.glob("*/*/s*/done.json")]
+
+
+def _wait(condition, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the bench ended before it could be interrupted"
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def _snapshot(out: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_cell_then_resume_gives_the_same_table(finished, tmp_path):
+    """Killed with SIGKILL while 2 worker processes run cells, resumed in this process: the
+    table equals the uninterrupted run's (which ran in this process, one cell at a time)."""
+    spec_file, _, uninterrupted = finished
+    out = tmp_path / "out"
+    proc = _bench(spec_file, out, jobs=2)
+
+    def mid_cell() -> bool:
+        # A cell is in place and another has evaluated round 0 but is not done.
+        partials = [p for p in _partials(out) if (p / "metrics.json").exists()]
+        return bool(_finished(out)) and any(not (p / "done.json").exists() for p in partials)
+
+    _wait(mid_cell, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.5)  # orphaned workers notice their parent is gone within 0.5 s
+    assert _partials(out), "killed too late: no cell was in progress"
+    before = _snapshot(out)
+    time.sleep(1.0)
+    assert _snapshot(out) == before, "a worker outlived the bench"
+    finished_before = {p: (p / "done.json").read_text() for p in _finished(out)}
+    assert 0 < len(finished_before) < 8
+
+    assert grid.main([str(spec_file), "--out", str(out), "--jobs", "1", "--threads", "1"]) == 0
+    assert not _partials(out)
+    for folder, text in finished_before.items():
+        assert (folder / "done.json").read_text() == text  # not run again
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["finished"] == 8
+    assert _numbers(resumed) == _numbers(uninterrupted)
+
+
+# -- scaling ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_scaling_sweeps_on_digits(tmp_path, capsys):
+    from fedmerge.strategies import server_app
+
+    from fedmerge import training
+    from fedmerge.bench import scaling
+
+    png, out = tmp_path / "scaling.png", tmp_path / "scaling.json"
+    args = ["--dataset", "digits", "--clients", "2,4", "--models", "mlp,cnn", "--model", "mlp"]
+    args += ["--strategies", "fedavg,fedprox", "--strategy-clients", "3", "--per-client", "8"]
+    assert scaling.main([*args, "--rounds", "2", "--png", str(png), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["model"], r["clients"]) for r in data["clients"]] == [("mlp", 2), ("mlp", 4)]
+    assert [(r["model"], r["clients"]) for r in data["models"]] == [("mlp", 2), ("cnn", 2)]
+    assert [(r["strategy"], r["clients"]) for r in data["strategies"]] == [
+        ("fedavg", 3),
+        ("fedprox", 3),
+    ]
+    for row in data["clients"] + data["models"] + data["strategies"]:
+        assert row["seconds_per_round"] > 0 and row["train_seconds"] > 0
+        assert row["train_seconds"] + row["other_seconds"] == pytest.approx(
+            row["seconds_per_round"]
+        )
+        assert row["ms_per_client"] == pytest.approx(1000 * row["other_seconds"] / row["clients"])
+    assert data["models"][0] == data["clients"][0]  # a shared point is measured once
+    assert png.stat().st_size > 0
+    assert server_app.evaluate is training.evaluate  # the evaluation stub is removed
+    printed = capsys.readouterr().out
+    assert "== clients (mlp, fedavg) ==" in printed and "ms/client" in printed
+    assert scaling.main(["--strategies", "fedx"]) == 2
+    assert "fedx" in capsys.readouterr().err
