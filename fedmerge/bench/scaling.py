@@ -106,6 +106,9 @@ def _config(point: Point, settings: dict[str, Any], out: Path) -> RunConfig:
             "num-clients": point.clients,
             "min-train-clients": min(2, point.clients),
             "max-train-samples": settings["per_client"] * point.clients,
+            # A server proxy slice for every point: fedavg-ft and fednpmerge need one (their
+            # server-side cost is part of what is measured); the others ignore it.
+            "proxy-size": 500,
             "strategy": point.strategy,
             "num-rounds": settings["rounds"],
             "local-epochs": 1,
