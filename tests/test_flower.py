@@ -101,9 +101,10 @@ FMNIST = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg", "fedwsa"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedwsa", "fednpmerge"])
 def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_root, strategy):
-    # fedwsa: the target scope travels in the ConfigRecord through Flower's real runtime.
+    # fedwsa: the target scope travels in the ConfigRecord through Flower's real runtime;
+    # fednpmerge: the server aligns the clients (FedMatch) and learns on its proxy slice.
     rows = {}
     for engine in ("local", "flower"):
         cfg = RunConfig.from_mapping(
@@ -111,6 +112,7 @@ def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_r
                 **FMNIST,
                 "strategy": strategy,
                 "wsa-lambda": 10.0,
+                "proxy-size": 200 if strategy == "fednpmerge" else 0,
                 "data-root": str(shared_data_root),
                 "output-dir": str(tmp_path),
                 "run-name": engine,
