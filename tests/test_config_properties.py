@@ -56,7 +56,7 @@ def test_non_finite_numbers_are_refused(key, value):
     assert info.value.key == key
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.fixed_dictionaries(
         {
@@ -69,8 +69,14 @@ def test_non_finite_numbers_are_refused(key, value):
             "partition-min-size": st.integers(0, 300),
             "max-train-samples": st.integers(0, 3000),
             "proxy-size": st.integers(0, 2000),
-            "model": st.sampled_from(["mlp", "cnn", "vgg9", "resnet20"]),
+            "model": st.sampled_from(["mlp", "cnn", "vgg9", "resnet20", "vit"]),
             "min-train-clients": st.integers(1, 3),
+            "strategy": st.sampled_from(
+                ["fedavg", "fedwsa", "fedmatch", "fednpmerge", "fedavg-ft", "fedx"]
+            ),
+            "match-method": st.sampled_from(["weight", "activation", "dual"]),
+            "match-beta": st.floats(0, 1),
+            "wsa-merge": st.sampled_from(["average", "matched"]),
         }
     ),
     st.sampled_from(["digits", "synthetic"]),
