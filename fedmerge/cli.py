@@ -1,6 +1,7 @@
 """The ``fedmerge`` command.
 
-    fedmerge run [--config FILE.toml] [--engine local|flower] [key=value ...]
+    fedmerge run [--config FILE.toml] [--engine local|flower] [--overwrite] [key=value ...]
+    fedmerge run --resume DIR [--engine local|flower]
     fedmerge strategies | datasets | models
     fedmerge partitions [--config FILE.toml] [--out FILE.png] [key=value ...]
 
@@ -66,11 +67,30 @@ def _summary(run_dir: Path, seconds: float) -> None:
     )
 
 
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The config of ``fedmerge run``: the arguments', or with --resume the run's own."""
+    from .runner import resume_config
+
+    if not args.resume:
+        return _config(args)
+    if args.config:
+        raise FedmergeError("--resume uses the run's own config.json; drop --config")
+    if args.overwrite:
+        raise FedmergeError("--overwrite and --resume exclude each other")
+    return resume_config(args.resume, parse_overrides(args.overrides))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import prepare, quiet_flower, run
+    from .runner import AlreadyFinished, prepare, quiet_flower, run
 
     quiet_flower(args.verbose)
-    cfg = prepare(_config(args))  # every config and data error surfaces before any output
+    try:
+        cfg = _run_config(args)
+    except AlreadyFinished as exc:
+        console.print(str(exc), highlight=False, soft_wrap=True)
+        return 0
+    # every config and data error surfaces before any output
+    cfg = prepare(cfg, overwrite=args.overwrite)
     flower_options: dict[str, Any] = {}
     if args.engine == "flower":
         flower_options = {
@@ -109,9 +129,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                     highlight=False,
                 )
 
-        run_dir = run(cfg, args.engine, on_round=on_round, flower_options=flower_options)
+        if cfg.resume:
+            done = _rounds_done(Path(cfg.output_dir) / cfg.run_name)
+            progress.update(task, completed=done, status=f"resumed after round {done}")
+        run_dir = run(
+            cfg,
+            args.engine,
+            on_round=on_round,
+            flower_options=flower_options,
+            overwrite=args.overwrite,
+        )
     _summary(run_dir, time.perf_counter() - start)
     return 0
+
+
+def _rounds_done(run_dir: Path) -> int:
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir).round
 
 
 # -- listings ---------------------------------------------------------------------------
@@ -314,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="flower engine: client-resources-num-gpus (default 0)",
     )
     p.add_argument("--app-dir", help="flower engine: the fedmerge project folder (default: found)")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the interrupted run in DIR (its results folder) from its checkpoint, "
+        "with its own config",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results an explicit run-name already holds",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
     p.set_defaults(func=cmd_run)

@@ -105,6 +105,8 @@ class RunConfig:
     # server fine-tuning on the proxy slice (strategy fedavg-ft: the control for NP Merge)
     finetune_epochs: int = 1
     finetune_lr: float = 0.01
+    # checkpoint and resume (fedmerge run --resume DIR sets it)
+    resume: bool = False
     # results
     output_dir: str = "runs"
     run_name: str = ""

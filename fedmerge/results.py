@@ -11,6 +11,8 @@ Layout of ``<output-dir>/<run-name>/``::
     model.pt        the final global model's state dict (save-model = true)
     accuracy.png    test accuracy per round
     scope-spread.png  per layer, the spread of the clients' weight scopes per round
+    checkpoint.pt   while the run is unfinished: what ``fedmerge run --resume`` continues from
+                    (fedmerge/checkpoint.py); deleted when the run ends
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import atomic_write
 from .config import RunConfig
 from .errors import ConfigError
 from .plots import plot_accuracy, plot_scope_spread  # noqa: F401  (results and their plots)
@@ -39,6 +41,17 @@ CONFIG_JSON = "config.json"
 MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy.png"
 SCOPE_PLOT_FILE = "scope-spread.png"
+CHECKPOINT_FILE = "checkpoint.pt"  # fedmerge.checkpoint.CHECKPOINT_FILE
+#: Every file fedmerge writes into a run folder (what ``--overwrite`` removes; nothing else).
+RESULT_FILES = (
+    CONFIG_JSON,
+    METRICS_JSON,
+    METRICS_CSV,
+    MODEL_FILE,
+    PLOT_FILE,
+    SCOPE_PLOT_FILE,
+    CHECKPOINT_FILE,
+)
 
 
 def default_run_name(cfg: RunConfig, now: float | None = None) -> str:
@@ -52,20 +65,31 @@ def run_dir_for(cfg: RunConfig) -> Path:
     refused, so finished results are never overwritten."""
     name = cfg.run_name or default_run_name(cfg)
     path = Path(cfg.output_dir) / name
-    if (path / METRICS_JSON).exists() and cfg.run_name:
+    if cfg.run_name and any((path / f).exists() for f in (METRICS_JSON, CHECKPOINT_FILE)):
         raise ConfigError(
             "run-name",
             cfg.run_name,
             "a name whose folder holds no results yet",
-            f"{path} already holds a run; choose another run-name or remove that folder",
+            f"{path} already holds a run; choose another run-name, continue it with "
+            f"`fedmerge run --resume {path}`, or replace it with --overwrite",
         )
     return path
 
 
+def clear_run_dir(run_dir: Path) -> list[str]:
+    """Remove the files fedmerge wrote into ``run_dir`` (:data:`RESULT_FILES` and their
+    temporary files), and nothing else; returns the names removed."""
+    removed = []
+    for name in RESULT_FILES:
+        for path in (run_dir / name, run_dir / f".{name}.tmp"):
+            if path.is_file():
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def write_json(path: Path, obj: Any) -> None:

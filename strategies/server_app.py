@@ -8,11 +8,14 @@ engine. Inside this package, siblings are imported relatively and the library as
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import flwr
 import torch
@@ -20,8 +23,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 import fedmerge
+from fedmerge.checkpoint import (
+    Checkpoint,
+    config_changes,
+    load_checkpoint,
+    remove_checkpoint,
+    rng_state,
+    run_lock,
+    save_checkpoint,
+    set_rng_state,
+)
 from fedmerge.config import RunConfig
 from fedmerge.datasets import FederatedDataset
+from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.federation import DataSpec, load_data, make_model
 from fedmerge.results import (
     CONFIG_JSON,
@@ -36,6 +50,14 @@ from fedmerge.results import (
 )
 from fedmerge.training import evaluate, resolve_device
 
+from .checkpoint import (
+    LAUNCHER_ENV,
+    LAUNCHER_GONE,
+    RoundTracker,
+    load_strategy_state,
+    strategy_state,
+    watch_launcher,
+)
 from .registry import build_strategy
 
 log = logging.getLogger(__name__)
@@ -55,24 +77,64 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("fedmerge | %(message)s"))
         progress_log.addHandler(handler)
         progress_log.setLevel(logging.INFO)
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if launcher.isdigit() and int(launcher) != os.getpid():
+        watch_launcher(int(launcher))  # fedmerge run --engine flower: stop if it is killed
     run_server(grid, cfg)
 
 
 class RoundRecorder:
-    """Flower's ``evaluate_fn``: centralized test evaluation, timing, metrics written each round."""
+    """Flower's ``evaluate_fn``: centralized test evaluation, timing, and after every round the
+    metrics and a checkpoint written.
 
-    def __init__(self, cfg: RunConfig, data: FederatedDataset, run_dir: Path) -> None:
-        self.cfg, self.data, self.run_dir = cfg, data, run_dir
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run.
+    data : FederatedDataset
+        Its data (the test split is evaluated).
+    run_dir : Path
+        The results folder.
+    tracker : RoundTracker
+        The strategy as ``start()`` runs it: the round offset, the round's train and client
+        evaluate metrics, the strategy whose state is checkpointed.
+    rows : list of dict, optional
+        Rows already recorded (a resumed run: those of its checkpoint).
+    arrays : ArrayRecord, optional
+        The global model already reached (a resumed run: its checkpoint's).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: FederatedDataset,
+        run_dir: Path,
+        tracker: RoundTracker,
+        rows: list[dict[str, Any]] | None = None,
+        arrays: ArrayRecord | None = None,
+    ) -> None:
+        self.cfg, self.data, self.run_dir, self.tracker = cfg, data, run_dir, tracker
         self.device = resolve_device(cfg.device)
         self.model = make_model(cfg, data).to(self.device)
         # The test split moves to the device once, not every round.
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
-        self.rows: list[dict[str, float | int]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        self.arrays = arrays  # the latest global model: the final one once start() returns
         self._last_end: float | None = None
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if LAUNCHER_GONE.is_set():
+            raise FedmergeError("the fedmerge process that launched this run is gone: stopped")
         start = time.perf_counter()
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.arrays = arrays
+        offset = self.tracker.round_offset
+        if server_round == 0 and offset > 0:
+            # start() evaluates its initial arrays: a resumed run's are round `offset`'s model,
+            # evaluated and recorded before the interruption.
+            self._last_end = start
+            return None
+        state = arrays.to_torch_state_dict()
+        self.model.load_state_dict(state)
         loss, acc = evaluate(
             self.model,
             self.x_test,
@@ -81,20 +143,22 @@ class RoundRecorder:
             device=self.device,
         )
         end = time.perf_counter()
-        row: dict[str, float | int] = {
-            "round": server_round,
-            "test-loss": loss,
-            "test-accuracy": acc,
-        }
+        r = server_round + offset
+        row: dict[str, Any] = {"round": r, "test-loss": loss, "test-accuracy": acc}
         if self._last_end is not None:
             # Everything between two evaluations: sending, client training, aggregation.
             row["round-time"] = start - self._last_end
         row["eval-time"] = end - start
+        for key, value in dict(self.tracker.train_metrics.get(r, {})).items():
+            row[key] = value
+        for key, value in dict(self.tracker.evaluate_metrics.get(r, {})).items():
+            row[f"client-{key}"] = value
         self.rows.append(row)
         write_metrics(self.run_dir, self.rows)
+        self.checkpoint(r, state)
         progress_log.info(
             "round %d/%d  test-accuracy %.4f  test-loss %.4f",
-            server_round,
+            r,
             self.cfg.num_rounds,
             acc,
             loss,
@@ -102,6 +166,21 @@ class RoundRecorder:
         )
         self._last_end = time.perf_counter()
         return MetricRecord({"test-loss": loss, "test-accuracy": acc})
+
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        """Write everything needed to continue after ``server_round`` (atomically)."""
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                round=server_round,
+                num_rounds=self.cfg.num_rounds,
+                arrays={k: v.detach().cpu() for k, v in state.items()},
+                strategy=strategy_state(self.tracker.strategy),
+                rng=rng_state(),
+                rows=self.rows,
+                config=self.cfg.to_mapping(),
+            ),
+        )
 
 
 def run_facts(grid: Grid) -> dict[str, str]:
@@ -118,39 +197,88 @@ def run_facts(grid: Grid) -> dict[str, str]:
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> Path:
-    """Run the federation ``cfg`` describes over ``grid``; returns the results folder."""
-    run_dir = run_dir_for(cfg)
+    """Run the federation ``cfg`` describes over ``grid``; returns the results folder.
+
+    With ``resume = true`` the run in ``output-dir/run-name`` continues from its checkpoint.
+    """
+    if cfg.resume:
+        if not cfg.run_name:
+            raise ConfigError("run-name", "", "the name of the run to resume (resume = true)")
+        run_dir = Path(cfg.output_dir) / cfg.run_name
+    else:
+        run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / CONFIG_JSON, {"config": cfg.to_mapping(), "facts": run_facts(grid)})
+    with run_lock(run_dir):
+        _run_locked(grid, cfg, run_dir)
+    return run_dir
+
+
+def _run_locked(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
+    checkpoint = load_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is None:
+        write_json(run_dir / CONFIG_JSON, {"config": cfg.to_mapping(), "facts": run_facts(grid)})
+    else:
+        _check_resumable(cfg, checkpoint, run_dir)
+        _note_resume(run_dir, checkpoint.round, grid)
     log.info("results -> %s", run_dir.resolve())
 
     # Flower samples clients with Python's `random`; seeding it makes sampling reproducible.
     random.seed(cfg.seed)
     data = load_data(DataSpec.of(cfg))
-    initial = make_model(cfg, data, seed=cfg.seed)
     strategy = build_strategy(cfg)
-    recorder = RoundRecorder(cfg, data, run_dir)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial.state_dict()),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout or 3600.0,
-        train_config=ConfigRecord({"lr": cfg.lr}),
-        evaluate_fn=recorder,
-    )
+    # Flower's engines return replies in arrival order; the local engine in a fixed order.
+    sort_replies = not getattr(grid, "deterministic_reply_order", False)
+    if checkpoint is None:
+        arrays = ArrayRecord(make_model(cfg, data, seed=cfg.seed).state_dict())
+        tracker = RoundTracker(strategy, 0, sort_replies)
+        recorder = RoundRecorder(cfg, data, run_dir, tracker)
+    else:
+        load_strategy_state(strategy, checkpoint.strategy)
+        set_rng_state(checkpoint.rng)
+        arrays = ArrayRecord(checkpoint.arrays)
+        tracker = RoundTracker(strategy, checkpoint.round, sort_replies)
+        recorder = RoundRecorder(cfg, data, run_dir, tracker, checkpoint.rows, arrays)
+        write_metrics(run_dir, recorder.rows)  # drop rows written after the checkpoint
+        log.info("resuming after round %d of %d", checkpoint.round, cfg.num_rounds)
+    if tracker.round_offset < cfg.num_rounds:
+        tracker.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=cfg.num_rounds - tracker.round_offset,
+            timeout=cfg.round_timeout or 3600.0,
+            train_config=ConfigRecord({"lr": cfg.lr}),
+            evaluate_fn=recorder,
+        )
+    _finish(cfg, run_dir, recorder)
 
+
+def _finish(cfg: RunConfig, run_dir: Path, recorder: RoundRecorder) -> None:
+    """The final results; then the checkpoint goes (a finished run has nothing to resume)."""
     rows = recorder.rows
-    for row in rows:
-        r = int(row["round"])
-        for key, value in dict(result.train_metrics_clientapp.get(r, {})).items():
-            row[key] = value
-        for key, value in dict(result.evaluate_metrics_clientapp.get(r, {})).items():
-            row[f"client-{key}"] = value
     write_metrics(run_dir, rows)
-    if cfg.save_model:
-        final = result.arrays if len(result.arrays) else ArrayRecord(initial.state_dict())
-        save_model(run_dir, final.to_torch_state_dict())
+    if cfg.save_model and recorder.arrays is not None:
+        save_model(run_dir, recorder.arrays.to_torch_state_dict())
     title = f"{cfg.strategy} on {cfg.dataset} ({cfg.partition}, {cfg.num_clients} clients)"
     plot_accuracy(rows, run_dir / PLOT_FILE, title)
     plot_scope_spread(rows, run_dir / SCOPE_PLOT_FILE, f"client scope spread: {title}")
-    return run_dir
+    remove_checkpoint(run_dir)
+
+
+def _check_resumable(cfg: RunConfig, checkpoint: Checkpoint, run_dir: Path) -> None:
+    changed = config_changes(checkpoint.config, cfg.to_mapping())
+    if changed:
+        raise FedmergeError(
+            f"cannot resume {run_dir}: the run-config differs from the checkpoint's in "
+            f"{', '.join(changed)}; a resumed run must use the original config"
+        )
+
+
+def _note_resume(run_dir: Path, after_round: int, grid: Grid) -> None:
+    """Add this resumption to the run facts of ``config.json`` (the config stays as it was)."""
+    path = run_dir / CONFIG_JSON
+    saved = json.loads(path.read_text()) if path.is_file() else {"config": {}, "facts": {}}
+    facts = run_facts(grid)
+    saved.setdefault("facts", {}).setdefault("resumed", []).append(
+        {"after-round": after_round, "started": facts["started"], "grid": facts["grid"]}
+    )
+    write_json(path, saved)

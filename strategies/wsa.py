@@ -92,6 +92,15 @@ class FedWSA(FedAvg):
             getattr(self.merge, "__name__", "fedavg") if self.merge else "fedavg",
         )
 
+    def state_dict(self) -> dict[str, dict[str, list] | None]:
+        """The state carried across rounds (checkpoints): the target and initial scopes."""
+        return {"target": _scope_to_plain(self.target), "initial": _scope_to_plain(self.initial)}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, list] | None]) -> None:
+        """Restore what :meth:`state_dict` returned (resuming a run)."""
+        self.target = _scope_from_plain(state["target"])
+        self.initial = _scope_from_plain(state["initial"])
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -130,3 +139,19 @@ class FedWSA(FedAvg):
         metrics["wsa-target-sigma"] = [float(v) for v in self.target.sigma]
         metrics["wsa-target-mu"] = [float(v) for v in self.target.mu]
         return arrays, metrics
+
+
+def _scope_to_plain(scope: Scope | None) -> dict[str, list] | None:
+    if scope is None:
+        return None
+    return {
+        "names": list(scope.names),
+        "mu": [float(v) for v in scope.mu],  # float64 either way: exact
+        "sigma": [float(v) for v in scope.sigma],
+    }
+
+
+def _scope_from_plain(plain: Mapping[str, list] | None) -> Scope | None:
+    if plain is None:
+        return None
+    return Scope(tuple(plain["names"]), tuple(plain["mu"]), tuple(plain["sigma"]))

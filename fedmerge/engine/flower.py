@@ -32,6 +32,9 @@ from ..errors import FedmergeError
 
 log = logging.getLogger(__name__)
 
+#: Environment variable naming the pid of the fedmerge process that launched a Flower run.
+LAUNCHER_ENV = "FEDMERGE_LAUNCHER_PID"
+
 
 def find_app_dir(start: Path | None = None) -> Path:
     """The project folder that holds the Flower app (``pyproject.toml`` with ``[tool.flwr.app]``).
@@ -185,11 +188,16 @@ def run_flower(
         app_dir, run_config_file, cfg.num_clients, cpus_per_client, gpus_per_client
     )
     log.info("running: %s (FLWR_HOME=%s)", " ".join(cmd), home)
+    env = flower_env(home, tuple(free_ports(2)))  # type: ignore[arg-type]
+    # The ServerApp runs in a process of the SuperLink that `flwr run` detaches: if this
+    # process is killed, the ServerApp sees this pid gone and stops (strategies/server_app.py),
+    # so that nothing writes to the run folder that `fedmerge run --resume` continues.
+    env[LAUNCHER_ENV] = str(os.getpid())
     lines: list[str] = []
     proc = subprocess.Popen(
         cmd,
         cwd=app_dir,
-        env=flower_env(home, tuple(free_ports(2))),  # type: ignore[arg-type]
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

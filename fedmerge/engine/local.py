@@ -121,6 +121,10 @@ class LocalGrid(Grid):
         ClientApp is called node by node as usual.
     """
 
+    #: Replies come back in the order the instructions were sent (a deterministic order), not
+    #: in arrival order as on Flower's engines: the ServerApp need not sort them.
+    deterministic_reply_order = True
+
     def __init__(
         self,
         client_app: ClientCallable,
