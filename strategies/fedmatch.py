@@ -34,6 +34,8 @@ from fedmerge.merging import (
 )
 from fedmerge.models import model_spec
 
+from .validation import client_states
+
 #: Matchers that read activations, i.e. need the proxy slice.
 DATA_MATCHERS = ("activation", "dual")
 
@@ -156,13 +158,7 @@ class FedMatch(FedAvg):
         if arrays is None:
             return arrays, metrics
         start = time.perf_counter()
-        valid = [r for r in replies if not r.has_error()]
-        # The reply's one ArrayRecord, under whatever key: FedAvg aggregates it so.
-        states = [next(iter(r.content.array_records.values())).to_torch_state_dict() for r in valid]
-        weights = [
-            float(next(iter(r.content.metric_records.values()))[self.weighted_by_key])
-            for r in valid
-        ]
+        states, weights = client_states(replies, self.weighted_by_key)
         report = MatchReport()
         merged = matched_average(
             states,

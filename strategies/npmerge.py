@@ -33,6 +33,7 @@ from fedmerge.npmerge import Alignment, NPOptions, NPReport, np_merge
 from fedmerge.training import resolve_device
 
 from .fedmatch import FedMatch, fedmatch_options
+from .validation import client_states
 
 _MB = 2**20
 
@@ -123,13 +124,7 @@ class FedNPMerge(FedMatch):
         if arrays is None:
             return arrays, metrics
         start = time.perf_counter()
-        valid = [r for r in replies if not r.has_error()]
-        # The reply's one ArrayRecord, under whatever key (as FedAvg and FedMatch read it).
-        states = [next(iter(r.content.array_records.values())).to_torch_state_dict() for r in valid]
-        weights = [
-            float(next(iter(r.content.metric_records.values()))[self.weighted_by_key])
-            for r in valid
-        ]
+        states, weights = client_states(replies, self.weighted_by_key)
         report = NPReport()
         merged = np_merge(
             states,

@@ -35,12 +35,15 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -448,3 +451,16 @@ def _describe(signature: tuple) -> str:
 def _listed(items: list, limit: int = _MAX_LISTED) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}]"
+
+
+def client_states(
+    replies: Iterable[Message], weighted_by_key: str
+) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """The state dicts and weights (``weighted_by_key``) of the replies that carry no error.
+
+    Each reply's one ArrayRecord is read under whatever key it has, as Flower's FedAvg reads it.
+    """
+    valid = [r for r in replies if not r.has_error()]
+    states = [next(iter(r.content.array_records.values())).to_torch_state_dict() for r in valid]
+    weights = [float(next(iter(r.content.metric_records.values()))[weighted_by_key]) for r in valid]
+    return states, weights

@@ -33,6 +33,8 @@ from fedmerge.scopes import (
     target_to_config,
 )
 
+from .validation import client_states
+
 #: ``merge(states, weights, reference) -> state``: a fedmerge merge function.
 MergeFn = Callable[
     [Sequence[Mapping[str, torch.Tensor]], Sequence[float], Mapping[str, torch.Tensor]],
@@ -120,12 +122,7 @@ class FedWSA(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None or self.target is None:
             return arrays, metrics
-        valid = [r for r in replies if not r.has_error()]
-        states = [r.content[self.arrayrecord_key].to_torch_state_dict() for r in valid]
-        weights = [
-            float(next(iter(r.content.metric_records.values()))[self.weighted_by_key])
-            for r in valid
-        ]
+        states, weights = client_states(replies, self.weighted_by_key)
         if self.merge is not None:
             reference = arrays.to_torch_state_dict()
             arrays = ArrayRecord(self.merge(states, weights, reference))
