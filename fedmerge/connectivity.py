@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .merging import has_batchnorm, reset_batchnorm_stats
 from .scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
 from .training import evaluate, train
 
@@ -34,24 +35,6 @@ def interpolate(a: State, b: State, t: float) -> dict[str, torch.Tensor]:
         vb = b[k]
         out[k] = torch.lerp(va, vb, t) if va.is_floating_point() else va.clone()
     return out
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """True when the model keeps BatchNorm running statistics."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-@torch.no_grad()
-def reset_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
-    """Recompute BatchNorm running statistics on ``x`` (cumulative average, one pass)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: exact mean over the pass
-    model.train()
-    for start in range(0, len(x), batch_size):
-        model(x[start : start + batch_size])
-    model.eval()
 
 
 def barrier(values: Sequence[float], ts: Sequence[float], *, higher_is_better: bool) -> float:
@@ -98,7 +81,7 @@ def evaluate_path(
         model.load_state_dict(interpolate(a, b, t))
         model.to(device)
         if bn_data is not None and has_batchnorm(model):
-            reset_bn_stats(model, bn_data.to(device))
+            reset_batchnorm_stats(model, bn_data.to(device))
         loss, acc = evaluate(model, x, y, batch_size=batch_size, device=device)
         losses.append(loss)
         accs.append(acc)

@@ -294,7 +294,33 @@ def _fraction_moved(perms: Mapping[str, Tensor]) -> float:
     return moved / total if total else 0.0
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers (the modules that keep running statistics)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when the model keeps BatchNorm running statistics."""
+    return bool(batchnorm_layers(model))
+
+
 @torch.no_grad()
+def reset_batchnorm_stats(model: nn.Module, inputs: Tensor, *, batch_size: int = 256) -> None:
+    """Recompute ``model``'s BatchNorm running statistics on ``inputs``, in place.
+
+    Statistics are reset, then accumulated over one pass in training mode with a cumulative
+    average (``momentum=None``: the mean of the per-batch statistics); the model is left in
+    eval mode.
+    """
+    for m in batchnorm_layers(model):
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for start in range(0, len(inputs), batch_size):
+        model(inputs[start : start + batch_size])
+    model.eval()
+
+
 def repair_batchnorm(
     model: nn.Module, state: State, inputs: Tensor, *, batch_size: int = 256
 ) -> dict[str, Tensor]:
@@ -302,8 +328,9 @@ def repair_batchnorm(
 
     The running means and variances of a merged model belong to none of the models merged;
     one pass in training mode over data at the merge site with a cumulative average
-    (``momentum=None``) replaces them by the merged network's own statistics. Models without
-    BatchNorm are returned unchanged (as a copy).
+    (``momentum=None``) replaces them by the merged network's own statistics
+    (:func:`reset_batchnorm_stats`). Models without BatchNorm are returned unchanged (as a
+    copy).
 
     Parameters
     ----------
@@ -314,7 +341,7 @@ def repair_batchnorm(
     inputs : Tensor
         Inputs at the merge site (e.g. the server's proxy slice), on the model's device.
     batch_size : int
-        Forward batch size; statistics are exact averages over the batches' statistics.
+        Forward batch size; the statistics are the mean of the per-batch statistics.
 
     Returns
     -------
@@ -323,17 +350,11 @@ def repair_batchnorm(
     """
     work = copy.deepcopy(model)
     work.load_state_dict(dict(state))
-    norms = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    if not has_batchnorm(work):
         return {k: v.clone() for k, v in state.items()}
     if len(inputs) == 0:
         raise ValueError("BatchNorm repair needs data at the merge site (proxy-size > 0)")
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    work.train()
-    for start in range(0, len(inputs), batch_size):
-        work(inputs[start : start + batch_size])
+    reset_batchnorm_stats(work, inputs, batch_size=batch_size)
     return {k: v.detach().clone() for k, v in work.state_dict().items()}
 
 

@@ -71,6 +71,7 @@ from .merging import (
     align_models,
     align_one,
     average,
+    batchnorm_layers,
     normalise_weights,
     repair_batchnorm,
 )
@@ -320,15 +321,11 @@ class _Adam:
 # ---------------------------------------------------------------------------------------------
 
 
-def _batchnorms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 def _set_mode(work: nn.Module, bn_mode: str) -> None:
     """Eval mode everywhere (no dropout); BatchNorm in train mode for ``bn_mode="train"``."""
     work.eval()
     if bn_mode == "train":
-        for m in _batchnorms(work):
+        for m in batchnorm_layers(work):
             m.train()
 
 
@@ -370,7 +367,7 @@ class _Problem:
             if not value.is_floating_point():
                 self.buffers[key] = value.detach().to(device).clone()
         # bn_mode "eval": BatchNorm normalises with statistics recomputed on the fitting part.
-        self.refresh = bool(_batchnorms(work)) and options.bn_mode == "eval"
+        self.refresh = bool(batchnorm_layers(work)) and options.bn_mode == "eval"
         self.stale = True  # the statistics are not yet those of the current coefficients
         _set_mode(work, options.bn_mode)
 
@@ -609,7 +606,7 @@ def align_to_reference(
 def _proxy_loss(work: nn.Module, state: State, x: Tensor, y: Tensor, options: NPOptions) -> float:
     """Loss on all merge-site data in the learning BatchNorm mode (eval: stats repaired)."""
     state = {k: v.to(x.device) for k, v in state.items()}
-    if options.bn_mode == "eval" and _batchnorms(work):
+    if options.bn_mode == "eval" and batchnorm_layers(work):
         state = {**state, **_repaired_buffers(work, state, x)}
     else:
         state = {k: v.clone() for k, v in state.items()}  # BN in train mode updates buffers
@@ -687,7 +684,7 @@ def np_merge(
         torch.cuda.reset_peak_memory_stats(device)
     work = copy.deepcopy(model).to(device)
     x_dev, y_dev = x.to(device), y.to(device)
-    repair = bn_repair and bool(_batchnorms(work))
+    repair = bn_repair and bool(batchnorm_layers(work))
     moved: list[float] = []
     common = {"model": model, "inputs": x, "report": report, "moved": moved}
     learn = {"options": options, "device": device, "reference": source, "report": report}

@@ -44,6 +44,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedmerge.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 #: Attributes of Flower's built-in strategies that carry state from one round to the next.
@@ -209,22 +211,6 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 # -- an orphaned run stops ----------------------------------------------------------------
-def process_alive(pid: int) -> bool:
-    """True while process ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
-    if Path("/proc/self").exists():
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def watch_launcher(pid: int, interval: float = 1.0, grace: float = 10.0) -> threading.Thread:
     """Stop this run when the fedmerge process that launched it (``pid``) is gone.
 

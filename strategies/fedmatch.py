@@ -29,6 +29,7 @@ from fedmerge.merging import (
     MATCHER_NAMES,
     REFERENCES,
     MatchReport,
+    has_batchnorm,
     matched_average,
     repair_batchnorm,
 )
@@ -38,11 +39,6 @@ from .validation import client_states
 
 #: Matchers that read activations, i.e. need the proxy slice.
 DATA_MATCHERS = ("activation", "dual")
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """True when the model keeps BatchNorm running statistics."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class FedMatch(FedAvg):

@@ -15,8 +15,8 @@ from fedmerge.connectivity import (
     connectivity_experiment,
     evaluate_path,
     interpolate,
-    reset_bn_stats,
 )
+from fedmerge.merging import reset_batchnorm_stats
 from fedmerge.models import build_model
 
 
@@ -54,7 +54,7 @@ def test_path_of_a_model_to_itself_is_flat():
 def test_bn_repair_recomputes_running_stats():
     model = build_model("resnet20", (1, 8, 8), 10, seed=0)
     x = torch.randn(300, 1, 8, 8) * 3 + 1
-    reset_bn_stats(model, x, batch_size=100)
+    reset_batchnorm_stats(model, x, batch_size=100)
     # the stem's BatchNorm now holds the mean of its inputs' conv outputs over all of x
     with torch.no_grad():
         feats = model.conv1(x)

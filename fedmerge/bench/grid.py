@@ -43,6 +43,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import FedmergeError
+from ..processes import process_alive
 from .grid_spec import BenchSpec, Cell, load_spec, preset_names
 
 # Nothing here imports torch at import time: `fedmerge`'s parser imports this module for
@@ -118,7 +119,7 @@ def exclusive(out: Path) -> Iterator[None]:
             break
         except FileExistsError:
             pid = _read_pid(lock)
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and process_alive(pid):
                 raise FedmergeError(
                     f"another fedmerge bench (pid {pid}) is writing to {out}; wait for it to "
                     f"end, or remove {lock} if no bench runs"
@@ -139,18 +140,6 @@ def _read_pid(path: Path) -> int:
         return int(path.read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would stop the process there: assume it lives
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- checks before anything runs ---------------------------------------------------------------
