@@ -78,6 +78,7 @@ class FedWSA(FedAvg):
             raise unknown_name("wsa-layers", layers, LAYER_SETS)
         self.lam, self.fusion, self.reverse, self.layers = lam, fusion, reverse, layers
         self.merge = merge
+        self._sent: dict[str, torch.Tensor] | None = None
         self.initial: Scope | None = None
         self.target: Scope | None = None
 
@@ -106,7 +107,13 @@ class FedWSA(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the current target scope with the train instruction."""
+        """Send the current target scope with the train instruction.
+
+        With a merge function, also remember the model sent: it is the merge's reference (the
+        global model, as for FedMatch), not the round's FedAvg average.
+        """
+        if self.merge is not None:
+            self._sent = arrays.to_torch_state_dict()
         if self.target is None:
             state = arrays.to_torch_state_dict()
             self.initial = self.target = scope_of(state, scope_names(state, self.layers))
@@ -124,7 +131,7 @@ class FedWSA(FedAvg):
             return arrays, metrics
         states, weights = client_states(replies, self.weighted_by_key)
         if self.merge is not None:
-            reference = arrays.to_torch_state_dict()
+            reference = self._sent if self._sent is not None else arrays.to_torch_state_dict()
             arrays = ArrayRecord(self.merge(states, weights, reference))
         names = self.target.names
         scopes = [scope_of(s, names) for s in states]

@@ -34,6 +34,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg
+from strategy_harness import train_reply
 
 from fedmerge.config import RunConfig
 from fedmerge.engine.faults import (
@@ -76,10 +77,8 @@ def _instruction(node: int = FIRST_NODE_ID) -> Message:
 
 def _reply(instruction: Message, arrays=None, n: int = 10, **metrics) -> Message:
     arrays = arrays if arrays is not None else _state()
-    record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
-    values = {"num-examples": n, "train-loss": 0.5, "scope-sigma": [0.1, 0.2], **metrics}
-    content = RecordDict({"arrays": record, "metrics": MetricRecord(values)})
-    return Message(content, reply_to=instruction)
+    values = {"train-loss": 0.5, "scope-sigma": [0.1, 0.2], **metrics}
+    return train_reply(instruction, arrays, n, **values)
 
 
 #: Each reply fault and a fragment of the reason it must be rejected with.
@@ -390,7 +389,8 @@ def test_a_client_past_the_timeout_gives_no_reply_and_is_never_overlapped():
         assert time.perf_counter() - start < 5  # each round waited about its timeout
     finally:
         gate.set()
-    grid._busy[FIRST_NODE_ID + 1].join(10)
+    for worker in list(grid._busy.values()):  # the late calls of rounds 1 and 2 end
+        worker.join(10)
     got, _ = round_trip(5)
     assert got == [0, 1, 2] and calls == [0, 1, 0, 1, 2]
     assert peak[0] == 1  # no two ClientApp calls ever ran at once
@@ -455,14 +455,14 @@ def test_every_strategy_survives_injected_faults(name):
 def test_a_stalled_client_does_not_hold_up_the_round():
     cfg = _cfg(**{"num-rounds": 2, "fraction-evaluate": 0.0})
     arrays = _model_arrays(cfg)
+    app = FaultyClientApp(client_app, [Fault("stall", {3}, {1})], stall_seconds=60)
+    grid = LocalGrid(app, cfg.to_mapping(), cfg.num_clients)
+    set_server_identity(grid.run.run_id)
     warm = Message(
         RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})}),
         dst_node_id=FIRST_NODE_ID,
         message_type="train",
     )
-    app = FaultyClientApp(client_app, [Fault("stall", {3}, {1})], stall_seconds=60)
-    grid = LocalGrid(app, cfg.to_mapping(), cfg.num_clients)
-    set_server_identity(grid.run.run_id)
     client_app(warm, grid.context(FIRST_NODE_ID))  # data and model caches: not in the deadline
     start = time.perf_counter()
     try:

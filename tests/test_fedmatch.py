@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from fedmerge.strategies.fedmatch import FedMatch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
-from fedmerge.engine.local import LocalGrid, set_server_identity
 from fedmerge.errors import ConfigError
 from fedmerge.merging import average
 from fedmerge.models import build_model, model_spec
@@ -33,33 +32,16 @@ def _cfg(tmp_path, **over):
     return RunConfig.from_mapping({**base, **over})
 
 
-def _reply(request, state, n):
-    content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}
-    )
-    return Message(content, reply_to=request)
-
-
-def _requests(strategy, model, n):
-    from fedmerge.clients.client_app import app as client_app
-
-    cfg = RunConfig.from_mapping({"num-clients": n})
-    grid = LocalGrid(client_app, cfg.to_mapping(), n)
-    set_server_identity(grid.run.run_id)
-    return list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), grid))
-
-
 @pytest.mark.parametrize("reference", ["global", "largest", "barycenter"])
 def test_permuted_client_replies_merge_back_into_the_global_model(reference):
     model = build_model("mlp", (1, 8, 8), 10, hidden=(24, 12), seed=0)
     spec, state = model_spec(model), model.state_dict()
     strategy = FedMatch(model=model, reference=reference, iterations=2, fraction_evaluate=0.0)
-    requests = _requests(strategy, model, 3)
+    requests = train_requests(strategy, model.state_dict(), 3)
     g = torch.Generator().manual_seed(0)
     copies = [apply_permutations(spec, random_permutations(spec, g), state) for _ in requests]
-    replies = [
-        _reply(r, c, 10 * (i + 1)) for i, (r, c) in enumerate(zip(requests, copies, strict=True))
-    ]
+    pairs = zip(requests, copies, strict=True)
+    replies = [train_reply(r, c, 10 * (i + 1)) for i, (r, c) in enumerate(pairs)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     merged = arrays.to_torch_state_dict()
     if reference == "global":
@@ -132,3 +114,29 @@ def test_fedavg_fine_tuned_on_the_proxy_slice(tmp_path):
     assert rows[-1]["test-accuracy"] > 0.5
     plain = read_metrics(run(cfg.replace(strategy="fedavg", run_name="plain"), "local"))
     assert rows[-1]["test-accuracy"] != plain[-1]["test-accuracy"]  # the server step acts
+
+
+def test_fedwsa_matched_merge_aligns_to_the_model_it_sent():
+    """With ``wsa-merge=matched`` the reference is the global model sent, as for FedMatch.
+
+    Permuted copies of the sent model merge back into it exactly; aligning to the round's
+    FedAvg average of those copies (the reference before this was fixed) does not.
+    """
+    from fedmerge.strategies.registry import build_strategy
+
+    from fedmerge.federation import DataSpec, load_data, make_model
+
+    cfg = RunConfig.from_mapping(
+        {"strategy": "fedwsa", "wsa-merge": "matched", "model": "mlp", "num-clients": 3}
+    )
+    strategy = build_strategy(cfg)
+    model = make_model(cfg, load_data(DataSpec.of(cfg)), seed=cfg.seed)
+    spec, state = model_spec(model), model.state_dict()
+    requests = train_requests(strategy, state, 3)
+    g = torch.Generator().manual_seed(1)
+    copies = [apply_permutations(spec, random_permutations(spec, g), state) for _ in requests]
+    replies = [train_reply(r, c, 10) for r, c in zip(requests, copies, strict=True)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.allclose(merged[k], state[k], atol=1e-5) for k in state)
+    assert "wsa-target-sigma" in metrics

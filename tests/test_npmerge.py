@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 from fedmerge.strategies.npmerge import FedNPMerge
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
 from fedmerge.datasets import load_dataset
-from fedmerge.engine.local import LocalGrid, set_server_identity
 from fedmerge.errors import ConfigError
 from fedmerge.matching import match
 from fedmerge.merge_experiment import MergeSite
@@ -278,27 +277,11 @@ def test_the_one_shot_row_beats_the_weight_matched_average_on_the_site_data(pair
 # -- the strategy --------------------------------------------------------------------------
 
 
-def _reply(request, state, n):
-    content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}
-    )
-    return Message(content, reply_to=request)
-
-
-def _requests(strategy, state, n):
-    from fedmerge.clients.client_app import app as client_app
-
-    cfg = RunConfig.from_mapping({"num-clients": n})
-    grid = LocalGrid(client_app, cfg.to_mapping(), n)
-    set_server_identity(grid.run.run_id)
-    return list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
-
-
 def test_strategy_merges_mocked_replies_on_the_proxy_slice(pair):
     model, (a, b), x, y = pair
     strategy = FedNPMerge(model=model, proxy=x, proxy_labels=y, fraction_evaluate=0.0)
-    requests = _requests(strategy, a, 2)
-    replies = [_reply(requests[0], a, 30), _reply(requests[1], b, 30)]
+    requests = train_requests(strategy, a, 2)
+    replies = [train_reply(requests[0], a, 30), train_reply(requests[1], b, 30)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     merged = arrays.to_torch_state_dict()
     assert set(merged) == set(a) and not _equal(merged, average([a, _aligned(model, a, b)]))

@@ -63,11 +63,22 @@ _holder = threading.local()
 
 @contextmanager
 def _holding_client_lock(deadline: float | None) -> Iterator[bool]:
-    """Hold the client lock, waiting until ``deadline`` (``time.monotonic()``; None: forever)."""
-    wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-    if not _client_lock.acquire(timeout=wait):
-        yield False
-        return
+    """Hold the client lock: at once when free, else waiting until ``deadline``.
+
+    ``deadline`` is in ``time.monotonic()`` seconds (None: wait forever). A lock had only after
+    the deadline is given back: the call is refused (False), not run late.
+    """
+    if not _client_lock.acquire(blocking=False):  # free: the call runs, even past the deadline
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not _client_lock.acquire(timeout=wait):
+            yield False
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            # Had the lock only after the deadline (woken late on a loaded machine): the round
+            # gave up on this call, and running it now could overlap the node's next call.
+            _client_lock.release()
+            yield False
+            return
     _holder.held = True
     try:
         yield True
