@@ -202,6 +202,22 @@ def test_presets_hold_niid_bench_settings():
     assert (quick_cfg.model, quick_cfg.lr, quick_cfg.batch_size) == ("cnn", 0.01, 64)
 
 
+def test_the_fidelity_spec_runs_the_niid_bench_presets_fedavg_cells():
+    """docs/benchmarks.md's fidelity table comes from specs/niid-bench-fidelity.toml: its cells
+    must be exactly the niid-bench preset's Fashion-MNIST FedAvg cells (same run-config)."""
+    fidelity = load_spec(ROOT / "fedmerge/bench/specs/niid-bench-fidelity.toml")
+    niid = load_spec("niid-bench")
+    assert fidelity.seeds == niid.seeds
+    for cell in fidelity.cells():
+        twin = Cell("fashion-mnist", cell.partition, "fedavg", "", cell.seed)
+        ours = fidelity.config(cell, Path(".")).to_mapping()
+        theirs = niid.config(twin, Path(".")).to_mapping()
+        # Paths are per machine; the fidelity spec pins device=cpu (deterministic figures).
+        for key in ("output-dir", "run-name", "data-root", "device"):
+            ours.pop(key), theirs.pop(key)
+        assert ours == theirs, cell.label
+
+
 def test_presets_ship_in_the_wheel():
     """Presets are read with importlib.resources: setuptools must package them."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
