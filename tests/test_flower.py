@@ -31,12 +31,15 @@ def copy_app(dest: Path) -> Path:
 
 
 def test_library_core_imports_no_flwr():
+    package = ROOT / "fedmerge"
     core = sorted(
-        f"fedmerge.{p.stem}"
-        for p in (ROOT / "fedmerge").glob("*.py")
-        if p.stem not in RUNNER_LAYER and p.stem != "__init__"
+        "fedmerge."
+        + ".".join(p.relative_to(package).with_suffix("").parts).removesuffix(".__init__")
+        for p in package.rglob("*.py")
+        if p.relative_to(package).parts[0].removesuffix(".py") not in RUNNER_LAYER
+        and p.relative_to(package).parts != ("__init__.py",)
     )
-    assert "fedmerge.training" in core and "fedmerge.partitions" in core
+    assert {"fedmerge.training", "fedmerge.partitions", "fedmerge.models.vit"} <= set(core)
     code = textwrap.dedent(
         f"""
         import sys, importlib
