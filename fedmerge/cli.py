@@ -240,10 +240,14 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
         seeds=seeds,  # type: ignore[arg-type]
         split=args.split,
         points=args.points,
+        match_method=None if args.match == "none" else args.match,
     )
+    matched = args.match != "none"
+    matched_keys = ("matched-accuracy-mid", "matched-accuracy-barrier", "matched-loss-barrier")
+    matched_keys = matched_keys if matched else ()
     title = (
         f"{cfg.model} on {cfg.dataset}, seeds {seeds[0]} and {seeds[1]}, {args.epochs} epochs, "
-        f"split {args.split}"
+        f"split {args.split}" + (f", {args.match} matching" if matched else "")
     )
     table = Table(
         "lambda",
@@ -253,6 +257,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
         "acc barrier",
         "loss barrier",
         "scope gap",
+        *(["matched acc t=0.5", "matched acc barrier", "matched loss barrier"] * matched),
         title=f"linear mode connectivity: {title}",
     )
     for r in results:
@@ -264,6 +269,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
             f"{r['accuracy-barrier']:.4f}",
             f"{r['loss-barrier']:.4f}",
             f"{r['scope-gap']:.4f}",
+            *(f"{r[k]:.4f}" for k in matched_keys),
         )
     console.print(table)
     (out / "connectivity.json").write_text(
@@ -370,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "connectivity",
-        help="loss/accuracy barrier between two models, with and without a shared WSA scope",
+        help="loss/accuracy barrier between two models, with and without a shared WSA scope "
+        "(and neuron matching: --match)",
     )
     config_args(p)
     p.add_argument("--lambdas", default="0,0.01,0.1,1", help="wsa-lambda values (0 = no WSA)")
@@ -383,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="same: both see all data; partition: clients 0 and 1 of a 2-client split",
     )
     p.add_argument("--points", type=int, default=11, help="points on the path, ends included")
+    p.add_argument(
+        "--match",
+        choices=("none", "weight", "activation", "dual"),
+        default="none",
+        help="also measure the path after aligning B's units to A's with this matcher "
+        "(match-beta, match-max-sweeps apply)",
+    )
     p.add_argument("--out", default="runs/connectivity", help="output folder")
     p.set_defaults(func=cmd_connectivity)
 

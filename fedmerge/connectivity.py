@@ -8,6 +8,11 @@ Barrier (Frankle et al. 2020; Entezari et al. 2022): ``max_t [loss(t) - ((1 - t)
 loss(1))]``; the accuracy barrier is ``max_t [((1 - t) acc(0) + t acc(1)) - acc(t)]``.
 Models with BatchNorm get their running statistics recomputed at every t on training data
 (stale statistics would make any interpolation look bad).
+
+With a matcher (``match_method``), the path is measured a second time after aligning B's hidden
+units to A's (:func:`fedmerge.matching.match`; the data-based matchers read the first
+``MATCH_SAMPLES`` training inputs): the permutation symmetry that a shared scope does not touch.
+B's function is unchanged by the alignment, so both paths share their end points.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from .training import evaluate, train
 log = logging.getLogger(__name__)
 
 State = Mapping[str, torch.Tensor]
+
+#: Training inputs the data-based matchers (activation, dual) read.
+MATCH_SAMPLES = 2000
 
 
 def interpolate(a: State, b: State, t: float) -> dict[str, torch.Tensor]:
@@ -149,11 +157,14 @@ def connectivity_experiment(
     seeds: tuple[int, int] = (1, 2),
     split: str = "same",
     points: int = 11,
+    match_method: str | None = None,
 ) -> list[dict]:
     """Train model pairs from two seeds for each ``wsa-lambda``; measure the path between them.
 
     ``split = "same"``: both models see the whole training split; ``"partition"``: model A gets
     client 0's and model B client 1's shard of a 2-client ``cfg.partition`` split (Non-IID).
+    ``match_method`` (``weight``, ``activation``, ``dual``; None: no matching) adds the path
+    from A to B aligned to A, as ``matched-*`` keys of each result.
     """
     from .config import RunConfig
     from .errors import ConfigError
@@ -163,6 +174,11 @@ def connectivity_experiment(
     assert isinstance(cfg, RunConfig)
     if split not in ("same", "partition"):
         raise ConfigError("--split", split, "one of: same, partition")
+    if match_method is not None:
+        from .matching import MATCHERS
+
+        if match_method not in MATCHERS:
+            raise ConfigError("--match", match_method, "one of: none, " + ", ".join(MATCHERS))
     device = resolve_device(cfg.device)
     data = load_data(DataSpec.of(cfg))
     if split == "same":
@@ -209,6 +225,27 @@ def connectivity_experiment(
             path.loss_barrier,
             path.accuracy_barrier,
         )
+        matched = {}
+        if match_method is not None:
+            aligned = _aligned(cfg, model_a, a, b, match_method, data.x_train[:MATCH_SAMPLES])
+            mpath = evaluate_path(
+                model_a,
+                a,
+                aligned,
+                data.x_test,
+                data.y_test,
+                points=points,
+                bn_data=data.x_train[:5000],
+                device=device,
+                batch_size=cfg.eval_batch_size,
+            )
+            matched = {
+                "matched-accuracy-mid": mpath.accuracy[len(mpath.ts) // 2],
+                "matched-accuracy-barrier": mpath.accuracy_barrier,
+                "matched-loss-barrier": mpath.loss_barrier,
+                "matched-loss": mpath.loss,
+                "matched-accuracy": mpath.accuracy,
+            }
         results.append(
             {
                 "wsa-lambda": lam,
@@ -221,6 +258,28 @@ def connectivity_experiment(
                 "t": path.ts,
                 "loss": path.loss,
                 "accuracy": path.accuracy,
+                **matched,
             }
         )
     return results
+
+
+def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) -> State:
+    """``b`` with its hidden units permuted to match ``a``'s (same function as ``b``)."""
+    from .matching import match
+    from .models import model_spec
+    from .permutations import apply_permutations
+
+    spec = model_spec(template)
+    perms = match(
+        method,
+        spec,
+        a,
+        b,
+        model=template,
+        inputs=inputs,
+        beta=cfg.match_beta,
+        seed=cfg.seed,
+        max_sweeps=cfg.match_max_sweeps,
+    )
+    return apply_permutations(spec, perms, b)

@@ -83,13 +83,18 @@ def plot_scope_spread(rows: Sequence[Mapping[str, Any]], path: Path, title: str)
 
 
 def plot_paths(results: Sequence[Mapping[str, Any]], path: Path, title: str, key: str) -> None:
-    """Loss and accuracy along interpolation paths, one line per ``results[i][key]``."""
+    """Loss and accuracy along interpolation paths, one line per ``results[i][key]``; a result
+    with ``matched-loss`` / ``matched-accuracy`` adds its matched path, dashed, in its colour."""
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
     for r in results:
         label = f"{key} = {r[key]}"
-        ax_loss.plot(r["t"], r["loss"], marker="o", ms=3, label=label)
-        ax_acc.plot(r["t"], r["accuracy"], marker="o", ms=3, label=label)
+        (line,) = ax_loss.plot(r["t"], r["loss"], marker="o", ms=3, label=label)
+        ax_acc.plot(r["t"], r["accuracy"], marker="o", ms=3, label=label, color=line.get_color())
+        if "matched-loss" in r:
+            style = {"ls": "--", "marker": "s", "ms": 3, "color": line.get_color()}
+            ax_loss.plot(r["t"], r["matched-loss"], label=f"{label}, matched", **style)
+            ax_acc.plot(r["t"], r["matched-accuracy"], label=f"{label}, matched", **style)
     ax_loss.set_ylabel("test loss")
     ax_acc.set_ylabel("test accuracy")
     for ax in (ax_loss, ax_acc):

@@ -14,8 +14,6 @@ from torch import nn
 from fedmerge.errors import ConfigError
 from fedmerge.matching import (
     MATCHERS,
-    _PearsonSums,
-    _solve_family,
     activation_matching,
     dual_matching,
     match,
@@ -23,6 +21,8 @@ from fedmerge.matching import (
     weight_matching,
     weight_objective,
 )
+from fedmerge.matching.assignment import _solve_family
+from fedmerge.matching.correlation import _PearsonSums
 from fedmerge.models import MODELS, NORMS, build_model
 from fedmerge.permutations import (
     Axis,

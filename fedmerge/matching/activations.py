@@ -1,0 +1,167 @@
+"""Activation matching (Git Re-Basin): streamed Pearson correlation of units on shared inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..permutations import (
+    Permutations,
+    PermutationSpec,
+    Site,
+)
+from .assignment import _families, _solve_family
+from .correlation import _PearsonSums
+
+# Weight of the pre-ReLU correlation added to the post-ReLU one at ReLU sites. Dead units
+# (zero on every input) correlate 0 with everything after the ReLU, so the assignment among them
+# would be arbitrary; this lexicographic tie-break separates them by their pre-activations while
+# changing a total of at most 1e-6 per unit (far below the sampling noise of a correlation).
+_TIE_BREAK = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation space
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _evaluating(*models: nn.Module) -> Iterator[None]:
+    """Put the models in eval mode and restore every module's own mode afterwards."""
+    flags = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.state_dict().values()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _unit_samples(output: Tensor, site: Site, size: int) -> Tensor:
+    """A site's output as ``(units, samples)``: every axis but the unit axis holds samples."""
+    if output.shape[site.axis] != size:
+        raise ValueError(
+            f"site {site.module}: axis {site.axis} of its output has {output.shape[site.axis]} "
+            f"units, the permutation has {size}"
+        )
+    return output.movedim(site.axis, 0).reshape(size, -1)
+
+
+def _record(model: nn.Module, batch: Tensor, sites: list[Site]) -> list[Tensor]:
+    """Run ``model`` on ``batch`` and return the output of every site's module."""
+    modules = dict(model.named_modules())
+    outputs: dict[int, Tensor] = {}
+    handles = []
+    for k, site in enumerate(sites):
+        if site.module not in modules:
+            raise ValueError(f"activation site {site.module!r} is not a module of the model")
+
+        def hook(_module: nn.Module, _args: object, output: object, k: int = k) -> None:
+            outputs[k] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        handles.append(modules[site.module].register_forward_hook(hook))
+    try:
+        model(batch.to(_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [sites[k].module for k in range(len(sites)) if k not in outputs]
+    if missing:
+        raise ValueError(f"activation sites never called in forward: {missing}")
+    return [outputs[k] for k in range(len(sites))]
+
+
+def _activation_correlations(
+    spec: PermutationSpec,
+    reference: nn.Module,
+    other: nn.Module,
+    inputs: Tensor,
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """MuDSC ``S_act`` / Git Re-Basin's activation cost of every permutation (float64)."""
+    no_sites = [name for name, group in spec.perms.items() if not group.sites]
+    if no_sites:
+        raise ValueError(f"permutations without activation sites: {no_sites}")
+    if len(inputs) == 0:
+        raise ValueError("activation matching needs at least one input")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    owners = [(name, site) for name, group in spec.perms.items() for site in group.sites]
+    sites = [site for _, site in owners]
+    post = {name: _PearsonSums() for name in spec.perms}
+    # Pre-ReLU correlations, only to tell apart units that are dead on every input.
+    pre = {n: _PearsonSums() for n, g in spec.perms.items() if any(s.relu for s in g.sites)}
+    with torch.no_grad(), _evaluating(reference, other):
+        for batch in inputs.split(batch_size):
+            # One forward pass per model and batch records every site of every permutation.
+            ref_out = _record(reference, batch, sites)
+            other_out = _record(other, batch, sites)
+            for (name, site), a, b in zip(owners, ref_out, other_out, strict=True):
+                size = spec.perms[name].size
+                a, b = _unit_samples(a, site, size), _unit_samples(b, site, size)
+                if name in pre:
+                    pre[name].update(a, b)
+                if site.relu:
+                    a, b = F.relu(a), F.relu(b)
+                post[name].update(a, b)
+    scores = {name: sums.correlation() for name, sums in post.items()}
+    for name, sums in pre.items():
+        scores[name] += _TIE_BREAK * sums.correlation()
+    return scores
+
+
+def _solve_independently(spec: PermutationSpec, scores: Mapping[str, Tensor]) -> Permutations:
+    """One (grouped) assignment per family on fixed similarities."""
+    perms: Permutations = {}
+    for family in _families(spec):
+        perms.update(_solve_family(spec, {n: scores[n].cpu().numpy() for n in family}))
+    return perms
+
+
+def activation_matching(
+    spec: PermutationSpec,
+    reference: nn.Module,
+    other: nn.Module,
+    inputs: Tensor,
+    *,
+    batch_size: int = 256,
+) -> Permutations:
+    """Git Re-Basin activation matching: align ``other``'s units to ``reference``'s.
+
+    Both models run in eval mode without gradients on the same ``inputs``; at every
+    :class:`~fedmerge.permutations.Site` of a permutation the outputs are read (ReLU applied
+    when the site says so; every position or token is a sample; several sites stack samples).
+    Each permutation (family, for tied groups) is the assignment maximising the Pearson
+    correlation of matched units; layers are matched independently. At ReLU sites,
+    ``1e-6`` times the pre-ReLU correlation breaks the ties among dead units.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+        The architecture's spec; every permutation needs at least one site.
+    reference, other : torch.nn.Module
+        Two models of the spec's architecture. Their train/eval modes are restored and their
+        parameters are not modified.
+    inputs : Tensor
+        ``(N, *input_shape)``, moved batch by batch to each model's device.
+    batch_size : int, default 256
+        Inputs per forward pass.
+
+    Returns
+    -------
+    dict of str to Tensor
+        A ``torch.long`` CPU permutation for every name of ``spec.perms``.
+    """
+    return _solve_independently(
+        spec, _activation_correlations(spec, reference, other, inputs, batch_size)
+    )
