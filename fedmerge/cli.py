@@ -243,8 +243,6 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
         match_method=None if args.match == "none" else args.match,
     )
     matched = args.match != "none"
-    matched_keys = ("matched-accuracy-mid", "matched-accuracy-barrier", "matched-loss-barrier")
-    matched_keys = matched_keys if matched else ()
     title = (
         f"{cfg.model} on {cfg.dataset}, seeds {seeds[0]} and {seeds[1]}, {args.epochs} epochs, "
         f"split {args.split}" + (f", {args.match} matching" if matched else "")
@@ -257,8 +255,10 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
         "acc barrier",
         "loss barrier",
         "scope gap",
-        *(["matched acc t=0.5", "matched acc barrier", "matched loss barrier"] * matched),
         title=f"linear mode connectivity: {title}",
+    )
+    aligned = Table(
+        "lambda", "acc t=0.5", "acc barrier", "loss barrier", title=f"after {args.match} matching"
     )
     for r in results:
         table.add_row(
@@ -269,9 +269,13 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
             f"{r['accuracy-barrier']:.4f}",
             f"{r['loss-barrier']:.4f}",
             f"{r['scope-gap']:.4f}",
-            *(f"{r[k]:.4f}" for k in matched_keys),
         )
+        if matched:
+            keys = ("matched-accuracy-mid", "matched-accuracy-barrier", "matched-loss-barrier")
+            aligned.add_row(f"{r['wsa-lambda']:g}", *(f"{r[k]:.4f}" for k in keys))
     console.print(table)
+    if matched:
+        console.print(aligned)
     (out / "connectivity.json").write_text(
         json.dumps({"config": cfg.to_mapping(), "title": title, "results": results}, indent=2)
     )
