@@ -21,12 +21,12 @@ from fedmerge.npmerge import (
     Alignment,
     NPOptions,
     NPReport,
-    _Adam,
     fuse,
     learn_coefficients,
     np_merge,
     np_merge_site,
 )
+from fedmerge.npmerge.fusion import _Adam
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
