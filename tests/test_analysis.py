@@ -16,6 +16,7 @@ from fedmerge.bench import analyses
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, load_data, make_model, partition_indices
+from fedmerge.merging import average
 from fedmerge.training import evaluate
 
 # Digits (embedded), a one-hidden-layer MLP: every test here trains in well under a second.
@@ -109,7 +110,7 @@ def test_identical_models_soups_and_ensembles_equal_the_model(data, shared):
     ):
         assert rows[method]["test-accuracy"] == pytest.approx(acc, abs=1e-9), method
     assert rows["greedy soup"]["models"] == 1  # a copy never strictly improves the soup
-    torch.testing.assert_close(analysis.average(models.states)["fc1.weight"], state["fc1.weight"])
+    torch.testing.assert_close(average(models.states)["fc1.weight"], state["fc1.weight"])
 
 
 def test_one_model_ensembles_are_the_model(data, shared):

@@ -173,7 +173,7 @@ def _describe(cfg: RunConfig) -> str:
 def run_weight_patterns(args: argparse.Namespace, cfg: RunConfig, out: Path) -> None:
     """Train, print, write weight-patterns.{json,md} and the two PNGs."""
     from .. import analysis
-    from ..analysis_plots import plot_filters, plot_templates
+    from ..analysis.plots import plot_filters, plot_templates
 
     epochs = args.pattern_epochs
     patterns = analysis.weight_patterns(
@@ -223,7 +223,7 @@ def _training_title(args: argparse.Namespace, cfg: RunConfig) -> str:
 def run_soups(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[ModelSet]) -> None:
     """Score the soups and ensembles of ``sets``; print, write soups.{json,md,png}."""
     from .. import analysis
-    from ..analysis_plots import plot_soups
+    from ..analysis.plots import plot_soups
     from ..federation import DataSpec, load_data
     from ..training import resolve_device
 
@@ -243,7 +243,7 @@ def run_soups(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[Mo
 def run_scaling(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[ModelSet]) -> None:
     """Run the scaling probe on ``sets``; print, write scaling.{json,md,png}."""
     from .. import analysis
-    from ..analysis_plots import plot_scaling
+    from ..analysis.plots import plot_scaling
     from ..federation import DataSpec, load_data
     from ..training import resolve_device
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .analysis import WeightPatterns
+    from .patterns import WeightPatterns
 
 
 def _pyplot() -> Any:
