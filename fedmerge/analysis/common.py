@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,6 @@ from ..training import train
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-log = logging.getLogger(__name__)
 
 State = dict[str, Tensor]
 

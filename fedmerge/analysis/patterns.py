@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from ..training import evaluate, resolve_device
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-from .common import TrainSettings, fit, log
+from .common import TrainSettings, fit
+
+log = logging.getLogger(__name__)
 
 
 # -- 1. weight patterns ----------------------------------------------------------------------

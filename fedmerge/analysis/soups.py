@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,9 +32,10 @@ from .common import (
     accuracy,
     fit,
     head_name,
-    log,
     outputs,
 )
+
+log = logging.getLogger(__name__)
 
 
 # -- 2. weight averaging vs output averaging -------------------------------------------------

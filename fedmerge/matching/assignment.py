@@ -3,7 +3,6 @@ coordinate-descent sweep the weight and dual matchers share."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -21,8 +20,6 @@ from ..permutations import (
 _TOL = 1e-12
 
 ScoreFn = Callable[[str, Permutations], Tensor]
-
-logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -12,8 +11,6 @@ from torch import Tensor
 from ..merging import (
     average,
 )
-
-log = logging.getLogger(__name__)
 
 State = Mapping[str, Tensor]
 

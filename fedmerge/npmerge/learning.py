@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -21,8 +20,6 @@ from ..merging import (
 from ..training import _batches
 from .fusion import _Adam, _Fusion, _nbytes
 from .options import _EVAL_BATCH, NPOptions, NPReport
-
-log = logging.getLogger(__name__)
 
 State = Mapping[str, Tensor]
 

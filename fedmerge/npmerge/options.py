@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -10,8 +9,6 @@ from dataclasses import dataclass, fields
 from torch import Tensor
 
 from ..errors import ConfigError, unknown_name
-
-log = logging.getLogger(__name__)
 
 State = Mapping[str, Tensor]
 
