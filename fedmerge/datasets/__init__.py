@@ -1,0 +1,192 @@
+"""Datasets held in memory as normalised tensors: a registry, one loader, a per-process cache.
+
+Every dataset fedmerge trains on is loaded whole into memory as ``torch.Tensor`` objects
+(``float32`` inputs, ``int64`` labels) by :func:`load_dataset`, which returns a
+:class:`FederatedDataset`. Partitioning among clients happens elsewhere; this module only
+produces the training split (optionally subsampled, optionally with a server proxy slice held
+out of it) and the fixed test split.
+
+Registered datasets (see :data:`DATASETS` and :func:`describe_datasets`):
+
+``digits``
+    scikit-learn's bundled copy of the UCI handwritten digits (1797 images, 8x8, values
+    0..16). Embedded: no files, no download. The default.
+``mnist``, ``fashion-mnist``
+    Read with ``torchvision.datasets.MNIST`` / ``FashionMNIST`` from ``<root>/MNIST/raw``
+    and ``<root>/FashionMNIST/raw`` (the extracted IDX files).
+``cifar10``, ``cifar100``
+    Read from the python-pickle layout (``<root>/cifar-10-batches-py``,
+    ``<root>/cifar-100-python``) by a small reader of this module; torchvision is only used
+    to download missing files.
+``synthetic``
+    FedProx's Synthetic(alpha, beta), generated from the seed; it comes with the natural
+    partition (one generating user per client) in :attr:`FederatedDataset.groups`.
+
+Caching: what is read from disk (and normalised) is cached per process, keyed on the dataset
+name and the resolved root, so the many clients of a simulation that share a process read
+each file once; :func:`load_dataset` then only applies the seeded proxy split and subsample.
+The tensors of a returned :class:`FederatedDataset` may be the cached ones themselves, so
+callers must never modify them in place (index or ``clone()`` them first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, unknown_name
+from .common import (
+    _STREAM_PROXY,
+    _STREAM_SUBSAMPLE,
+    _check_int,
+    _check_nonnegative_float,
+    _read_only,
+    _rng,
+    _stratified_indices,
+)
+from .files import _ensure_files
+from .loaders import _load_arrays
+from .registry import DATASETS, DatasetInfo, FederatedDataset, describe_datasets
+from .synthetic import _synthetic_arrays
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "FederatedDataset",
+    "clear_dataset_cache",
+    "describe_datasets",
+    "load_dataset",
+]
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | Path = "data",
+    download: bool = False,
+    proxy_size: int = 0,
+    max_train_samples: int = 0,
+    seed: int = 0,
+    num_clients: int = 10,
+    synthetic_alpha: float = 1.0,
+    synthetic_beta: float = 1.0,
+) -> FederatedDataset:
+    """Load a registered dataset into memory as normalised tensors.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`DATASETS`.
+    root : str or Path
+        Folder holding the files of ``mnist``, ``fashion-mnist``, ``cifar10`` and
+        ``cifar100`` in torchvision's layout (run-config key ``data-root``); resolved
+        against the current directory. Ignored by ``digits`` and ``synthetic``.
+    download : bool
+        Let torchvision download missing files into ``root`` (needs internet).
+    proxy_size : int
+        Samples held out of the full training split (seeded, class-stratified) as the
+        server's proxy set; ``0`` for none. Must be smaller than the training split.
+    max_train_samples : int
+        ``0`` keeps the whole training split (less the proxy); otherwise a seeded,
+        class-stratified subsample of that many samples is kept (for quick runs and tests;
+        a value at least the size of the split keeps it all). The proxy is drawn first from
+        the full split, so it does not depend on this value.
+    seed : int
+        Seed (``>= 0``) of the proxy split, the subsample and the ``synthetic`` generator.
+        The test split never depends on it, except for ``synthetic``, which is generated
+        from it.
+    num_clients : int
+        ``synthetic`` only: the number of generating users (one per client).
+    synthetic_alpha, synthetic_beta : float
+        ``synthetic`` only: FedProx's alpha (model heterogeneity) and beta (feature
+        heterogeneity), both ``>= 0``.
+
+    Returns
+    -------
+    FederatedDataset
+        The dataset; its tensors may be shared with the per-process cache, so they must
+        not be modified in place.
+
+    Raises
+    ------
+    ConfigError
+        A value is out of range (the error names its run-config key), or ``name`` is not
+        registered (key ``dataset``).
+    DatasetNotFoundError
+        The files are missing (and ``download`` is off, or the download failed) or
+        unreadable; the message lists the expected files and how to get them.
+    """
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    _check_int("proxy-size", proxy_size, minimum=0)
+    _check_int("max-train-samples", max_train_samples, minimum=0)
+    _check_int("seed", seed, minimum=0)
+    _check_int("num-clients", num_clients, minimum=1)
+    _check_nonnegative_float("synthetic-alpha", synthetic_alpha)
+    _check_nonnegative_float("synthetic-beta", synthetic_beta)
+
+    info = DATASETS[name]
+    if name == "synthetic":
+        arrays = _synthetic_arrays(num_clients, float(synthetic_alpha), float(synthetic_beta), seed)
+    elif info.files:
+        root_path = Path(root).expanduser().resolve()
+        _ensure_files(info, root_path, Path(root), download=download)
+        arrays = _load_arrays(name, str(root_path))
+    else:
+        arrays = _load_arrays(name, "")
+
+    n_train = len(arrays.y_train)
+    if proxy_size >= n_train:
+        raise ConfigError(
+            "proxy-size",
+            proxy_size,
+            f"an integer >= 0 and < {n_train} (the training split of {name!r} has "
+            f"{n_train} samples)",
+            hint="The proxy set is held out of the training split, so some must remain",
+        )
+
+    y_all = arrays.y_train.numpy()
+    keep = np.arange(n_train)
+    proxy_idx = np.empty(0, dtype=np.int64)
+    if proxy_size > 0:
+        proxy_idx = _stratified_indices(y_all, proxy_size, _rng(seed, _STREAM_PROXY))
+        keep = np.setdiff1d(keep, proxy_idx, assume_unique=True)
+    if 0 < max_train_samples < len(keep):
+        chosen = _stratified_indices(y_all[keep], max_train_samples, _rng(seed, _STREAM_SUBSAMPLE))
+        keep = keep[chosen]
+
+    if len(keep) == n_train:
+        # Nothing removed: hand out the cached tensors themselves (no copy, see docstring).
+        x_train, y_train, groups = arrays.x_train, arrays.y_train, arrays.groups
+    else:
+        keep_t = torch.from_numpy(keep)
+        x_train, y_train = arrays.x_train[keep_t], arrays.y_train[keep_t]
+        groups = None if arrays.groups is None else _read_only(arrays.groups[keep])
+    proxy_t = torch.from_numpy(proxy_idx)
+    return FederatedDataset(
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=arrays.x_test,
+        y_test=arrays.y_test,
+        x_proxy=arrays.x_train[proxy_t],
+        y_proxy=arrays.y_train[proxy_t],
+        num_classes=info.num_classes,
+        input_shape=tuple(arrays.x_train.shape[1:]),
+        classes=arrays.classes,
+        groups=groups,
+        mean=arrays.mean,
+        std=arrays.std,
+    )
+
+
+def clear_dataset_cache() -> None:
+    """Drop every dataset cached in this process (frees its memory once unreferenced)."""
+    _load_arrays.cache_clear()
+    _synthetic_arrays.cache_clear()
