@@ -208,17 +208,21 @@ def connectivity_experiment(
         a = {k: v.detach().cpu().clone() for k, v in model_a.state_dict().items()}
         b = {k: v.detach().cpu().clone() for k, v in model_b.state_dict().items()}
         names = scope_names(a, cfg.wsa_layers)
-        path = evaluate_path(
-            model_a,
-            a,
-            b,
-            data.x_test,
-            data.y_test,
-            points=points,
-            bn_data=data.x_train[:5000],
-            device=device,
-            batch_size=cfg.eval_batch_size,
-        )
+
+        def path_to(end: State, a=a, model_a=model_a) -> PathResult:
+            return evaluate_path(
+                model_a,
+                a,
+                end,
+                data.x_test,
+                data.y_test,
+                points=points,
+                bn_data=data.x_train[:5000],
+                device=device,
+                batch_size=cfg.eval_batch_size,
+            )
+
+        path = path_to(b)
         log.info(
             "lambda %s: loss barrier %.4f, accuracy barrier %.4f",
             lam,
@@ -227,18 +231,8 @@ def connectivity_experiment(
         )
         matched = {}
         if match_method is not None:
-            aligned = _aligned(cfg, model_a, a, b, match_method, data.x_train[:MATCH_SAMPLES])
-            mpath = evaluate_path(
-                model_a,
-                a,
-                aligned,
-                data.x_test,
-                data.y_test,
-                points=points,
-                bn_data=data.x_train[:5000],
-                device=device,
-                batch_size=cfg.eval_batch_size,
-            )
+            inputs = data.x_train[:MATCH_SAMPLES]
+            mpath = path_to(_aligned(cfg, model_a, a, b, match_method, inputs))
             matched = {
                 "matched-accuracy-mid": mpath.accuracy[len(mpath.ts) // 2],
                 "matched-accuracy-barrier": mpath.accuracy_barrier,
