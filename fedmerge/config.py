@@ -43,6 +43,7 @@ class RunConfig:
     download: bool = False
     max_train_samples: int = 0
     proxy_size: int = 0
+    input_scaling: str = "standard"
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
     # partition
@@ -241,7 +242,7 @@ def _check(ok: bool, key: str, value: object, allowed: str, hint: str | None = N
 def _validate(c: RunConfig) -> None:
     # Names that live in registries of the library core are checked here; the strategy name
     # is checked by the ServerApp (its registry imports Flower) and by the CLI up front.
-    from .datasets import DATASETS
+    from .datasets import DATASETS, INPUT_SCALINGS
     from .merging import MATCHER_NAMES, MERGES, REFERENCES
     from .models import MODELS, NORMS, parse_hidden
     from .scopes import FUSION_RULES, LAYER_SETS
@@ -253,6 +254,8 @@ def _validate(c: RunConfig) -> None:
         raise unknown_name("dataset", c.dataset, DATASETS)
     _check(c.max_train_samples >= 0, "max-train-samples", c.max_train_samples, "0 (all) or more")
     _check(c.proxy_size >= 0, "proxy-size", c.proxy_size, "an integer >= 0")
+    if c.input_scaling not in INPUT_SCALINGS:
+        raise unknown_name("input-scaling", c.input_scaling, INPUT_SCALINGS)
     _check(c.synthetic_alpha >= 0, "synthetic-alpha", c.synthetic_alpha, "a number >= 0")
     _check(c.synthetic_beta >= 0, "synthetic-beta", c.synthetic_beta, "a number >= 0")
     if c.partition not in PARTITION_SCHEMES:

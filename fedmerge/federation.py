@@ -34,6 +34,7 @@ class DataSpec:
     download: bool
     max_train_samples: int
     proxy_size: int
+    input_scaling: str
     seed: int
     num_clients: int
     synthetic_alpha: float
@@ -67,6 +68,7 @@ def load_data(spec: DataSpec) -> FederatedDataset:
         num_clients=spec.num_clients,
         synthetic_alpha=spec.synthetic_alpha,
         synthetic_beta=spec.synthetic_beta,
+        input_scaling=spec.input_scaling,
     )
 
 

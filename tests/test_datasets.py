@@ -382,3 +382,27 @@ def test_unknown_dataset_lists_choices() -> None:
     with pytest.raises(ConfigError) as err:
         load_dataset("imagenet")
     assert "fashion-mnist" in str(err.value) and "synthetic" in str(err.value)
+
+
+def test_unit_input_scaling_is_torchvision_to_tensor(shared_data_root: Path) -> None:
+    """``input-scaling=unit``: pixels in [0, 1], as ``ToTensor`` alone (Flower's NIID-Bench)."""
+    import torchvision
+
+    std = load_dataset("fashion-mnist", root=shared_data_root, proxy_size=50)
+    unit = load_dataset("fashion-mnist", root=shared_data_root, proxy_size=50, input_scaling="unit")
+    raw = torchvision.datasets.FashionMNIST(root=str(shared_data_root), train=False, download=False)
+    to_tensor = raw.data.float().div(255).unsqueeze(1)
+    torch.testing.assert_close(unit.x_test, to_tensor, rtol=0, atol=1e-6)
+    assert unit.x_train.min() >= 0 and unit.x_train.max() <= 1 + 1e-6
+    assert unit.x_proxy.shape == std.x_proxy.shape and unit.x_proxy.min() >= 0
+    assert abs(float(std.x_train.mean())) < 1e-3 and unit.mean == (0.0,) and unit.std == (1.0,)
+    torch.testing.assert_close(std.y_train, unit.y_train)  # the same samples, rescaled
+
+
+def test_input_scaling_errors_name_the_key() -> None:
+    digits = load_dataset("digits", input_scaling="unit")
+    assert float(digits.x_train.min()) >= 0 and float(digits.x_train.max()) <= 1 + 1e-6
+    with pytest.raises(ConfigError, match="input-scaling.*standard, unit"):
+        load_dataset("digits", input_scaling="minmax")
+    with pytest.raises(ConfigError, match="input-scaling.*not images"):
+        load_dataset("synthetic", input_scaling="unit")

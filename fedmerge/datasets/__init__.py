@@ -49,10 +49,12 @@ from .common import (
 from .files import _ensure_files
 from .loaders import _load_arrays
 from .registry import DATASETS, DatasetInfo, FederatedDataset, describe_datasets
+from .scaling import INPUT_SCALINGS, to_unit_range
 from .synthetic import _synthetic_arrays
 
 __all__ = [
     "DATASETS",
+    "INPUT_SCALINGS",
     "DatasetInfo",
     "FederatedDataset",
     "clear_dataset_cache",
@@ -76,6 +78,7 @@ def load_dataset(
     num_clients: int = 10,
     synthetic_alpha: float = 1.0,
     synthetic_beta: float = 1.0,
+    input_scaling: str = "standard",
 ) -> FederatedDataset:
     """Load a registered dataset into memory as normalised tensors.
 
@@ -106,6 +109,11 @@ def load_dataset(
     synthetic_alpha, synthetic_beta : float
         ``synthetic`` only: FedProx's alpha (model heterogeneity) and beta (feature
         heterogeneity), both ``>= 0``.
+    input_scaling : {"standard", "unit"}
+        Image inputs standardised per channel with the full training split's mean and std
+        (``standard``), or pixel values in [0, 1] (``unit``: what ``ToTensor`` alone gives, as
+        in Flower's NIID-Bench baseline). ``synthetic`` accepts only ``standard`` (its
+        features are left as generated either way).
 
     Returns
     -------
@@ -130,6 +138,8 @@ def load_dataset(
     _check_int("num-clients", num_clients, minimum=1)
     _check_nonnegative_float("synthetic-alpha", synthetic_alpha)
     _check_nonnegative_float("synthetic-beta", synthetic_beta)
+    if input_scaling not in INPUT_SCALINGS:
+        raise unknown_name("input-scaling", input_scaling, INPUT_SCALINGS)
 
     info = DATASETS[name]
     if name == "synthetic":
@@ -169,20 +179,30 @@ def load_dataset(
         x_train, y_train = arrays.x_train[keep_t], arrays.y_train[keep_t]
         groups = None if arrays.groups is None else _read_only(arrays.groups[keep])
     proxy_t = torch.from_numpy(proxy_idx)
+    x_test, x_proxy, mean, std = arrays.x_test, arrays.x_train[proxy_t], arrays.mean, arrays.std
+    if input_scaling == "unit":
+        if not mean:
+            raise ConfigError(
+                "input-scaling",
+                input_scaling,
+                f"standard for {name!r} (its features are not images)",
+            )
+        x_train, x_test, x_proxy = (to_unit_range(x, mean, std) for x in (x_train, x_test, x_proxy))
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)  # what x = (pixel - mean) / std now holds
     return FederatedDataset(
         name=name,
         x_train=x_train,
         y_train=y_train,
-        x_test=arrays.x_test,
+        x_test=x_test,
         y_test=arrays.y_test,
-        x_proxy=arrays.x_train[proxy_t],
+        x_proxy=x_proxy,
         y_proxy=arrays.y_train[proxy_t],
         num_classes=info.num_classes,
         input_shape=tuple(arrays.x_train.shape[1:]),
         classes=arrays.classes,
         groups=groups,
-        mean=arrays.mean,
-        std=arrays.std,
+        mean=mean,
+        std=std,
     )
 
 
