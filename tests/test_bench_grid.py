@@ -218,6 +218,17 @@ def test_the_fidelity_spec_runs_the_niid_bench_presets_fedavg_cells():
         assert ours == theirs, cell.label
 
 
+def test_the_unit_scaling_control_differs_from_the_fidelity_run_only_in_scaling():
+    fidelity = load_spec(ROOT / "fedmerge/bench/specs/niid-bench-fidelity.toml")
+    unit = load_spec(ROOT / "fedmerge/bench/specs/niid-bench-fidelity-unit.toml")
+    (cell,) = unit.cells()
+    twin = Cell("", cell.partition, "fedavg", "", cell.seed)
+    ours = unit.config(cell, Path(".")).to_mapping()
+    theirs = fidelity.config(twin, Path(".")).to_mapping()
+    differing = {k for k in ours if ours[k] != theirs[k]} - {"output-dir", "run-name"}
+    assert differing == {"input-scaling"} and ours["input-scaling"] == "unit"
+
+
 def test_presets_ship_in_the_wheel():
     """Presets are read with importlib.resources: setuptools must package them."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
