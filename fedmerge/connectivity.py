@@ -260,14 +260,12 @@ def connectivity_experiment(
 
 def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) -> State:
     """``b`` with its hidden units permuted to match ``a``'s (same function as ``b``)."""
-    from .matching import match
+    from .merging import align_one
     from .models import model_spec
-    from .permutations import apply_permutations
 
-    spec = model_spec(template)
-    perms = match(
+    aligned, _ = align_one(
+        model_spec(template),
         method,
-        spec,
         a,
         b,
         model=template,
@@ -276,4 +274,4 @@ def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) 
         seed=cfg.seed,
         max_sweeps=cfg.match_max_sweeps,
     )
-    return apply_permutations(spec, perms, b)
+    return aligned
