@@ -65,6 +65,8 @@ class RunConfig:
     weight_decay: float = 1e-5
     device: str = "auto"
     vectorise: bool = False
+    workers: int = 0
+    client_threads: int = 1
     # server
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -276,6 +278,15 @@ def _validate(c: RunConfig) -> None:
     _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
     _check(c.weight_decay >= 0, "weight-decay", c.weight_decay, "a number >= 0")
     _check(bool(_DEVICE_RE.match(c.device)), "device", c.device, "auto, cpu, cuda, cuda:N or mps")
+    _check(c.workers >= 0, "workers", c.workers, "0 (one per CPU core) or an integer >= 1")
+    _check(c.client_threads >= 0, "client-threads", c.client_threads, "0 (torch's) or >= 1")
+    _check(
+        c.client_threads == 1 or c.workers == 1,
+        "client-threads",
+        c.client_threads,
+        f"1 when workers is not 1 (got workers = {c.workers}): a forked worker process can "
+        "train with one intra-op thread only",
+    )
     _check(0 < c.fraction_train <= 1, "fraction-train", c.fraction_train, "a number in (0, 1]")
     _check(
         0 <= c.fraction_evaluate <= 1,

@@ -227,11 +227,28 @@ def _run_local(cfg: RunConfig, on_round: RoundCallback | None) -> None:
     progress_log.propagate = False  # the callback reports rounds; no second copy via root
     try:
         batch = train_batch if cfg.vectorise else None
-        run_apps(server_app, client_app, cfg.to_mapping(), cfg.num_clients, batch_train=batch)
+        run_apps(
+            server_app,
+            client_app,
+            cfg.to_mapping(),
+            cfg.num_clients,
+            batch_train=batch,
+            workers=local_workers(cfg),
+            client_threads=cfg.client_threads,
+        )
     finally:
         progress_log.removeHandler(handler)
         progress_log.setLevel(old_level)
         progress_log.propagate = old_propagate
+
+
+def local_workers(cfg: RunConfig) -> int:
+    """The worker processes the local engine uses for ``cfg`` (its ``workers`` key resolved)."""
+    from .engine.workers import resolve_workers
+
+    per_round = min(cfg.num_clients, max(int(cfg.num_clients * cfg.fraction_train), 1))
+    per_round = max(per_round, min(cfg.min_train_clients, cfg.num_clients))
+    return resolve_workers(cfg.workers, per_round, resolve_device(cfg.device).type)
 
 
 def parse_round_line(line: str) -> dict[str, Any] | None:

@@ -34,20 +34,25 @@ strategy creates its first ``Message``; ``flwr.supercore.run.Run.create_empty``;
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol, TypeVar
 from uuid import uuid4
 
+import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict, UserConfigValue
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from .workers import Task, WorkerPool, call_client, worker_pool
+
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: What the grid calls for each instruction: a ``ClientApp`` or any callable like it
 #: (e.g. :class:`fedmerge.engine.faults.FaultyClientApp`).
@@ -107,6 +112,92 @@ def outside_client_lock() -> Iterator[None]:
         _holder.held = True
 
 
+class CallHandle(Protocol):
+    """A client call started elsewhere: joined and polled like a ``threading.Thread``."""
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+class _QueuedCall:
+    """A call waiting for, or running on, the thread that serves a :class:`MainThreadCalls`."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn, self._done = fn, threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        finally:
+            self._done.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+
+class MainThreadCalls:
+    """Runs client calls on the thread that calls :meth:`serve` (the main thread).
+
+    Why: PyTorch trains the same model markedly slower in a thread other than the main one
+    on CPU (the intra-op thread pool belongs to the main thread; docs/benchmarks.md). While
+    :meth:`serve` runs a call, a new call cannot wait for it (that call may be one that
+    outlived its deadline): it runs in a fresh thread, as without this class.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_QueuedCall | None] = queue.SimpleQueue()
+        self._running = threading.Event()
+
+    def submit(self, fn: Callable[[], None]) -> CallHandle:
+        """Run ``fn`` on the serving thread when it is free, else on a new thread."""
+        if self._running.is_set():
+            return _start_thread(fn)
+        call = _QueuedCall(fn)
+        self._queue.put(call)
+        return call
+
+    def serve(self) -> None:
+        """Run submitted calls until :meth:`stop`."""
+        while (call := self._queue.get()) is not None:
+            self._running.set()
+            try:
+                call.run()
+            finally:
+                self._running.clear()
+
+    def stop(self) -> None:
+        """End :meth:`serve` once the calls already submitted have run."""
+        self._queue.put(None)
+
+
+def _start_thread(fn: Callable[[], None]) -> threading.Thread:
+    worker = threading.Thread(
+        target=fn,
+        name="fedmerge-client",
+        daemon=True,  # a client that never returns must not keep the process alive
+    )
+    worker.start()
+    return worker
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` intra-op threads for a block (0: leave torch's setting alone)."""
+    previous = torch.get_num_threads()
+    if threads <= 0 or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 #: Node ids of the local engine's clients are FIRST_NODE_ID + partition id (the SuperLink
 #: itself is node 1). Clients never see their node id in fedmerge: they use partition ids.
 FIRST_NODE_ID = 1000
@@ -130,6 +221,16 @@ class LocalGrid(Grid):
         ``(train messages, their nodes' contexts) -> replies or None``: trains a round's
         clients together (fedmerge's vectorised path). When it returns None, or raises, the
         ClientApp is called node by node as usual.
+    pool : WorkerPool, optional
+        Run the client calls in these worker processes (several at once) instead of in this
+        process; see :mod:`fedmerge.engine.workers`. With a pool, ``batch_train`` trains each
+        worker's share of a round's clients together.
+    client_threads : int
+        Torch intra-op threads for in-process client calls (0: torch's setting as it is).
+        Results depend on it (CPU kernels sum in a thread-count-dependent order); worker
+        processes always use one.
+    calls : MainThreadCalls, optional
+        Where in-process calls with a deadline run (default: a new thread per call).
     """
 
     #: Replies come back in the order the instructions were sent (a deterministic order), not
@@ -143,9 +244,14 @@ class LocalGrid(Grid):
         num_nodes: int,
         run_id: int = 1,
         batch_train: BatchTrain | None = None,
+        *,
+        pool: WorkerPool | None = None,
+        client_threads: int = 0,
+        calls: MainThreadCalls | None = None,
     ) -> None:
         self.client_app = client_app
         self.batch_train = batch_train
+        self.pool, self.client_threads, self.calls = pool, client_threads, calls
         self._run = Run.create_empty(run_id)
         self._contexts = {
             FIRST_NODE_ID + i: Context(
@@ -158,7 +264,7 @@ class LocalGrid(Grid):
             for i in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
-        self._busy: dict[int, threading.Thread] = {}  # nodes whose call outlived its deadline
+        self._busy: dict[int, CallHandle] = {}  # nodes whose call outlived its deadline
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid serves."""
@@ -200,14 +306,13 @@ class LocalGrid(Grid):
             log.warning("node %d is still busy with an earlier instruction: no reply", node_id)
             return None
         if timeout is None or timeout >= threading.TIMEOUT_MAX:  # no deadline to enforce
-            return self._call_exclusive(msg, node_id, None)
+            return self._on_client_thread(lambda: self._call_exclusive(msg, node_id, None))
         outcome: dict[str, Message | None] = {}
-        worker = threading.Thread(
-            target=lambda: outcome.update(reply=self._call_exclusive(msg, node_id, round_deadline)),
-            name=f"fedmerge-node-{node_id}",
-            daemon=True,  # a client that never returns must not keep the process alive
-        )
-        worker.start()
+
+        def call() -> None:
+            outcome.update(reply=self._call_exclusive(msg, node_id, round_deadline))
+
+        worker = self.calls.submit(call) if self.calls is not None else _start_thread(call)
         worker.join(max(timeout, 0.0))
         if worker.is_alive():
             self._busy[node_id] = worker
@@ -220,6 +325,24 @@ class LocalGrid(Grid):
             log.warning("node %d not called: a call past its deadline still runs", node_id)
         return outcome["reply"]
 
+    def _on_client_thread(self, fn: Callable[[], _T]) -> _T:
+        """``fn()``, run where client calls run (the main thread under :func:`run_apps`)."""
+        if self.calls is None:
+            return fn()
+        outcome: list[_T] = []
+        failure: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                outcome.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                failure.append(exc)
+
+        self.calls.submit(call).join()
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
     def _call_exclusive(self, msg: Message, node_id: int, deadline: float | None) -> Message | None:
         """The ClientApp's reply, called under the client lock; None if not had by ``deadline``."""
         with _holding_client_lock(deadline) as held:
@@ -230,13 +353,8 @@ class LocalGrid(Grid):
         return worker is not None and worker.is_alive()
 
     def _call(self, msg: Message, node_id: int) -> Message:
-        try:
-            return self.client_app(msg, self._contexts[node_id])
-        except Exception as exc:  # noqa: BLE001 - Flower's runtime turns any raise into an Error
-            reason = f"{type(exc).__name__}: {exc}"
-            log.warning("ClientApp on node %d raised %s", node_id, reason)
-            log.debug("%s", traceback.format_exc())
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+        with _torch_threads(self.client_threads):
+            return call_client(self.client_app, msg, self._contexts[node_id])
 
     def _deliver_batch(
         self, messages: list[Message], round_deadline: float | None
@@ -249,9 +367,14 @@ class LocalGrid(Grid):
         if self.batch_train is None or len(train) != len(messages) or len(train) < 2 or not known:
             return None
         contexts = [self._contexts[m.metadata.dst_node_id] for m in messages]
+        batch_train = self.batch_train
+
+        def train() -> list[Message] | None:
+            with _holding_client_lock(round_deadline) as held, _torch_threads(self.client_threads):
+                return batch_train(messages, contexts) if held else None
+
         try:
-            with _holding_client_lock(round_deadline) as held:
-                return self.batch_train(messages, contexts) if held else None
+            return self._on_client_thread(train)
         except Exception as exc:  # noqa: BLE001 - the per-node path reports per-node errors
             log.warning(
                 "batched training failed (%s: %s); calling the ClientApp per node",
@@ -271,15 +394,66 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = uuid4().hex
             ids.append(msg.metadata.message_id)
         no_limit = timeout is None or timeout >= threading.TIMEOUT_MAX
-        # How long this round waits for a call of an earlier round that outlived its deadline.
-        round_deadline = None if no_limit else time.monotonic() + max(timeout, 0.0)
-        replies = self._deliver_batch(messages, round_deadline)
-        if replies is None:
-            replies = [self._deliver(msg, timeout, round_deadline) for msg in messages]
+        if self.pool is not None:
+            replies = self._deliver_by_pool(messages, None if no_limit else max(timeout, 0.0))
+        else:
+            # How long this round waits for a call of an earlier round that outlived its deadline.
+            round_deadline = None if no_limit else time.monotonic() + max(timeout, 0.0)
+            replies = self._deliver_batch(messages, round_deadline)
+            if replies is None:
+                replies = [self._deliver(msg, timeout, round_deadline) for msg in messages]
         for message_id, reply in zip(ids, replies, strict=True):
             if reply is not None:
                 self._replies[message_id] = reply
         return ids
+
+    def _deliver_by_pool(
+        self, messages: list[Message], timeout: float | None
+    ) -> list[Message | None]:
+        """Every message's reply (None: none) from the worker processes; see ``workers``."""
+        assert self.pool is not None
+        replies: list[Message | None] = [None] * len(messages)
+        busy = self.pool.busy_nodes()
+        runnable: list[int] = []
+        for i, msg in enumerate(messages):
+            node_id = msg.metadata.dst_node_id
+            if node_id not in self._contexts:
+                error = Error(ErrorCode.NODE_UNAVAILABLE, f"no node with id {node_id}")
+                replies[i] = Message(error, reply_to=msg)
+            elif node_id in busy:
+                log.warning("node %d is still busy with an earlier instruction: no reply", node_id)
+            else:
+                runnable.append(i)
+        groups = self._pool_groups(messages, runnable)
+        tasks: list[Task] = [
+            (kind, [messages[i] for i in group], [self._contexts[messages[i].metadata.dst_node_id]
+                                                  for i in group])
+            for kind, group in groups
+        ]  # fmt: skip
+        for (_, group), result in zip(groups, self.pool.run(tasks, timeout), strict=True):
+            if result is None:  # past the deadline, or the worker died: no reply
+                continue
+            for i, (reply, state) in zip(group, result, strict=True):
+                self._contexts[messages[i].metadata.dst_node_id].state = state
+                replies[i] = reply
+        return replies
+
+    def _pool_groups(
+        self, messages: list[Message], runnable: list[int]
+    ) -> list[tuple[str, list[int]]]:
+        """One task per message, or, for batched training, one contiguous share per worker."""
+        assert self.pool is not None
+        train = all(messages[i].metadata.message_type == MessageType.TRAIN for i in runnable)
+        if self.batch_train is None or not train or len(runnable) < 2:
+            return [("call", [i]) for i in runnable]
+        shares = min(self.pool.size, len(runnable))
+        size, extra = divmod(len(runnable), shares)
+        groups, start = [], 0
+        for s in range(shares):
+            end = start + size + (1 if s < extra else 0)
+            groups.append(("batch", runnable[start:end]))
+            start = end
+        return groups
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The replies to these messages (each handed out once)."""
@@ -310,9 +484,16 @@ def run_apps(
     num_nodes: int,
     run_id: int = 1,
     batch_train: BatchTrain | None = None,
+    *,
+    workers: int = 1,
+    client_threads: int = 0,
 ) -> LocalGrid:
-    """Run ``server_app`` against ``num_nodes`` in-process nodes running ``client_app``."""
-    grid = LocalGrid(client_app, run_config, num_nodes, run_id, batch_train)
+    """Run ``server_app`` against ``num_nodes`` in-process nodes running ``client_app``.
+
+    ``workers`` > 1 trains the clients in that many worker processes
+    (:mod:`fedmerge.engine.workers`); with one, client calls run in this process, on the main
+    thread when this is it (the ServerApp then runs in a second thread).
+    """
     set_server_identity(run_id)
     context = Context(
         run_id=run_id,
@@ -321,5 +502,45 @@ def run_apps(
         state=RecordDict(),
         run_config=dict(run_config),
     )
-    server_app(grid, context)
+    with worker_pool(client_app, workers, batch_train) as pool:
+        on_main = threading.current_thread() is threading.main_thread()
+        calls = MainThreadCalls() if pool is None and on_main else None
+        grid = LocalGrid(
+            client_app,
+            run_config,
+            num_nodes,
+            run_id,
+            batch_train,
+            pool=pool,
+            client_threads=client_threads,
+            calls=calls,
+        )
+        if calls is None:
+            server_app(grid, context)
+        else:
+            _serve_clients_while(calls, lambda: server_app(grid, context))
     return grid
+
+
+def _serve_clients_while(calls: MainThreadCalls, server: Callable[[], None]) -> None:
+    """Run ``server`` in a second thread while this thread runs the client calls it makes."""
+    failure: list[BaseException] = []
+
+    def run_server() -> None:
+        # One thread of this process may own an OpenMP team: a second thread that starts one
+        # trains at about single-thread speed (measured, docs/benchmarks.md). The clients'
+        # thread keeps the team; the ServerApp's torch work runs single-threaded.
+        torch.set_num_threads(1)
+        try:
+            server()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            failure.append(exc)
+        finally:
+            calls.stop()
+
+    thread = threading.Thread(target=run_server, name="fedmerge-server", daemon=True)
+    thread.start()
+    calls.serve()
+    thread.join()
+    if failure:
+        raise failure[0]
