@@ -107,9 +107,12 @@ from ..errors import FedmergeError
 from ..federation import DataSpec, client_seed, client_shard, load_data, make_model
 from ..results import read_metrics
 from ..training import resolve_device
+from .bare_multi import average, measure_bare_processes, train_clients
 
-ENGINES = ("local", "flower")
-TARGET_RATIO = 0.9
+ENGINES = ("local", "local-workers", "flower")
+#: local (one in-process worker) / bare single process; local-workers / bare processes.
+TARGET_RATIO = 0.95
+TARGET_WORKERS_RATIO = 0.9
 
 # Hyper-parameters of the benchmark's local training (fixed: the acceptance criterion's).
 LR = 0.01
@@ -130,7 +133,8 @@ class BenchSettings:
     local_epochs: int = 1
     partition: str = "dirichlet"
     max_train_samples: int = 0
-    engines: tuple[str, ...] = ("local",)
+    engines: tuple[str, ...] = ("local", "local-workers")
+    workers: int = 0  # local-workers and the bare processes; 0 = one per CPU (<= clients)
     repeats: int = 1
     threads: int | None = None
     device: str = "auto"
@@ -151,6 +155,13 @@ class BenchSettings:
         for name in ("clients", "rounds", "local_epochs", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise FedmergeError(f"{name.replace('_', '-')}: must be at least 1")
+        if self.workers < 0:
+            raise FedmergeError(f"workers: got {self.workers}; allowed: 0 (one per CPU) or more")
+
+    @property
+    def processes(self) -> int:
+        """Processes of the multi-process variants (local-workers, bare processes)."""
+        return max(1, min(self.workers or available_cpus(), self.clients))
 
     def run_config(self, output_dir: str | Path, run_name: str = "") -> RunConfig:
         """The fedmerge run-config of these settings (FedAvg, every client every round)."""
@@ -317,13 +328,7 @@ def measure_bare(fed: Federation) -> dict[str, Any]:
     # Everything below the `-- timed --` line is plain PyTorch; these lookups are not timed.
     shards = [(x.to(device), y.to(device)) for x, y in fed.shards]
     sizes = fed.sizes
-    total = sum(sizes)
-    seeds = [
-        [client_seed(cfg.seed, pid, r) for pid in range(cfg.num_clients)]
-        for r in range(1, cfg.num_rounds + 1)
-    ]
-    epochs, bs = cfg.local_epochs, cfg.batch_size
-    lr, momentum, wd = cfg.lr, cfg.momentum, cfg.weight_decay
+    seeds = _seeds(cfg)
     model = make_model(cfg, load_data(fed.spec)).to(device)
     global_state = {k: v.to(device) for k, v in fed.initial_state.items()}
     sync()
@@ -332,37 +337,9 @@ def measure_bare(fed: Federation) -> dict[str, Any]:
     round_seconds, train_seconds, avg_seconds = [], [], []
     for r in range(cfg.num_rounds):
         round_start = time.perf_counter()
-        loop = 0.0
-        states = []
-        for (x, y), seed in zip(shards, seeds[r], strict=True):
-            model.load_state_dict(global_state)
-            model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-            gen = torch.Generator().manual_seed(seed)
-            n = len(y)
-            loop_start = time.perf_counter()
-            for _ in range(epochs):
-                perm = torch.randperm(n, generator=gen)
-                for i in range(0, n, bs):
-                    idx = perm[i : i + bs].to(device)
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            sync()
-            loop += time.perf_counter() - loop_start
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        states, loop = train_clients(model, global_state, shards, seeds[r], sync=sync, **_sgd(cfg))
         avg_start = time.perf_counter()
-        new_state = {}
-        for key, ref in global_state.items():
-            if ref.is_floating_point():
-                acc = torch.zeros_like(ref)
-                for state, n in zip(states, sizes, strict=True):
-                    acc += state[key] * (n / total)
-                new_state[key] = acc
-            else:  # integer buffers (e.g. BatchNorm's step counter): not averaged
-                new_state[key] = states[0][key].clone()
-        global_state = new_state
+        global_state = average(states, sizes, global_state)
         sync()
         end = time.perf_counter()
         round_seconds.append(end - round_start)
@@ -378,6 +355,45 @@ def measure_bare(fed: Federation) -> dict[str, Any]:
         extra={
             "averaging_seconds_per_round": sum(avg_seconds) / len(avg_seconds),
             "train_seconds_method": "timed around the epoch loops",
+        },
+    )
+
+
+def _seeds(cfg: RunConfig) -> list[list[int]]:
+    """Per round, each client's seed (the ClientApp's own)."""
+    return [
+        [client_seed(cfg.seed, pid, r) for pid in range(cfg.num_clients)]
+        for r in range(1, cfg.num_rounds + 1)
+    ]
+
+
+def _sgd(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "epochs": cfg.local_epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+    }
+
+
+def measure_bare_multi(fed: Federation, processes: int) -> dict[str, Any]:
+    """The bare loop with the clients spread over ``processes`` forked processes (CPU)."""
+    if fed.device.type != "cpu":
+        raise FedmergeError("the multi-process bare loop runs on the CPU only (device cpu)")
+    cfg = fed.cfg
+    model = make_model(cfg, load_data(fed.spec))
+    timed = measure_bare_processes(
+        model, fed.initial_state, fed.shards, _seeds(cfg), processes, **_sgd(cfg)
+    )
+    return _figures(
+        "bare-processes",
+        samples=fed.samples_per_round * cfg.num_rounds,
+        round_seconds=timed["round_seconds"],
+        train_seconds=None,
+        extra={
+            "processes": processes,
+            "train_seconds_method": "not separable: processes train at once",
         },
     )
 
@@ -446,11 +462,16 @@ def _estimated_train_seconds(rows: Sequence[dict[str, Any]], fed: Federation) ->
     ]
 
 
-def measure_local(fed: Federation, run_name: str) -> dict[str, Any]:
-    """One run of the local engine; figures from its metrics.json and recorded client times."""
+def measure_local(fed: Federation, run_name: str, workers: int = 1) -> dict[str, Any]:
+    """One run of the local engine; figures from its metrics.json (and recorded client times).
+
+    ``workers`` = 1: clients in this process with torch's current thread count (as the bare
+    loop); more: that many worker processes of one thread each.
+    """
     from ..runner import run
 
-    cfg = fed.cfg.replace(run_name=run_name)
+    threads = 0 if workers == 1 else 1
+    cfg = fed.cfg.replace(run_name=run_name, workers=workers, client_threads=threads)
     stamps: list[float] = []
     with quiet_flower(), record_client_train() as results:
         start = time.perf_counter()
@@ -458,22 +479,30 @@ def measure_local(fed: Federation, run_name: str) -> dict[str, Any]:
         wall = time.perf_counter() - start
     rows = _round_rows(read_metrics(run_dir), fed)
     c = cfg.num_clients
-    if len(results) != c * cfg.num_rounds:
-        raise FedmergeError(f"recorded {len(results)} client trainings, not {c * cfg.num_rounds}")
-    exact = [sum(res.seconds for res in results[i * c : (i + 1) * c]) for i in range(len(rows))]
     estimate = _estimated_train_seconds(rows, fed)
+    extra: dict[str, Any] = {
+        "startup_seconds": stamps[0] - start if stamps else None,
+        "wall_seconds": wall,
+        "workers": workers,
+        "results_dir": str(run_dir),
+    }
+    exact = None
+    if workers == 1:
+        if len(results) != c * cfg.num_rounds:
+            raise FedmergeError(
+                f"recorded {len(results)} client trainings, not {c * cfg.num_rounds}"
+            )
+        exact = [sum(res.seconds for res in results[i * c : (i + 1) * c]) for i in range(len(rows))]
+        extra["train_seconds_method"] = "exact: each client's TrainResult.seconds, recorded"
+        extra["estimated_train_seconds_per_round"] = sum(estimate) / len(estimate)
+    else:
+        extra["train_seconds_method"] = "not separable: workers train at once"
     return _figures(
-        "local",
+        "local" if workers == 1 else "local-workers",
         samples=fed.samples_per_round * cfg.num_rounds,
         round_seconds=[float(r["round-time"]) for r in rows],
         train_seconds=exact,
-        extra={
-            "startup_seconds": stamps[0] - start if stamps else None,
-            "wall_seconds": wall,
-            "train_seconds_method": "exact: each client's TrainResult.seconds, recorded",
-            "estimated_train_seconds_per_round": sum(estimate) / len(estimate),
-            "results_dir": str(run_dir),
-        },
+        extra=extra,
     )
 
 
@@ -569,16 +598,27 @@ def run_benchmark(
         )
         fed = prepare_federation(settings, out)
         warm_up(fed)
-        runs: dict[str, list[dict[str, Any]]] = {"bare": []}
-        for engine in settings.engines:
-            runs[engine] = []
-        for rep in range(settings.repeats):
-            runs["bare"].append(measure_bare(fed))
-            log(_progress_line("bare", rep, settings.repeats, runs["bare"][-1]))
-            if "local" in settings.engines:
-                runs["local"].append(measure_local(fed, f"bench-local-{rep}"))
-                log(_progress_line("local", rep, settings.repeats, runs["local"][-1]))
+        processes = settings.processes
+        variants: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
+            ("bare", lambda rep: measure_bare(fed))
+        ]
+        if "local" in settings.engines:
+            variants.append(("local", lambda rep: measure_local(fed, f"bench-local-{rep}")))
+        if "local-workers" in settings.engines:
+            variants.append(("bare-processes", lambda rep: measure_bare_multi(fed, processes)))
+            variants.append(
+                (
+                    "local-workers",
+                    lambda rep: measure_local(fed, f"bench-workers-{rep}", processes),
+                )
+            )
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+        for rep in range(settings.repeats):  # variants alternate: drifts hit them alike
+            for name, measure in variants:
+                runs[name].append(measure(rep))
+                log(_progress_line(name, rep, settings.repeats, runs[name][-1]))
         if "flower" in settings.engines:
+            runs["flower"] = []
             for rep in range(settings.repeats):
                 runs["flower"].append(measure_flower(fed, settings, f"bench-flower-{rep}"))
                 log(_progress_line("flower", rep, settings.repeats, runs["flower"][-1]))
@@ -595,15 +635,20 @@ def run_benchmark(
         "results": results,
         "ratios": ratios,
         "target_ratio": TARGET_RATIO,
+        "target_workers_ratio": TARGET_WORKERS_RATIO,
     }
     if "local" in ratios:
         report["local_meets_target"] = ratios["local"] >= TARGET_RATIO
+    if "local-workers" in ratios:
+        limit = results["bare-processes"]["samples_per_s"]
+        report["workers_ratio"] = results["local-workers"]["samples_per_s"] / limit
+        report["workers_meet_target"] = report["workers_ratio"] >= TARGET_WORKERS_RATIO
     return report
 
 
 def _progress_line(engine: str, rep: int, repeats: int, res: dict[str, Any]) -> str:
     return (
-        f"{engine:<6} repeat {rep + 1}/{repeats}: {res['samples_per_s']:,.0f} samples/s, "
+        f"{engine:<14} repeat {rep + 1}/{repeats}: {res['samples_per_s']:,.0f} samples/s, "
         f"{res['seconds_per_round']:.3f} s/round"
     )
 
@@ -675,8 +720,17 @@ def render(report: dict[str, Any]) -> None:
         )
         verdict = "meets" if report["local_meets_target"] else "MISSES"
         console.print(
-            f"local engine / bare PyTorch = {report['ratios']['local']:.3f} "
+            f"local engine (workers=1) / bare PyTorch = {report['ratios']['local']:.3f} "
             f"({verdict} the target >= {report['target_ratio']})"
+        )
+    if "local-workers" in report["results"]:
+        procs = report["results"]["bare-processes"]["processes"]
+        verdict = "meets" if report["workers_meet_target"] else "MISSES"
+        console.print(
+            f"local engine (workers={procs}) / bare PyTorch in {procs} processes = "
+            f"{report['workers_ratio']:.3f} ({verdict} the target >= "
+            f"{report['target_workers_ratio']}); x bare single process = "
+            f"{report['ratios']['local-workers']:.3f}"
         )
     if "flower" in report["results"]:
         fl = report["results"]["flower"]
@@ -709,7 +763,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchSettings, str | 
     p.add_argument(
         "--engines",
         default=",".join(d.engines),
-        help="comma-separated subset of local,flower (bare PyTorch always runs)",
+        help="comma-separated subset of local,local-workers,flower (bare PyTorch always "
+        "runs; in as many processes as local-workers has workers when that runs)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="processes of local-workers and of the bare multi-process loop (0 = one per CPU)",
     )
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (bare, local)")
@@ -736,6 +797,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchSettings, str | 
         partition=args.partition,
         max_train_samples=args.max_train_samples,
         engines=engines,
+        workers=args.workers,
         repeats=args.repeats,
         threads=args.threads,
         device=args.device,

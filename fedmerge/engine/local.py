@@ -171,6 +171,12 @@ class MainThreadCalls:
 
     def stop(self) -> None:
         """End :meth:`serve` once the calls already submitted have run."""
+        if self._running.is_set():
+            log.warning(
+                "the run is over, but a client call that outlived its deadline still runs on "
+                "the main thread: waiting for it to return (Python cannot stop it; Ctrl-C "
+                "ends the process; worker processes, workers > 1, are stopped instead)"
+            )
         self._queue.put(None)
 
 
@@ -477,6 +483,14 @@ def set_server_identity(run_id: int) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
+#: Torch intra-op threads of the ServerApp's work (evaluation, merging) under
+#: :func:`run_apps`. One, whatever the workers: results then do not depend on them. And in
+#: one process, only one thread should own an OpenMP team: a second thread that starts one
+#: trains at about single-thread speed (measured, docs/benchmarks.md), so with in-process
+#: clients the team is theirs (on the main thread).
+SERVER_THREADS = 1
+
+
 def run_apps(
     server_app: ServerApp,
     client_app: ClientCallable,
@@ -492,7 +506,9 @@ def run_apps(
 
     ``workers`` > 1 trains the clients in that many worker processes
     (:mod:`fedmerge.engine.workers`); with one, client calls run in this process, on the main
-    thread when this is it (the ServerApp then runs in a second thread).
+    thread when this is it (the ServerApp then runs in a second thread). The ServerApp's torch
+    work runs with :data:`SERVER_THREADS` intra-op threads either way; client calls in this
+    process with ``client_threads`` (0: torch's setting).
     """
     set_server_identity(run_id)
     context = Context(
@@ -516,7 +532,8 @@ def run_apps(
             calls=calls,
         )
         if calls is None:
-            server_app(grid, context)
+            with _torch_threads(SERVER_THREADS):
+                server_app(grid, context)
         else:
             _serve_clients_while(calls, lambda: server_app(grid, context))
     return grid
@@ -527,10 +544,7 @@ def _serve_clients_while(calls: MainThreadCalls, server: Callable[[], None]) -> 
     failure: list[BaseException] = []
 
     def run_server() -> None:
-        # One thread of this process may own an OpenMP team: a second thread that starts one
-        # trains at about single-thread speed (measured, docs/benchmarks.md). The clients'
-        # thread keeps the team; the ServerApp's torch work runs single-threaded.
-        torch.set_num_threads(1)
+        torch.set_num_threads(SERVER_THREADS)
         try:
             server()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
