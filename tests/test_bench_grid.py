@@ -18,6 +18,7 @@ from fedmerge.strategies.registry import STRATEGIES
 
 from fedmerge.bench import grid
 from fedmerge.bench.grid_spec import Cell, load_spec, parse_spec, preset_names
+from fedmerge.config import RunConfig
 from fedmerge.errors import FedmergeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,10 +355,10 @@ def test_a_failing_cell_does_not_stop_the_grid(finished, tmp_path, monkeypatch, 
         shutil.rmtree(out / cell)
     real = grid.run_cell
 
-    def flaky(folder: str, cfg_map: dict, threads: int) -> float:
+    def flaky(folder: str, cfg_map: dict, threads: int, label: str = "") -> float:
         if folder.endswith("iid/fedavg/s1"):
             raise RuntimeError("boom")
-        return real(folder, cfg_map, threads)
+        return real(folder, cfg_map, threads, label)
 
     monkeypatch.setattr(grid, "run_cell", flaky)
     assert grid.main([str(spec_file), "--out", str(out), "--jobs", "1", "--threads", "1"]) == 1
@@ -498,3 +499,24 @@ def test_scaling_sweeps_on_digits(tmp_path, capsys):
     assert "== clients (mlp, fedavg) ==" in printed and "ms/client" in printed
     assert scaling.main(["--strategies", "fedx"]) == 2
     assert "fedx" in capsys.readouterr().err
+
+
+def test_a_long_cell_prints_its_rounds_and_jobs_share_the_cpus(capsys, monkeypatch):
+    progress = grid._CellProgress("fedavg/digits/iid/s0", num_rounds=3, every=0.0)
+    for r in range(4):
+        progress({"round": r, "test-accuracy": 0.5})
+    lines = capsys.readouterr().out.splitlines()
+    # Rounds 0..2 as they finish; the last round is the cell's own "finished" line.
+    assert lines == [
+        f"  ... fedavg/digits/iid/s0: round {r}/3, test-accuracy 0.5000" for r in range(3)
+    ]
+    quiet = grid._CellProgress("x", num_rounds=3, every=3600.0)
+    quiet({"round": 1, "test-accuracy": 0.5})
+    assert capsys.readouterr().out == ""  # within the interval: nothing
+
+    monkeypatch.setattr(grid, "available_cpus", lambda: 8)
+    cfg = RunConfig()
+    assert grid.cell_workers(cfg, jobs=2).workers == 4
+    assert grid.cell_workers(cfg, jobs=8).workers == 1
+    assert grid.cell_workers(cfg, jobs=16).workers == 1
+    assert grid.cell_workers(cfg.replace(workers=3), jobs=2).workers == 3  # the spec's own

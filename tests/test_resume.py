@@ -326,12 +326,28 @@ def _checkpoint_round(run_dir: Path) -> int:
         return -1
 
 
-def _kill_mid_run_then_resume(tmp_path: Path, engine: str) -> None:
+def _processes_with(text: str) -> list[int]:
+    """Live processes (zombies aside) whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_mid_run_then_resume(tmp_path: Path, engine: str, *extra: str) -> None:
     # TMPDIR of the runs: flwr-home and Ray's session, so everything they start is found by
     # path. Short: Ray's socket paths must fit in 107 bytes, pytest's tmp_path does not.
     scratch = Path(tempfile.mkdtemp(prefix="fm-resume-"))
     env = dict(os.environ, TMPDIR=str(scratch), OMP_NUM_THREADS="1")
-    common = [*SLOW_ROUNDS, f"output-dir={tmp_path}", "--engine", engine]
+    common = [*SLOW_ROUNDS, *extra, f"output-dir={tmp_path}", "--engine", engine]
     try:
         proc = subprocess.Popen(
             _fedmerge(*common, "run-name=cut"),
@@ -346,8 +362,17 @@ def _kill_mid_run_then_resume(tmp_path: Path, engine: str) -> None:
             assert proc.poll() is None, f"ended before round 2: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint of round 2 in time"
             time.sleep(0.05)
+        if engine == "local":  # the engine and its worker processes (forks: same cmdline)
+            assert len(_processes_with(f"output-dir={tmp_path}")) == 1 + int(
+                dict(a.split("=") for a in extra).get("workers", "1")
+            )
         os.kill(proc.pid, signal.SIGKILL)  # in the middle of round 3
         proc.wait()
+        if engine == "local":  # no worker outlives the engine
+            gone_by = time.monotonic() + 10
+            while _processes_with(f"output-dir={tmp_path}") and time.monotonic() < gone_by:
+                time.sleep(0.05)
+            assert _processes_with(f"output-dir={tmp_path}") == []
         killed_at = _checkpoint_round(run_dir)
         assert 2 <= killed_at < 6, killed_at
         resumed = subprocess.run(
@@ -381,8 +406,10 @@ def _kill_mid_run_then_resume(tmp_path: Path, engine: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_on_the_local_engine(tmp_path):
-    _kill_mid_run_then_resume(tmp_path, "local")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigkill_then_resume_on_the_local_engine(tmp_path, workers):
+    # workers=2: the resumed run also equals the whole run, and no worker survives the kill.
+    _kill_mid_run_then_resume(tmp_path, "local", f"workers={workers}")
 
 
 @pytest.mark.slow

@@ -57,8 +57,11 @@ DONE_FILE = "done.json"
 PARTITION_FILE = "partition.json"
 LOCK_FILE = ".bench.lock"
 DATA_ROOT_ENV = "FEDMERGE_DATA_ROOT"
-#: Config keys that may differ between a finished cell and the spec (paths of this machine).
-_PATH_KEYS = ("output-dir", "run-name", "data-root")
+#: Config keys that may differ between a finished cell and the spec: paths of this machine,
+#: and the worker processes (results do not depend on them; the bench sets them per --jobs).
+_PATH_KEYS = ("output-dir", "run-name", "data-root", "workers")
+#: Seconds between two progress lines of one cell (its rounds as they finish).
+PROGRESS_EVERY = 30.0
 
 
 # -- the state of the results folder ----------------------------------------------------------
@@ -165,10 +168,30 @@ def preflight(spec: BenchSpec, cells: list[Cell], out: Path) -> None:
 
 
 # -- running cells ------------------------------------------------------------------------------
-def run_cell(folder: str, cfg_map: dict[str, Any], threads: int) -> float:
+class _CellProgress:
+    """Prints a cell's latest round every :data:`PROGRESS_EVERY` seconds while it runs."""
+
+    def __init__(self, label: str, num_rounds: int, every: float = PROGRESS_EVERY) -> None:
+        self.label, self.num_rounds, self.every = label, num_rounds, every
+        self.last = time.monotonic()
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every or int(row["round"]) >= self.num_rounds:
+            return
+        self.last = now
+        print(
+            f"  ... {self.label}: round {int(row['round'])}/{self.num_rounds}, "
+            f"test-accuracy {float(row['test-accuracy']):.4f}",
+            flush=True,
+        )
+
+
+def run_cell(folder: str, cfg_map: dict[str, Any], threads: int, label: str = "") -> float:
     """Run one cell in its partial folder, then rename it to ``folder``; returns seconds.
 
-    Top-level (picklable): worker processes call it.
+    Top-level (picklable): worker processes call it. Prints the cell's progress (``label``)
+    every :data:`PROGRESS_EVERY` seconds.
     """
     import torch
 
@@ -184,7 +207,7 @@ def run_cell(folder: str, cfg_map: dict[str, Any], threads: int) -> float:
     try:
         shutil.rmtree(partial, ignore_errors=True)  # left by a killed bench
         start = time.perf_counter()
-        run(cfg, "local")
+        run(cfg, "local", on_round=_CellProgress(label or final.name, cfg.num_rounds))
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)
@@ -194,7 +217,12 @@ def run_cell(folder: str, cfg_map: dict[str, Any], threads: int) -> float:
     write_json(partial / CONFIG_JSON, record)
     write_json(
         partial / DONE_FILE,
-        {"seconds": seconds, "threads": threads, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        {
+            "seconds": seconds,
+            "threads": threads,
+            "workers": cfg.workers,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
     )
     shutil.rmtree(final, ignore_errors=True)  # an unfinished folder (not made by the bench)
     os.replace(partial, final)
@@ -267,13 +295,25 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def cell_workers(cfg: RunConfig, jobs: int) -> RunConfig:
+    """``cfg`` with its ``workers`` set so that ``jobs`` cells at once fill, not oversubscribe,
+    the CPUs: a cell that leaves ``workers`` to the engine (0) gets CPUs // jobs."""
+    if cfg.workers != 0:
+        return cfg
+    return cfg.replace(workers=max(1, available_cpus() // jobs))
+
+
 def run_cells(
     spec: BenchSpec, out: Path, cells: list[Cell], *, jobs: int, threads: int
 ) -> list[tuple[Cell, str]]:
     """Run ``cells`` (``jobs`` processes at a time; ``jobs == 1`` runs them in this process)
     and print a line per finished cell. Returns the failed cells with their errors."""
     tasks = [
-        (cell, str(out / cell.path), spec.config(cell, out, partial_dir(out, cell).name))
+        (
+            cell,
+            str(out / cell.path),
+            cell_workers(spec.config(cell, out, partial_dir(out, cell).name), jobs),
+        )
         for cell in cells
     ]
     from ..results import read_metrics
@@ -294,7 +334,7 @@ def run_cells(
     if jobs == 1:
         for i, (cell, folder, cfg) in enumerate(tasks, 1):
             try:
-                seconds = run_cell(folder, cfg.to_mapping(), threads)
+                seconds = run_cell(folder, cfg.to_mapping(), threads, cell.label)
             except Exception as exc:  # noqa: BLE001  (one failed cell must not stop the grid)
                 finished(i, cell, None, f"{type(exc).__name__}: {exc}")
             else:
@@ -305,7 +345,7 @@ def run_cells(
     )
     with pool:
         futures = {
-            pool.submit(run_cell, folder, cfg.to_mapping(), threads): cell
+            pool.submit(run_cell, folder, cfg.to_mapping(), threads, cell.label): cell
             for cell, folder, cfg in tasks
         }
         for i, fut in enumerate(as_completed(futures), 1):
@@ -361,9 +401,11 @@ def run_bench(
         done, todo = split_cells(spec, out)
         jobs = max(1, min(jobs or available_cpus(), len(todo) or 1))
         threads = threads or default_threads(jobs)
+        workers = max(1, available_cpus() // jobs)
         print(
             f"{spec.source}: {len(done)} of {len(done) + len(todo)} cells done; running "
-            f"{len(todo)} with {jobs} job(s) of {threads} thread(s); results in {out}",
+            f"{len(todo)} with {jobs} job(s), each with {workers} worker process(es) unless "
+            f"the spec sets workers; results in {out}",
             flush=True,
         )
         if not todo:
@@ -439,7 +481,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="torch threads per cell (default: CPUs // jobs, at most OMP_NUM_THREADS)",
+        help="torch threads of each cell's process outside its clients and server (data "
+        "loading; clients train with the cell's client-threads, the server with one) "
+        "(default: CPUs // jobs, at most OMP_NUM_THREADS)",
     )
     p.add_argument(
         "--data-root",
