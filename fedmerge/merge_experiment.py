@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from .merging import average, repair_batchnorm
 from .models import model_spec
 from .permutations import apply_permutations
 from .training import evaluate, resolve_device, train
+
+if TYPE_CHECKING:  # npmerge imports MergeSite from here: imported where used, below
+    from .npmerge import NPOptions
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +102,10 @@ def _aligned_average(site: MergeSite, matcher: str, beta: float = 0.5) -> State:
     return average([site.a, apply_permutations(spec, perms, site.b)], reference=site.a)
 
 
-def merge_methods(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], State]]:
-    """The weight-space merges of the table, in row order."""
+def merge_methods(
+    betas: Sequence[float], np_options: NPOptions | None = None
+) -> dict[str, Callable[[MergeSite], State]]:
+    """The weight-space merges of the table, in row order (NP Merge with ``np_options``)."""
     methods: dict[str, Callable[[MergeSite], State]] = {
         "plain average": lambda s: average([s.a, s.b], reference=s.a),
         "weight matching": lambda s: _aligned_average(s, "weight"),
@@ -109,9 +115,10 @@ def merge_methods(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], Sta
         methods[f"dual (MuDSC) beta={beta:g}"] = lambda s, b=beta: _aligned_average(s, "dual", b)
     # Rows that also use the merge-site *labels*: NP Merge, and its fair control, SGD
     # fine-tuning of the weight-matched average on the same labelled slice.
-    from .npmerge import np_merge_site  # local: the learned merge is only needed here
+    from .npmerge import NPOptions, np_merge_site  # local: only needed here
 
-    methods["NP Merge (weight-aligned)"] = np_merge_site
+    options = np_options if np_options is not None else NPOptions()
+    methods["NP Merge (weight-aligned)"] = lambda s: np_merge_site(s, options=options)
     methods["fine-tuned matched average"] = _fine_tuned_matched_average
     methods.update(EXTRA_METHODS)
     return methods
@@ -213,7 +220,9 @@ def one_shot_pair(
         }
 
     rows = [score("model A", states[0], 0.0), score("model B", states[1], 0.0)]
-    for name, method in merge_methods(betas).items():
+    from .npmerge import NPOptions
+
+    for name, method in merge_methods(betas, NPOptions.from_config(cfg)).items():
         start = time.perf_counter()
         merged = method(site)
         merged = repair_batchnorm(template, merged, site.x)  # a copy when there is no BN

@@ -139,6 +139,22 @@ def test_learning_lowers_the_proxy_loss_and_stays_between_the_endpoints(pair):
     assert full.loss_end < 0.9 * full.loss_start
 
 
+def test_without_a_held_out_part_the_learned_coefficients_are_kept(pair):
+    # Issue 15: np-holdout = 0 restored the starting logits (the plain aligned average).
+    model, (a, b), x, y = pair
+    b_aligned = _aligned(model, a, b)
+    report = NPReport()
+    merged, logits = learn_coefficients(
+        model, [a, b_aligned], None, x, y, options=NPOptions(holdout=0.0), report=report
+    )
+    assert report.steps > 0 and math.isnan(report.holdout_end)
+    assert float(max(v.abs().max() for v in logits.values())) > 0.1  # they moved from 0
+    assert not _equal(merged, average([a, b_aligned]), atol=1e-4)
+    assert _equal(merged, fuse([a, b_aligned], logits, form="pair"), atol=1e-5)
+    _, full = _merge(model, [a, b], x, y, holdout=0.0)
+    assert full.loss_end < 0.9 * full.loss_start  # and the merge keeps what they learned
+
+
 def test_pairwise_and_softmax_merge_permuted_copies_back_into_the_model(pair):
     model, (a, _), x, y = pair
     spec = model_spec(model)
@@ -321,3 +337,25 @@ def test_fednpmerge_runs_end_to_end_on_the_local_engine(tmp_path, monkeypatch):
     for row in rows[1:]:
         assert row["proxy-size"] == 200 and row["np-steps"] > 0
         assert row["np-proxy-loss-end"] <= row["np-proxy-loss-start"] + 1e-6
+
+
+def test_merge_experiment_gives_np_merge_the_np_keys(monkeypatch):
+    # Issue 15: `fedmerge merge-experiment np-holdout=0` ran NP Merge with NPOptions().
+    from fedmerge import merge_experiment
+    from fedmerge.config import RunConfig
+
+    seen = []
+
+    def recording(site, **kwargs):
+        seen.append(kwargs["options"])
+        return site.a
+
+    monkeypatch.setattr("fedmerge.npmerge.np_merge_site", recording)
+    cfg = RunConfig.from_mapping(
+        {"model": "mlp", "mlp-hidden": "16", "device": "cpu", "np-holdout": 0.0, "np-epochs": 3}
+    )
+    rows = merge_experiment.one_shot_pair(
+        cfg, pair_seed=0, epochs=1, betas=(0.5,), merge_samples=100
+    )
+    assert seen == [NPOptions(holdout=0.0, epochs=3)]
+    assert "NP Merge (weight-aligned)" in {r["method"] for r in rows}

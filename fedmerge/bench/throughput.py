@@ -2,10 +2,14 @@
 
     python -m fedmerge.bench.throughput [--dataset fashion-mnist] [--data-root ../shared/data]
         [--clients 10] [--batch-size 64] [--rounds 3] [--local-epochs 1]
-        [--partition dirichlet] [--max-train-samples 0] [--engines local,flower]
-        [--repeats 1] [--threads N] [--device auto] [--cpus-per-client C] [--json OUT.json]
+        [--partition dirichlet] [--max-train-samples 0]
+        [--engines local,local-workers,flower] [--workers N] [--repeats 1] [--threads N]
+        [--device auto] [--cpus-per-client C] [--json OUT.json]
 
-Acceptance target: the local engine reaches at least 0.9x the samples/s of the bare loop.
+Acceptance targets: the local engine with one in-process worker reaches at least 0.95x the
+samples/s of the bare loop in one process; with ``--workers`` worker processes, at least 0.9x
+the bare loop spread over as many processes (``bare-processes``,
+:mod:`fedmerge.bench.bare_multi`).
 
 What is measured
 ----------------
@@ -22,8 +26,17 @@ any timing), and the model is the same seeded CNN.
     ``cross_entropy``, backward, step; a copy of the state dict; after the last client, a
     plain weighted average of the state dicts (timed, and reported on its own).
 
+``bare-processes`` (with ``local-workers``)
+    The bare loop in ``--workers`` forked processes of one thread each, client ``i`` on
+    process ``i mod P``, the parent averaging: see :mod:`fedmerge.bench.bare_multi`.
+
+``local-workers``
+    As ``local`` below with ``workers = P`` (one torch thread each). The clients' loop seconds
+    overlap, so no overhead is reported.
+
 ``local``
-    :func:`fedmerge.runner.run` with engine ``local``: Flower's real ServerApp (FedAvg) and
+    :func:`fedmerge.runner.run` with engine ``local``, ``workers = 1`` and
+    ``client-threads = 0`` (torch's thread setting, as the bare loop): Flower's real ServerApp (FedAvg) and
     ClientApp in one process. Timed by the ServerApp's own ``round-time`` in metrics.json:
     the wall time between the end of one centralized evaluation and the start of the next,
     i.e. the whole round without evaluation (instructions, state-dict <-> ArrayRecord

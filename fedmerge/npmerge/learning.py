@@ -195,9 +195,11 @@ def learn_coefficients(
             stale += 1
             if stale >= options.patience:
                 break
-    with torch.no_grad():  # keep the best coefficients seen (the start included)
-        for key, value in best_logits.items():
-            fusion.logits[key].copy_(value)
+    if len(val):  # keep the best coefficients seen (the start included)
+        with torch.no_grad():
+            for key, value in best_logits.items():
+                fusion.logits[key].copy_(value)
+    # Without a held-out part there is nothing to choose by: the last coefficients stay.
     report.holdout_end, report.problems = best, report.problems + 1
     report.seconds += time.perf_counter() - start
     merged = {**fusion.fixed, **{k: v.detach() for k, v in fusion.merged().items()}}
