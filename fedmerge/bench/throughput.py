@@ -39,8 +39,9 @@ any timing), and the model is the same seeded CNN.
     ``client-threads = 0`` (torch's thread setting, as the bare loop): Flower's real
     ServerApp (FedAvg) and ClientApp in one process. Timed by the ServerApp's own
     ``round-time`` in metrics.json: the wall time between the end of one centralized
-    evaluation and the start of the next, i.e. the whole round without evaluation (instructions, state-dict <-> ArrayRecord
-    conversions, model loading, client training, aggregation).
+    evaluation and the start of the next, i.e. the whole round without evaluation
+    (instructions, state-dict <-> ArrayRecord conversions, model loading, client training,
+    aggregation).
 
 ``flower``
     The same run with engine ``flower`` (``flwr run``, Ray). Reported: start-up seconds (from
