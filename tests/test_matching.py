@@ -501,3 +501,31 @@ def test_registered_models_weight_matching_beats_identity(name, norm):
     check_permutations(spec, perms)
     identity = weight_objective(spec, a, b, identity_permutations(spec))
     assert weight_objective(spec, a, b, perms) > identity + 1e-6
+
+
+@pytest.mark.parametrize("matcher", ["weight", "dual"])
+def test_running_statistics_are_permuted_but_never_scored(matcher):
+    # Issue 15: BatchNorm running statistics entered Git Re-Basin's cost and MuDSC's S_w.
+    from fedmerge.models import model_spec
+
+    model = _registered("resnet20", "batch", seed=0)
+    spec = model_spec(model)
+    a = model.state_dict()
+    b = _registered("resnet20", "batch", seed=1).state_dict()
+    scrambled = {k: v.clone() for k, v in b.items()}
+    gen = torch.Generator().manual_seed(7)
+    for key, value in scrambled.items():  # statistics far from anything the weights say
+        if key.endswith(("running_mean", "running_var")):
+            value.copy_(torch.rand(value.shape, generator=gen) * 100)
+    kw = {"beta": 1.0, "seed": 0}  # dual at beta 1: S_w alone, data-free
+    perms = match(matcher, spec, a, b, **kw)
+    assert all(
+        torch.equal(perms[k], v) for k, v in match(matcher, spec, a, scrambled, **kw).items()
+    )
+    assert weight_objective(spec, a, b, perms) == weight_objective(spec, a, scrambled, perms)
+    # ... and still permuted with the units they describe.
+    moved = apply_permutations(spec, perms, scrambled)
+    bn = next(k for k in spec.axes if k.endswith("running_mean"))
+    (axis,) = spec.axes[bn]
+    assert torch.equal(moved[bn], scrambled[bn][perms[axis.perm]])
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())

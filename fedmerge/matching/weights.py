@@ -45,13 +45,27 @@ def _permuted_except(
     return value
 
 
+#: State entries that are permuted but never scored: BatchNorm's running statistics. They
+#: describe the data a model saw, not what it computes; Git Re-Basin's and MuDSC's reference
+#: code leave them out of the similarity too (issue 15: scoring them changed 84-100% of the
+#: assignments of a digits ResNet-20 pair).
+UNSCORED_ENTRIES = ("running_mean", "running_var")
+
+
+def scored(tensor: str) -> bool:
+    """Whether a state entry counts in weight-space similarities (see UNSCORED_ENTRIES)."""
+    return tensor.rsplit(".", 1)[-1] not in UNSCORED_ENTRIES
+
+
 class _Weights:
-    """float64 copies of the permuted tensors of two states, and unit similarities on them."""
+    """float64 copies of the scored permuted tensors of two states, and unit similarities."""
 
     def __init__(self, spec: PermutationSpec, reference: State, other: State) -> None:
         check_spec(spec, reference)
         check_spec(spec, other)
-        touched = {tensor for name in spec.perms for tensor, _ in spec.touching(name)}
+        touched = {
+            tensor for name in spec.perms for tensor, _ in spec.touching(name) if scored(tensor)
+        }
         self.spec = spec
         self.ref = {t: reference[t].detach().to(torch.float64) for t in touched}
         self.other = {t: other[t].detach().to(self.ref[t].device, torch.float64) for t in touched}
@@ -60,6 +74,8 @@ class _Weights:
         """Unit rows ``(ref, other with the other axes permuted)`` of each tensor of ``name``."""
         size = self.spec.perms[name].size
         for tensor, dim in self.spec.touching(name):
+            if tensor not in self.ref:  # not scored
+                continue
             other = _permuted_except(self.spec, perms, tensor, self.other[tensor], dim)
             yield _unit_rows(self.ref[tensor], dim, size), _unit_rows(other, dim, size)
 
