@@ -57,10 +57,10 @@ class RunConfig:
     model_width: int = 1
     model_norm: str = "batch"
     mlp_hidden: str = "200,200"
-    # local training
-    local_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.05
+    # local training (0 = the dataset's default: see TRAINING_KEYS)
+    local_epochs: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-5
     device: str = "auto"
@@ -116,6 +116,7 @@ class RunConfig:
     save_model: bool = True
 
     def __post_init__(self) -> None:
+        _resolve_training(self)
         _validate(self)
 
     # -- conversions -------------------------------------------------------------------
@@ -135,14 +136,23 @@ class RunConfig:
                 hint = f"did you mean {', '.join(close)}?" if close else "see pyproject.toml"
                 raise ConfigError(key, value, "a known run-config key", hint)
             changes[name] = _coerce(key, value, types[name])
-        return dataclasses.replace(base or cls(), **changes)
+        return (base or cls()).replace(**changes)
 
     def to_mapping(self) -> dict[str, ConfigValue]:
         """The config as run-config keys, the form Flower's ``--run-config`` takes."""
         return {field_to_key(f.name): getattr(self, f.name) for f in fields(self)}
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        A new ``dataset`` brings its own training defaults for the keys of
+        :data:`TRAINING_KEYS` that are not changed too and still hold the old dataset's.
+        """
+        if "dataset" in changes and changes["dataset"] != self.dataset:
+            old = _training_defaults(self.dataset)
+            for name in TRAINING_KEYS:
+                if name not in changes and getattr(self, name) == getattr(old, name):
+                    changes[name] = 0
         return dataclasses.replace(self, **changes)
 
     @property
@@ -236,6 +246,27 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     raise ConfigError(key, value, _TYPE_WORDS[kind])
 
 
+#: Fields whose 0 means "the dataset's default" (``fedmerge datasets`` lists them).
+TRAINING_KEYS = ("lr", "batch_size", "local_epochs")
+
+
+def _training_defaults(dataset: str) -> Any:
+    from .datasets import DATASETS
+
+    info = DATASETS.get(dataset)
+    return info.training if info is not None else None
+
+
+def _resolve_training(c: RunConfig) -> None:
+    """Fill ``lr``, ``batch-size`` and ``local-epochs`` left at 0 from the dataset's defaults."""
+    defaults = _training_defaults(c.dataset)
+    if defaults is None:  # an unknown dataset: _validate names it
+        return
+    for name in TRAINING_KEYS:
+        if getattr(c, name) == 0:
+            object.__setattr__(c, name, getattr(defaults, name))
+
+
 def _check(ok: bool, key: str, value: object, allowed: str, hint: str | None = None) -> None:
     if not ok:
         raise ConfigError(key, value, allowed, hint)
@@ -272,9 +303,9 @@ def _validate(c: RunConfig) -> None:
     if c.model_norm not in NORMS:
         raise unknown_name("model-norm", c.model_norm, NORMS)
     parse_hidden(c.mlp_hidden)
-    _check(c.local_epochs >= 1, "local-epochs", c.local_epochs, "an integer >= 1")
-    _check(c.batch_size >= 1, "batch-size", c.batch_size, "an integer >= 1")
-    _check(c.lr > 0, "lr", c.lr, "a number > 0")
+    _check(c.local_epochs >= 1, "local-epochs", c.local_epochs, "0 (the dataset's) or >= 1")
+    _check(c.batch_size >= 1, "batch-size", c.batch_size, "0 (the dataset's) or >= 1")
+    _check(c.lr > 0, "lr", c.lr, "0 (the dataset's default) or a number > 0")
     _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
     _check(c.weight_decay >= 0, "weight-decay", c.weight_decay, "a number >= 0")
     _check(bool(_DEVICE_RE.match(c.device)), "device", c.device, "auto, cpu, cuda, cuda:N or mps")

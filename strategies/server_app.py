@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -83,6 +84,11 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, cfg)
 
 
+#: A round's mean client training loss above this many times the initial model's test loss
+#: is reported as divergence (a warning naming lr).
+DIVERGENCE_FACTOR = 2.0
+
+
 class RoundRecorder:
     """Flower's ``evaluate_fn``: centralized test evaluation, timing, and after every round the
     metrics and a checkpoint written.
@@ -121,6 +127,7 @@ class RoundRecorder:
         self.rows: list[dict[str, Any]] = list(rows or [])
         self.arrays = arrays  # the latest global model: the final one once start() returns
         self._last_end: float | None = None
+        self._warned = False  # divergence is reported once per run
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if LAUNCHER_GONE.is_set():
@@ -154,6 +161,7 @@ class RoundRecorder:
         for key, value in dict(self.tracker.evaluate_metrics.get(r, {})).items():
             row[f"client-{key}"] = value
         self.rows.append(row)
+        self._warn_if_diverging(row)
         write_metrics(self.run_dir, self.rows)
         self.checkpoint(r, state)
         progress_log.info(
@@ -166,6 +174,32 @@ class RoundRecorder:
         )
         self._last_end = time.perf_counter()
         return MetricRecord({"test-loss": loss, "test-accuracy": acc})
+
+    def _warn_if_diverging(self, row: dict[str, Any]) -> None:
+        """Warn, once per run, when the clients' training loss runs far above the start.
+
+        The start is the initial model's test loss (round 0; about ln(classes)). A round
+        whose mean client training loss exceeds :data:`DIVERGENCE_FACTOR` times it, or is not
+        finite, almost always means the clients' learning rate is too high for the data.
+        """
+        first = self.rows[0] if self.rows and self.rows[0]["round"] == 0 else None
+        loss = row.get("train-loss")
+        if first is None or loss is None or self._warned:
+            return
+        start = float(first["test-loss"])
+        if math.isfinite(float(loss)) and float(loss) <= DIVERGENCE_FACTOR * start:
+            return
+        self._warned = True
+        log.warning(
+            "round %d: the clients' mean training loss %.4g is above %g x the initial model's "
+            "test loss %.4g: training is diverging; lower lr (now %g; see `fedmerge datasets` "
+            "for each dataset's default)",
+            row["round"],
+            float(loss),
+            DIVERGENCE_FACTOR,
+            start,
+            self.cfg.lr,
+        )
 
     def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         """Write everything needed to continue after ``server_round`` (atomically)."""

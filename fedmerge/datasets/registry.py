@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,9 @@ class DatasetInfo:
         One line for listings.
     files : tuple of str
         The files expected under ``data-root`` (paths relative to it); empty when none.
+    training : TrainingDefaults
+        The clients' SGD settings a run uses when it leaves ``lr``, ``batch-size`` or
+        ``local-epochs`` at 0.
     """
 
     name: str
@@ -96,6 +99,24 @@ class DatasetInfo:
     source: str
     description: str
     files: tuple[str, ...] = ()
+    training: TrainingDefaults = field(default_factory=lambda: SMALL_DATA_TRAINING)
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """A dataset's default client training: learning rate, batch size, local epochs."""
+
+    lr: float
+    batch_size: int
+    local_epochs: int
+    source: str  # where the values come from, for listings
+
+
+#: fedmerge's settings for the small embedded and generated datasets (tuned on digits).
+SMALL_DATA_TRAINING = TrainingDefaults(0.05, 16, 2, "fedmerge")
+#: NIID-Bench's (Li et al., ICDE 2022, arXiv 2102.02079): SGD lr 0.01, batch 64, 10 local
+#: epochs (momentum 0.9 and weight decay 1e-5 are every dataset's defaults).
+NIID_BENCH_TRAINING = TrainingDefaults(0.01, 64, 10, "NIID-Bench")
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +170,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "needs files",
             "MNIST handwritten digits 28x28 (torchvision layout)",
             tuple(f"MNIST/raw/{f}" for f in _MNIST_FILES),
+            NIID_BENCH_TRAINING,
         ),
         DatasetInfo(
             "fashion-mnist",
@@ -159,6 +181,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "needs files",
             "Fashion-MNIST clothing images 28x28 (torchvision layout)",
             tuple(f"FashionMNIST/raw/{f}" for f in _MNIST_FILES),
+            NIID_BENCH_TRAINING,
         ),
         DatasetInfo(
             "cifar10",
@@ -169,6 +192,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "needs files",
             "CIFAR-10 colour images 32x32 (python-pickle layout)",
             tuple(f"{_CIFAR10_DIR}/{f}" for f in _CIFAR10_FILES),
+            NIID_BENCH_TRAINING,
         ),
         DatasetInfo(
             "cifar100",
@@ -179,6 +203,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "needs files",
             "CIFAR-100 colour images 32x32, 100 fine labels (python-pickle layout)",
             tuple(f"{_CIFAR100_DIR}/{f}" for f in _CIFAR100_FILES),
+            NIID_BENCH_TRAINING,
         ),
         DatasetInfo(
             "synthetic",
@@ -214,6 +239,12 @@ def describe_datasets() -> list[dict[str, Any]]:
             "source": info.source,
             "description": info.description,
             "files": list(info.files),
+            "training": {
+                "lr": info.training.lr,
+                "batch-size": info.training.batch_size,
+                "local-epochs": info.training.local_epochs,
+                "source": info.training.source,
+            },
         }
         for info in DATASETS.values()
     ]
