@@ -91,7 +91,7 @@ class RunConfig:
     match_method: str = "weight"
     match_reference: str = "global"
     match_iterations: int = 1
-    match_beta: float = 0.5
+    match_beta: float | str = 0.5  # a number in [0, 1], or "auto" (chosen on the proxy slice)
     match_bn_repair: bool = True
     match_max_sweeps: int = 100
     # NP Merge (fednpmerge; the match-* keys align the clients first)
@@ -222,6 +222,13 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    if str(type_name) == "float | str":  # a number, or the word "auto"
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _coerce(key, value, "float")
+        except ConfigError:
+            raise ConfigError(key, value, "a number, or auto") from None
     kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
     if isinstance(value, str) and kind is not str:
         value = parse_cli_value(value)
@@ -361,7 +368,12 @@ def _validate(c: RunConfig) -> None:
     if c.match_reference not in REFERENCES:
         raise unknown_name("match-reference", c.match_reference, REFERENCES)
     _check(c.match_iterations >= 1, "match-iterations", c.match_iterations, "an integer >= 1")
-    _check(0 <= c.match_beta <= 1, "match-beta", c.match_beta, "a number in [0, 1]")
+    _check(
+        c.match_beta == "auto" or (not isinstance(c.match_beta, str) and 0 <= c.match_beta <= 1),
+        "match-beta",
+        c.match_beta,
+        "a number in [0, 1], or auto (chosen each round on the proxy slice)",
+    )
     _check(c.finetune_epochs >= 1, "finetune-epochs", c.finetune_epochs, "an integer >= 1")
     _check(c.finetune_lr > 0, "finetune-lr", c.finetune_lr, "a number > 0")
     _check(
@@ -383,7 +395,9 @@ def _validate(c: RunConfig) -> None:
         "set e.g. proxy-size=500",
     )
     matching = c.strategy == "fedmatch" or (c.strategy == "fedwsa" and c.wsa_merge == "matched")
-    needs_proxy = c.match_method == "activation" or (c.match_method == "dual" and c.match_beta < 1)
+    needs_proxy = c.match_method == "activation" or (
+        c.match_method == "dual" and (c.match_beta == "auto" or c.match_beta < 1)
+    )
     _check(
         not (matching and needs_proxy and c.proxy_size == 0),
         "proxy-size",

@@ -270,8 +270,24 @@ def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) 
         b,
         model=template,
         inputs=inputs,
-        beta=cfg.match_beta,
+        beta=_fixed_beta(cfg.match_beta, method),
         seed=cfg.seed,
         max_sweeps=cfg.match_max_sweeps,
     )
     return aligned
+
+
+def _fixed_beta(beta: float | str, method: str) -> float:
+    """``match-beta`` as a number: ``auto`` (FL merges only) is refused for the dual matcher."""
+    from .errors import ConfigError
+
+    if beta != "auto":
+        return float(beta)
+    if method == "dual":
+        raise ConfigError(
+            "match-beta",
+            beta,
+            "a number in [0, 1] for connectivity --match dual",
+            "auto chooses beta by the loss of a merged model; give the beta to measure",
+        )
+    return 0.5  # read by the dual matcher only

@@ -361,3 +361,67 @@ def repair_batchnorm(
 #: Merge functions by name (run-config values of ``merge``): bind hyper-parameters with
 #: :func:`functools.partial`.
 MERGES: dict[str, MergeFn] = {"average": average, "matched": matched_average}
+
+
+#: MuDSC's grid of weight-space shares for ``match-beta = auto``.
+BETA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class BetaChoice:
+    """What :func:`select_beta` chose, and the proxy loss of every candidate."""
+
+    beta: float
+    losses: dict[float, float]
+
+
+def select_beta(
+    states: Sequence[State],
+    weights: Sequence[float] | None = None,
+    *,
+    reference: State | None,
+    spec: PermutationSpec,
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    mode: str = "global",
+    iterations: int = 1,
+    bn_repair: bool = False,
+    grid: Sequence[float] = BETA_GRID,
+    seed: int = 0,
+    max_sweeps: int = 100,
+) -> BetaChoice:
+    """The dual matcher's ``beta`` whose matched average has the lowest loss on the data.
+
+    MuDSC (Xu et al., CVPR 2024) selects its weight/activation mix on data over 0.1..0.9;
+    here each candidate's matched average (BatchNorm-repaired on ``inputs`` when
+    ``bn_repair``) is scored by its cross-entropy on ``(inputs, labels)`` (the server's
+    labelled proxy slice in FL). Ties keep the first candidate of ``grid``.
+    """
+    from .training import evaluate  # local: training imports nothing from here
+
+    if len(inputs) == 0 or len(inputs) != len(labels):
+        raise ValueError("select_beta needs labelled inputs (the proxy slice)")
+    probe = copy.deepcopy(model)
+    losses: dict[float, float] = {}
+    for beta in grid:
+        merged = matched_average(
+            states,
+            weights,
+            reference=reference,
+            spec=spec,
+            matcher="dual",
+            mode=mode,
+            iterations=iterations,
+            beta=beta,
+            model=model,
+            inputs=inputs,
+            seed=seed,
+            max_sweeps=max_sweeps,
+        )
+        if bn_repair:
+            merged = repair_batchnorm(model, merged, inputs)
+        probe.load_state_dict(merged)
+        losses[float(beta)] = evaluate(probe, inputs, labels, device=inputs.device)[0]
+    best = min(losses, key=lambda b: (losses[b], list(losses).index(b)))
+    return BetaChoice(best, losses)

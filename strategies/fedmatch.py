@@ -32,6 +32,7 @@ from fedmerge.merging import (
     has_batchnorm,
     matched_average,
     repair_batchnorm,
+    select_beta,
 )
 from fedmerge.models import model_spec
 
@@ -55,10 +56,14 @@ class FedMatch(FedAvg):
         What clients are aligned to (``match-reference``).
     iterations : int
         Align-then-average passes (``match-iterations``).
-    beta : float
-        Weight-space share of the dual matcher (``match-beta``); 1 is data-free.
+    beta : float or "auto"
+        Weight-space share of the dual matcher (``match-beta``); 1 is data-free. ``"auto"``
+        chooses it every round from :data:`fedmerge.merging.BETA_GRID` by the proxy loss of
+        the merged model (MuDSC's selection; needs ``proxy_labels``).
     proxy : Tensor, optional
         The server's proxy inputs, for data-based matchers and BatchNorm repair.
+    proxy_labels : Tensor, optional
+        Their labels (for ``beta="auto"``).
     bn_repair : bool
         Recompute BatchNorm statistics of the merged model on the proxy slice
         (``match-bn-repair``); ignored for models without BatchNorm.
@@ -82,8 +87,9 @@ class FedMatch(FedAvg):
         matcher: str = "weight",
         reference: str = "global",
         iterations: int = 1,
-        beta: float = 0.5,
+        beta: float | str = 0.5,
         proxy: torch.Tensor | None = None,
+        proxy_labels: torch.Tensor | None = None,
         bn_repair: bool = True,
         seed: int = 0,
         max_sweeps: int = 100,
@@ -95,7 +101,18 @@ class FedMatch(FedAvg):
         if reference not in REFERENCES:
             raise unknown_name("match-reference", reference, REFERENCES)
         proxy_size = 0 if proxy is None else len(proxy)
-        needs_data = matcher == "activation" or (matcher == "dual" and beta < 1)
+        auto = matcher == "dual" and beta == "auto"
+        if beta != "auto" and (isinstance(beta, str) or not 0 <= beta <= 1):
+            raise ConfigError("match-beta", beta, "a number in [0, 1], or auto")
+        if auto and (proxy_labels is None or len(proxy_labels) != proxy_size):
+            raise ConfigError(
+                "match-beta",
+                beta,
+                "a number in [0, 1] without a labelled proxy slice",
+                hint="auto scores each candidate on the server's labelled proxy slice "
+                "(proxy-size > 0)",
+            )
+        needs_data = matcher == "activation" or (matcher == "dual" and (auto or beta < 1))
         if needs_data and proxy_size == 0:
             raise ConfigError(
                 "proxy-size",
@@ -119,7 +136,7 @@ class FedMatch(FedAvg):
             iterations,
             beta,
         )
-        self.proxy, self.proxy_size = proxy, proxy_size
+        self.proxy, self.proxy_labels, self.proxy_size = proxy, proxy_labels, proxy_size
         self.seed, self.max_sweeps = seed, max_sweeps
         self._sent: dict[str, torch.Tensor] | None = None
 
@@ -155,30 +172,63 @@ class FedMatch(FedAvg):
             return arrays, metrics
         start = time.perf_counter()
         states, weights = client_states(replies, self.weighted_by_key)
+        merged, facts = self.merge(states, weights, self._sent, server_round)
+        metrics = metrics if metrics is not None else MetricRecord()
+        for key, value in facts.items():
+            metrics[key] = value
+        metrics["merge-time"] = time.perf_counter() - start
+        metrics["proxy-size"] = self.proxy_size
+        return ArrayRecord(merged), metrics
+
+    def merge(
+        self,
+        states: list[dict[str, torch.Tensor]],
+        weights: list[float],
+        reference: dict[str, torch.Tensor] | None,
+        server_round: int = 0,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The matched average of ``states`` (BatchNorm-repaired), and round metrics."""
+        seed = self.seed + server_round
+        facts: dict[str, float] = {}
+        beta = self.beta
+        if self.matcher == "dual" and beta == "auto":
+            assert self.proxy is not None and self.proxy_labels is not None
+            choice = select_beta(
+                states,
+                weights,
+                reference=reference,
+                spec=self.spec,
+                model=self.model,
+                inputs=self.proxy,
+                labels=self.proxy_labels,
+                mode=self.reference,
+                iterations=self.iterations,
+                bn_repair=self.repair,
+                seed=seed,
+                max_sweeps=self.max_sweeps,
+            )
+            beta = facts["match-beta"] = choice.beta
         report = MatchReport()
         merged = matched_average(
             states,
             weights,
-            reference=self._sent,
+            reference=reference,
             spec=self.spec,
             matcher=self.matcher,
             mode=self.reference,
             iterations=self.iterations,
-            beta=self.beta,
+            beta=0.5 if beta == "auto" else float(beta),  # auto: only the dual matcher reads it
             model=self.model,
             inputs=self.proxy,
-            seed=self.seed + server_round,
+            seed=seed,
             max_sweeps=self.max_sweeps,
             report=report,
         )
         if self.repair:
             merged = repair_batchnorm(self.model, merged, self.proxy)
-        metrics = metrics if metrics is not None else MetricRecord()
-        metrics["match-time"] = report.seconds
-        metrics["merge-time"] = time.perf_counter() - start
-        metrics["units-moved"] = report.units_moved
-        metrics["proxy-size"] = self.proxy_size
-        return ArrayRecord(merged), metrics
+        facts["match-time"] = report.seconds
+        facts["units-moved"] = report.units_moved
+        return merged, facts
 
 
 def fedmatch_options(cfg) -> dict:
@@ -196,6 +246,7 @@ def fedmatch_options(cfg) -> dict:
         "iterations": cfg.match_iterations,
         "beta": cfg.match_beta,
         "proxy": data.x_proxy if len(data.x_proxy) else None,
+        "proxy_labels": data.y_proxy if len(data.y_proxy) else None,
         "bn_repair": cfg.match_bn_repair,
         "seed": cfg.seed,
         "max_sweeps": cfg.match_max_sweeps,
@@ -203,35 +254,12 @@ def fedmatch_options(cfg) -> dict:
 
 
 def matched_merge(cfg):
-    """A ``merge(states, weights, reference)`` function for FedWSA's ``merge=`` hook."""
-    options = fedmatch_options(cfg)
-    model, proxy = options["model"], options["proxy"]
-    spec = model_spec(model)
-    repair = options["bn_repair"] and has_batchnorm(model)
-    if repair and proxy is None:
-        raise ConfigError(
-            "proxy-size",
-            0,
-            "> 0 for BatchNorm repair of a model with BatchNorm",
-            hint="Or set match-bn-repair=false",
-        )
+    """A ``merge(states, weights, reference)`` function for FedWSA's ``merge=`` hook: FedMatch's
+    merge with the run's ``match-*`` keys."""
+    matcher = FedMatch(**fedmatch_options(cfg))
 
     def merge(states, weights, reference):
-        merged = matched_average(
-            states,
-            weights,
-            reference=reference,
-            spec=spec,
-            matcher=options["matcher"],
-            mode=options["reference"],
-            iterations=options["iterations"],
-            beta=options["beta"],
-            model=model,
-            inputs=proxy,
-            seed=options["seed"],
-            max_sweeps=options["max_sweeps"],
-        )
-        return repair_batchnorm(model, merged, proxy) if repair else merged
+        return matcher.merge(list(states), list(weights), reference)[0]
 
-    merge.__name__ = f"matched-{options['matcher']}"
+    merge.__name__ = f"matched-{matcher.matcher}"
     return merge

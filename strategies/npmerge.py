@@ -80,8 +80,15 @@ class FedNPMerge(FedMatch):
             )
         if len(proxy_labels) != len(proxy):
             raise ValueError(f"{len(proxy)} proxy inputs but {len(proxy_labels)} labels")
-        super().__init__(proxy=proxy, **kwargs)
-        self.proxy_labels = proxy_labels
+        if kwargs.get("matcher") == "dual" and kwargs.get("beta") == "auto":
+            raise ConfigError(
+                "match-beta",
+                "auto",
+                "a number in [0, 1] for strategy fednpmerge",
+                hint="NP Merge aligns with one beta; fedmatch and fedwsa (wsa-merge=matched) "
+                "choose it on the proxy slice",
+            )
+        super().__init__(proxy=proxy, proxy_labels=proxy_labels, **kwargs)
         self.options = options if options is not None else NPOptions()
         self.device = torch.device(device)
         self.alignment = Alignment(

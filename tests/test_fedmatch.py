@@ -140,3 +140,54 @@ def test_fedwsa_matched_merge_aligns_to_the_model_it_sent():
     merged = arrays.to_torch_state_dict()
     assert all(torch.allclose(merged[k], state[k], atol=1e-5) for k in state)
     assert "wsa-target-sigma" in metrics
+
+
+# -- match-beta = auto (MuDSC's selection of the weight/activation mix) ----------------------
+def test_auto_beta_picks_the_candidate_whose_merge_has_the_lowest_proxy_loss():
+    import copy
+
+    from fedmerge.datasets import load_dataset
+    from fedmerge.merging import BETA_GRID, matched_average, select_beta
+    from fedmerge.training import evaluate, train
+
+    data = load_dataset("digits", seed=0)
+    x, y = data.x_train, data.y_train
+    states = []
+    for k, mask in enumerate((y < 5, y >= 5)):  # two models that disagree: merges differ
+        m = build_model("mlp", (1, 8, 8), 10, hidden=(24,), seed=k)
+        train(m, x[mask], y[mask], epochs=3, batch_size=32, lr=0.05, momentum=0.9, seed=k)
+        states.append({n: v.detach().clone() for n, v in m.state_dict().items()})
+    spec, xp, yp = model_spec(m), x[:300], y[:300]
+    choice = select_beta(
+        states, [1, 1], reference=states[0], spec=spec, model=m, inputs=xp, labels=yp
+    )
+    assert tuple(choice.losses) == BETA_GRID
+    assert len(set(choice.losses.values())) > 1  # the candidates really differ
+    # Each candidate's loss, recomputed independently: the choice is the smallest.
+    probe = copy.deepcopy(m)
+    for beta, loss in choice.losses.items():
+        merged = matched_average(
+            states, [1, 1], reference=states[0], spec=spec, matcher="dual", beta=beta,
+            model=m, inputs=xp,
+        )  # fmt: skip
+        probe.load_state_dict(merged)
+        assert evaluate(probe, xp, yp)[0] == pytest.approx(loss, rel=1e-6)
+    assert choice.losses[choice.beta] == min(choice.losses.values())
+    with pytest.raises(ValueError, match="labelled"):
+        select_beta(states, reference=states[0], spec=spec, model=m, inputs=xp, labels=yp[:5])
+    assert torch.equal(xp, x[:300])  # inputs untouched
+
+
+def test_auto_beta_runs_in_fedmatch_and_is_refused_where_one_beta_is_needed(tmp_path):
+    over = {"match-method": "dual", "match-beta": "auto", "proxy-size": 200}
+    rows = read_metrics(run(_cfg(tmp_path, **over), "local"))
+    assert all(r["match-beta"] in (0.1, 0.3, 0.5, 0.7, 0.9) for r in rows[1:])
+    with pytest.raises(ConfigError, match="match-beta.*fednpmerge"):
+        from fedmerge.strategies.registry import build_strategy
+
+        build_strategy(_cfg(tmp_path, strategy="fednpmerge", **over))
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(8,), seed=0)
+    with pytest.raises(ConfigError, match="match-beta.*labelled"):
+        FedMatch(model=model, matcher="dual", beta="auto", proxy=torch.zeros(4, 1, 8, 8))
+    with pytest.raises(ConfigError, match="match-beta"):
+        RunConfig.from_mapping({"match-beta": "sometimes"})
