@@ -192,6 +192,15 @@ def align_models(
     for it in range(iterations):
         if it:
             target = average(aligned, w, reference=reference)
+            if (
+                matcher != "weight"
+                and model is not None
+                and inputs is not None
+                and has_batchnorm(model)
+            ):
+                # Averaged running statistics belong to no model: the data-based matchers
+                # would read the target's activations through wrong BatchNorm statistics.
+                target = repair_batchnorm(model, target, inputs)
         start = time.perf_counter()
         aligned = []
         for state in states:
