@@ -113,6 +113,7 @@ def merge_methods(
     }
     for beta in betas:
         methods[f"dual (MuDSC) beta={beta:g}"] = lambda s, b=beta: _aligned_average(s, "dual", b)
+    methods["dual (MuDSC) beta=auto"] = _auto_beta_average
     # Rows that also use the merge-site *labels*: NP Merge, and its fair control, SGD
     # fine-tuning of the weight-matched average on the same labelled slice.
     from .npmerge import NPOptions, np_merge_site  # local: only needed here
@@ -122,6 +123,26 @@ def merge_methods(
     methods["fine-tuned matched average"] = _fine_tuned_matched_average
     methods.update(EXTRA_METHODS)
     return methods
+
+
+def _auto_beta_average(site: MergeSite) -> State:
+    """The dual-matched average at the beta of MuDSC's grid with the lowest merge-site loss
+    (it reads the merge-site labels, as NP Merge does)."""
+    from .merging import select_beta
+
+    choice = select_beta(
+        [site.a, site.b],
+        reference=site.a,
+        spec=model_spec(site.model),
+        model=site.model,
+        inputs=site.x,
+        labels=site.y,
+        mode="global",
+        bn_repair=True,
+        seed=site.seed,
+    )
+    log.info("beta=auto chose %g (losses %s)", choice.beta, choice.losses)
+    return _aligned_average(site, "dual", choice.beta)
 
 
 def _fine_tuned_matched_average(site: MergeSite) -> State:
