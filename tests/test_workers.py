@@ -341,3 +341,29 @@ def test_workers_die_with_a_sigkilled_engine(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_and_every_worker(tmp_path):
+    from test_resume import _checkpoint_round, _processes_with
+
+    fedmerge = str(Path(sys.executable).parent / "fedmerge")
+    args = [fedmerge, "run", "-q", "num-rounds=200", "workers=2", f"output-dir={tmp_path}"]
+    proc = subprocess.Popen([*args, "run-name=c"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _checkpoint_round(tmp_path / "c") < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        assert len(_processes_with(f"output-dir={tmp_path}")) == 3  # the engine, 2 workers
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        gone_by = time.monotonic() + 10
+        while _processes_with(f"output-dir={tmp_path}") and time.monotonic() < gone_by:
+            time.sleep(0.05)
+        assert _processes_with(f"output-dir={tmp_path}") == []
+        assert proc.returncode != 0
+        assert (tmp_path / "c" / "metrics.json").exists()  # what was computed stays on disk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
