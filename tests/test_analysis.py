@@ -245,3 +245,20 @@ def test_add_parsers_wires_analyse_into_a_command():
     analyses.add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["analyse", "scaling", "--factors", "10", "dataset=digits"])
     assert args.probe == "scaling" and args.overrides == ["dataset=digits"] and callable(args.func)
+
+
+def test_scaling_a_batchnorm_model_is_cancelled_by_repair_and_kept_without(data):
+    # Issue 15: repairing BatchNorm after scaling recomputes the statistics a scaled conv
+    # feeds, which cancels the scaling of every conv before a BatchNorm; the paper's code
+    # does not repair.
+    cfg = CFG.replace(model="resnet20")
+    template = make_model(cfg, data, seed=0)
+    states = [make_model(cfg, data, seed=s).state_dict() for s in (1, 2)]
+    ratio = {}
+    for repair in (True, False):
+        got = analysis.scaling_rows(_set(states, template), data, factors=[10.0], repair=repair)
+        ratio[repair] = next(r for r in got if r["case"] == "all")["logit-ratio"]
+    # Repaired: only the last BatchNorm's affine and the linear head scale the logits (10 x 10).
+    assert 10 < ratio[True] < 1e3
+    # Not repaired: the factor compounds through the network's 20 weighted layers.
+    assert ratio[False] > 1e10

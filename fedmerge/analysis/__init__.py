@@ -163,7 +163,11 @@ def soups(cfg: RunConfig, *, feature_head: str = "soup", **train_options: Any) -
 
 
 def scaling(
-    cfg: RunConfig, *, factors: Sequence[float] = (100.0,), **train_options: Any
+    cfg: RunConfig,
+    *,
+    factors: Sequence[float] = (100.0,),
+    repair: bool = False,
+    **train_options: Any,
 ) -> list[dict]:
     """The magnitude-scaling probe (probe 3) for every setting.
 
@@ -173,6 +177,8 @@ def scaling(
         As in :func:`soups`.
     factors : sequence of float
         Factors M (the paper's default probe: 100).
+    repair : bool
+        BatchNorm-repair every average on the proxy slice (see :func:`scaling_rows`).
     **train_options
         As in :func:`soups`.
 
@@ -185,5 +191,5 @@ def scaling(
     data, device = load_data(DataSpec.of(cfg)), resolve_device(cfg.device)
     rows: list[dict] = []
     for models in model_sets(cfg, **train_options):
-        rows += scaling_rows(models, data, factors=factors, device=device)
+        rows += scaling_rows(models, data, factors=factors, device=device, repair=repair)
     return rows

@@ -38,16 +38,22 @@ def scaling_rows(
     factors: Sequence[float] = (100.0,),
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
+    repair: bool = False,
 ) -> list[dict]:
     """Uniform averages in which some models' parameters are multiplied by a factor.
+
+    As in the paper's code, the averages are not BatchNorm-repaired by default: repairing
+    after scaling recomputes the statistics a scaled convolution feeds, which cancels the
+    scaling for every convolution followed by BatchNorm (issue 15). ``repair=True``
+    (``--repair``) recomputes them on the proxy slice, as this probe did before.
 
     Parameters
     ----------
     models : ModelSet
         The N models.
     data : FederatedDataset
-        Test split for the scores; BatchNorm statistics of every average are recomputed on
-        its proxy slice.
+        Test split for the scores; with ``repair``, BatchNorm statistics of every average are
+        recomputed on its proxy slice.
     factors : sequence of float
         Factors M; each is applied in every case of :data:`CASES`.
     device : torch.device or str
@@ -69,7 +75,9 @@ def scaling_rows(
     n = len(models.states)
 
     def merged_logits(states: Sequence[State]) -> Tensor:
-        state = repair_batchnorm(t, average(states), xs)
+        state = average(states)
+        if repair:
+            state = repair_batchnorm(t, state, xs)
         return outputs(_loaded(t, state, device), xt, device=device, batch_size=batch_size)[0]
 
     base = merged_logits(models.states)

@@ -252,7 +252,9 @@ def run_scaling(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[
     rows = [
         row
         for models in sets
-        for row in analysis.scaling_rows(models, data, factors=factors, device=device)
+        for row in analysis.scaling_rows(
+            models, data, factors=factors, device=device, repair=args.repair
+        )
     ]
     title = f"magnitude scaling before uniform averaging: {_training_title(args, cfg)}"
     table, md = tables(title, SCALING_COLUMNS, rows, cfg.model)
@@ -351,12 +353,20 @@ def _add_probes(sub: Any) -> None:
     p = probe("scaling", "scale one, half or all models by M before averaging", ["scaling"])
     training(p)
     p.add_argument("--factors", default="100", help="scaling factors M, comma-separated")
+    p.add_argument("--repair", action="store_true", help=REPAIR_HELP)
     p = probe("all", "the three probes (soups and scaling share models)", list(PROBES))
     training(p)
     patterns(p, "--pattern-epochs")
     p.add_argument("--feature-head", default="soup", help=HEAD_HELP)
     p.add_argument("--factors", default="100", help="scaling factors M, comma-separated")
+    p.add_argument("--repair", action="store_true", help=REPAIR_HELP)
     p.add_argument("--probes", default=",".join(PROBES), help="which probes to run")
+
+
+REPAIR_HELP = (
+    "scaling: recompute BatchNorm statistics of every average on the proxy slice (default: "
+    "not, as the paper's code; repair cancels the scaling of convolutions before BatchNorm)"
+)
 
 
 def add_parsers(sub: Any) -> None:
