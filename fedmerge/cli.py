@@ -164,17 +164,17 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from .datasets import describe_datasets
 
     table = Table(
+        "dataset", "input", "classes", "train", "test", "source", title="datasets (key: dataset)"
+    )
+    training = Table(
         "dataset",
-        "input",
-        "classes",
-        "train",
-        "test",
-        "source",
-        "training",
-        title="datasets (key: dataset)",
+        "lr",
+        "batch-size",
+        "local-epochs",
+        "from",
+        title="training defaults (when lr, batch-size, local-epochs are 0, the default)",
     )
     for d in describe_datasets():
-        t = d["training"]
         table.add_row(
             d["name"],
             "x".join(map(str, d["input_shape"])),
@@ -182,13 +182,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             str(d["train_size"] or "varies"),
             str(d["test_size"] or "varies"),
             d["source"],
-            f"{t['lr']:g}, {t['batch-size']}, {t['local-epochs']} ({t['source']})",
+        )
+        t = d["training"]
+        training.add_row(
+            d["name"], f"{t['lr']:g}", str(t["batch-size"]), str(t["local-epochs"]), t["source"]
         )
     console.print(table)
-    console.print(
-        "training: lr, batch-size, local-epochs of the clients when a run leaves them at 0 "
-        "(the default); set any of them to override it. fedmerge: tuned on digits."
-    )
+    console.print(training)
+    console.print("A value set by hand wins; fedmerge's were tuned on digits.")
     return 0
 
 

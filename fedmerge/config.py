@@ -225,10 +225,9 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if str(type_name) == "float | str":  # a number, or the word "auto"
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        try:
-            return _coerce(key, value, "float")
-        except ConfigError:
-            raise ConfigError(key, value, "a number, or auto") from None
+        if isinstance(value, str) and isinstance(parse_cli_value(value), str):
+            raise ConfigError(key, value, "a number, or auto")
+        return _coerce(key, value, "float")
     kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
     if isinstance(value, str) and kind is not str:
         value = parse_cli_value(value)

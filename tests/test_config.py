@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from fedmerge.config import (
     RunConfig,
     config_keys,
+    field_to_key,
     load_toml,
     parse_cli_value,
     parse_overrides,
@@ -25,7 +27,9 @@ def pyproject_defaults() -> dict:
 
 def test_pyproject_defaults_equal_dataclass_defaults():
     # pyproject.toml is the single source of defaults for `flwr run`; the dataclass mirrors it.
-    assert pyproject_defaults() == RunConfig().to_mapping()
+    # Field defaults, before lr / batch-size / local-epochs = 0 take the dataset's values.
+    declared = {field_to_key(f.name): f.default for f in dataclasses.fields(RunConfig)}
+    assert pyproject_defaults() == declared
 
 
 def test_every_key_has_a_comment_in_pyproject():
@@ -99,9 +103,9 @@ def test_wrong_types_name_the_key(key, value, allowed):
         ("model-norm", "instance"),
         ("mlp-hidden", "200,x"),
         ("mlp-hidden", "0"),
-        ("local-epochs", 0),
-        ("batch-size", 0),
-        ("lr", 0.0),
+        ("local-epochs", -1),  # 0: the dataset's default
+        ("batch-size", -1),
+        ("lr", -0.1),
         ("momentum", 1.0),
         ("weight-decay", -1e-4),
         ("device", "tpu"),
