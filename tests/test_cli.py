@@ -104,7 +104,10 @@ def test_bad_input_is_one_clear_message(capsys, tmp_path, args, expected):
 def test_listings(capsys):
     for command, must in [
         ("strategies", ["fedavg", "fedprox", "fedyogi", "fedtrimmedavg"]),
-        ("datasets", ["digits", "fashion-mnist", "cifar100", "synthetic", "embedded", "NIID-Bench"]),
+        (
+            "datasets",
+            ["digits", "fashion-mnist", "cifar100", "synthetic", "embedded", "NIID-Bench"],
+        ),
         ("models", ["mlp", "cnn", "vgg9", "resnet20"]),
     ]:
         code, out, _ = run_cli(capsys, command)
