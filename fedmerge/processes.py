@@ -1,4 +1,5 @@
-"""Whether a process still runs: one answer for the bench's lock and the run's launcher watch.
+"""Processes: whether one still runs (the bench's lock, the run's launcher watch), and the
+CPU cores this one may use (the local engine's workers, the bench's jobs, the benchmarks).
 
 Kept free of torch and Flower so that light commands (``fedmerge bench --help``) can use it.
 """
@@ -29,3 +30,11 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

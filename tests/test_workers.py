@@ -27,17 +27,9 @@ from fedmerge.engine.faults import Fault, FaultyClientApp
 from fedmerge.engine.local import FIRST_NODE_ID, LocalGrid, run_apps, set_server_identity
 from fedmerge.engine.workers import WorkerPool, resolve_workers
 from fedmerge.errors import ConfigError
+from fedmerge.processes import process_alive
 from fedmerge.results import read_metrics
 from fedmerge.runner import local_workers, run
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, killed but not reaped, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _arrays() -> ArrayRecord:
@@ -60,7 +52,7 @@ def test_a_pool_gives_the_exact_weighted_mean_and_keeps_node_state_across_proces
     assert result.train_metrics_clientapp[3]["calls"] == pytest.approx(3.0)
     assert all(grid.context(n).state["calls"]["n"] == 3 for n in grid.get_node_ids())
     assert len(pids) == 2 and os.getpid() not in pids
-    assert not any(_alive(p) for p in pids)  # closed: every worker reaped
+    assert not any(process_alive(p) for p in pids)  # closed: every worker reaped
 
 
 def _pid_client(sleep: dict[int, float] | None = None, die: set[int] = frozenset()) -> ClientApp:
@@ -118,7 +110,7 @@ def test_a_worker_past_its_deadline_is_set_aside_and_its_node_stays_busy():
         assert sorted(third) == [0, 1, 2, 3]
         assert pool.busy_nodes() == set()
         assert len(pool.pids()) == 2  # the set-aside worker ended its call and left
-        assert all(not _alive(p) for p in late if p not in pool.pids())
+        assert all(not process_alive(p) for p in late if p not in pool.pids())
 
 
 def test_a_killed_worker_is_replaced_and_its_client_counted_missing():
@@ -130,7 +122,7 @@ def test_a_killed_worker_is_replaced_and_its_client_counted_missing():
         assert sorted(first) == [0, 1, 3] and pool.replaced == 1
         second = _round(grid, 2, timeout=30.0)
         assert sorted(second) == [0, 1, 2, 3]
-        assert len(pool.pids()) == 2 and all(_alive(p) for p in pool.pids())
+        assert len(pool.pids()) == 2 and all(process_alive(p) for p in pool.pids())
 
 
 def test_no_worker_outlives_close_even_one_stuck_in_a_call():
@@ -142,7 +134,7 @@ def test_no_worker_outlives_close_even_one_stuck_in_a_call():
     pids = pool.pids()
     assert len(pids) == 3  # two workers and the one set aside, still sleeping
     pool.close()
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)
 
 
 # -- results do not depend on the workers ------------------------------------------------
@@ -163,36 +155,24 @@ def _comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k} for r in rows]
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedwsa", "fedmatch", "fednpmerge"])
-def test_two_workers_give_exactly_the_metrics_of_one(tmp_path, name):
+def _rows_by_workers(tmp_path: Path, **over) -> dict[int, list[dict]]:
+    """The time-free metrics of the FAST run with ``over``, on 1 and on 2 workers."""
     rows = {}
     for workers in (1, 2):
-        cfg = RunConfig.from_mapping(
-            {
-                **FAST,
-                "strategy": name,
-                "workers": workers,
-                "output-dir": str(tmp_path),
-                "run-name": f"w{workers}",
-            }
-        )
+        values = {**FAST, **over, "workers": workers, "output-dir": str(tmp_path)}
+        cfg = RunConfig.from_mapping({**values, "run-name": f"w{workers}"})
         rows[workers] = _comparable(read_metrics(run(cfg, "local")))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedwsa", "fedmatch", "fednpmerge"])
+def test_two_workers_give_exactly_the_metrics_of_one(tmp_path, name):
+    rows = _rows_by_workers(tmp_path, strategy=name)
     assert len(rows[1]) == 4 and rows[1] == rows[2]
 
 
 def test_vectorised_training_runs_in_the_workers(tmp_path):
-    rows = {}
-    for workers in (1, 2):
-        cfg = RunConfig.from_mapping(
-            {
-                **FAST,
-                "vectorise": True,
-                "workers": workers,
-                "output-dir": str(tmp_path),
-                "run-name": f"v{workers}",
-            }
-        )
-        rows[workers] = _comparable(read_metrics(run(cfg, "local")))
+    rows = _rows_by_workers(tmp_path, vectorise=True)
     # Each worker trains its share of the round together; vmap sums in another order than
     # the per-client loop, so equal to float tolerance, as the vectorised path promises.
     acc = [[r["test-accuracy"] for r in rows[w]] for w in (1, 2)]
@@ -330,13 +310,13 @@ def test_workers_die_with_a_sigkilled_engine(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         workers = [int(p) for p in pids.read_text().split()]
-        assert proc.pid not in workers and all(_alive(p) for p in workers)
+        assert proc.pid not in workers and all(process_alive(p) for p in workers)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(p) for p in workers)
+        assert not any(process_alive(p) for p in workers)
     finally:
         if proc.poll() is None:
             proc.kill()

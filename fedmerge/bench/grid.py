@@ -43,7 +43,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import FedmergeError
-from ..processes import process_alive
+from ..processes import available_cpus, process_alive
 from .grid_spec import BenchSpec, Cell, load_spec, preset_names
 
 # Nothing here imports torch at import time: `fedmerge`'s parser imports this module for
@@ -295,12 +295,17 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def workers_per_job(jobs: int) -> int:
+    """Worker processes of each of ``jobs`` cells running at once: CPUs // jobs, at least 1."""
+    return max(1, available_cpus() // jobs)
+
+
 def cell_workers(cfg: RunConfig, jobs: int) -> RunConfig:
     """``cfg`` with its ``workers`` set so that ``jobs`` cells at once fill, not oversubscribe,
-    the CPUs: a cell that leaves ``workers`` to the engine (0) gets CPUs // jobs."""
+    the CPUs: a cell that leaves ``workers`` to the engine (0) gets :func:`workers_per_job`."""
     if cfg.workers != 0:
         return cfg
-    return cfg.replace(workers=max(1, available_cpus() // jobs))
+    return cfg.replace(workers=workers_per_job(jobs))
 
 
 def run_cells(
@@ -363,14 +368,6 @@ def run_cells(
     return failed
 
 
-def available_cpus() -> int:
-    """CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_threads(jobs: int) -> int:
     """Torch threads per cell: the CPUs shared among the jobs, at most torch's own default
     (which follows ``OMP_NUM_THREADS``)."""
@@ -401,7 +398,7 @@ def run_bench(
         done, todo = split_cells(spec, out)
         jobs = max(1, min(jobs or available_cpus(), len(todo) or 1))
         threads = threads or default_threads(jobs)
-        workers = max(1, available_cpus() // jobs)
+        workers = workers_per_job(jobs)
         print(
             f"{spec.source}: {len(done)} of {len(done) + len(todo)} cells done; running "
             f"{len(todo)} with {jobs} job(s), each with {workers} worker process(es) unless "

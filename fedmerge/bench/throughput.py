@@ -119,6 +119,7 @@ import torch.nn.functional as F
 from ..config import RunConfig
 from ..errors import FedmergeError
 from ..federation import DataSpec, client_seed, client_shard, load_data, make_model
+from ..processes import available_cpus
 from ..results import read_metrics
 from ..training import resolve_device
 from .bare_multi import average, measure_bare_processes, train_clients
@@ -206,14 +207,6 @@ class BenchSettings:
 
 
 # -- helpers ----------------------------------------------------------------------------
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Optimiser steps :func:`fedmerge.training.train` takes per epoch on ``n`` samples
     (a final batch of one sample is folded into the previous one)."""

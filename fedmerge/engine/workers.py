@@ -48,6 +48,8 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from ..processes import available_cpus
+
 log = logging.getLogger(__name__)
 
 ClientCallable = Callable[[Message, Context], Message]
@@ -310,14 +312,6 @@ def worker_pool(
         yield pool
     finally:
         pool.close()
-
-
-def available_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_workers(requested: int, clients_per_round: int, device: str) -> int:
