@@ -3,32 +3,26 @@
 The shard is recomputed from the run-config and the node's ``partition-id`` /
 ``num-partitions`` (cached per process). What the server sends in the train instruction's
 config decides the extra loss terms: ``proximal-mu`` (Flower's FedProx) adds the proximal
-term; later strategies add their own keys. So one ClientApp serves every strategy.
+term, FedWSA's target the WSA term (both read by :class:`fedmerge.client.RequestedTerms`,
+the helper a user's own ClientApp uses too). So one ClientApp serves every strategy.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedmerge.client import RequestedTerms
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
-from fedmerge.scopes import Scope, WSARegularizer, scope_names, scope_of, target_from_config
-from fedmerge.training import (
-    Regularizer,
-    TrainResult,
-    evaluate,
-    proximal_term,
-    resolve_device,
-    train,
-)
+from fedmerge.scopes import scope_names, scope_of
+from fedmerge.training import TrainResult, evaluate, resolve_device, train
 from fedmerge.vectorised import ClientJob, can_vectorise, train_many
 
 log = logging.getLogger(__name__)
@@ -84,44 +78,6 @@ def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn
     return model
 
 
-@dataclass(frozen=True)
-class _Terms:
-    """The extra loss terms a train instruction's config asks for (read in one place)."""
-
-    proximal_mu: float  # Flower's FedProx: 0 = no term
-    wsa_target: Scope | None  # fedmerge's FedWSA: None = no term
-    wsa_lambda: float
-    wsa_reverse: bool
-
-    @classmethod
-    def of(cls, config: ConfigRecord) -> _Terms:
-        target = target_from_config(config)
-        lam = float(config["wsa-lambda"]) if target is not None else 0.0
-        if lam <= 0:
-            target, lam = None, 0.0
-        return cls(
-            float(config.get("proximal-mu", 0.0)),
-            target,
-            lam,
-            bool(config.get("wsa-reverse", False)),
-        )
-
-
-def _regularizers(terms: _Terms, model: nn.Module, device: torch.device) -> list[Regularizer]:
-    """The loss terms the server asked for, as regularizers of ``training.train``."""
-    regs: list[Regularizer] = []
-    if terms.proximal_mu > 0:
-        ref = [p.detach().clone().to(device) for p in model.parameters()]
-        regs.append(proximal_term(ref, terms.proximal_mu))
-    if terms.wsa_target is not None:
-        regs.append(
-            WSARegularizer(
-                terms.wsa_target, terms.wsa_lambda, reverse=terms.wsa_reverse, device=device
-            )
-        )
-    return regs
-
-
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's shard and reply with the result."""
@@ -142,7 +98,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         weight_decay=cfg.weight_decay,
         seed=client_seed(cfg.seed, pid, server_round),
         device=device,
-        regularizers=_regularizers(_Terms.of(config), model, device),
+        regularizers=RequestedTerms.of(config).regularizers(model, device),
     )
     return _train_reply(msg, cfg, model.state_dict(), result)
 
@@ -194,7 +150,7 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
         return None
     jobs = []
     for msg, config, (_, _, pid) in zip(messages, configs, setups, strict=True):
-        terms = _Terms.of(config)
+        terms = RequestedTerms.of(config)
         x, y = client_shard(spec, pid, str(device))
         jobs.append(
             ClientJob(

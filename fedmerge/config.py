@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, unknown_name
+from .options import FineTuneOptions as _FINETUNE
+from .options import MatchOptions as _MATCH
+from .options import WSAOptions as _WSA
 
 # Values Flower accepts in a run-config (``flwr.common.typing.UserConfigValue``).
 ConfigValue = bool | int | float | str
@@ -81,19 +84,19 @@ class RunConfig:
     fedopt_beta_2: float = 0.99
     fedopt_tau: float = 0.001
     trimmed_beta: float = 0.2
-    # Weight Scope Alignment
-    wsa_lambda: float = 0.01
-    wsa_fusion: str = "moment"
-    wsa_reverse: bool = False
-    wsa_layers: str = "conv-linear"
-    wsa_merge: str = "average"
-    # neuron-matched averaging (fedmatch)
-    match_method: str = "weight"
-    match_reference: str = "global"
-    match_iterations: int = 1
-    match_beta: float | str = 0.5  # a number in [0, 1], or "auto" (chosen on the proxy slice)
-    match_bn_repair: bool = True
-    match_max_sweeps: int = 100
+    # Weight Scope Alignment (defaults: fedmerge.options.WSAOptions)
+    wsa_lambda: float = _WSA.lam
+    wsa_fusion: str = _WSA.fusion
+    wsa_reverse: bool = _WSA.reverse
+    wsa_layers: str = _WSA.layers
+    wsa_merge: str = _WSA.merge
+    # neuron-matched averaging (fedmatch; defaults: fedmerge.options.MatchOptions)
+    match_method: str = _MATCH.method
+    match_reference: str = _MATCH.reference
+    match_iterations: int = _MATCH.iterations
+    match_beta: float | str = _MATCH.beta  # a number in [0, 1], or "auto" (chosen on the proxy)
+    match_bn_repair: bool = _MATCH.bn_repair
+    match_max_sweeps: int = _MATCH.max_sweeps
     # NP Merge (fednpmerge; the match-* keys align the clients first)
     np_form: str = "pairwise"
     np_align: str = "reference"
@@ -105,9 +108,9 @@ class RunConfig:
     np_holdout: float = 0.2
     np_patience: int = 3
     np_bn_mode: str = "train"
-    # server fine-tuning on the proxy slice (strategy fedavg-ft: the control for NP Merge)
-    finetune_epochs: int = 1
-    finetune_lr: float = 0.01
+    # server fine-tuning on the proxy slice (fedavg-ft; defaults: fedmerge.options.FineTuneOptions)
+    finetune_epochs: int = _FINETUNE.epochs
+    finetune_lr: float = _FINETUNE.lr
     # checkpoint and resume (fedmerge run --resume DIR sets it)
     resume: bool = False
     # results
@@ -282,9 +285,7 @@ def _validate(c: RunConfig) -> None:
     # Names that live in registries of the library core are checked here; the strategy name
     # is checked by the ServerApp (its registry imports Flower) and by the CLI up front.
     from .datasets import DATASETS, INPUT_SCALINGS
-    from .merging import MATCHER_NAMES, MERGES, REFERENCES
     from .models import MODELS, NORMS, parse_hidden
-    from .scopes import FUSION_RULES, LAYER_SETS
 
     _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
     _check(c.num_rounds >= 1, "num-rounds", c.num_rounds, "an integer >= 1")
@@ -355,26 +356,9 @@ def _validate(c: RunConfig) -> None:
         value = getattr(c, key_to_field(key))
         _check(0 <= value < 1, key, value, "a number in [0, 1)")
     _check(0 <= c.trimmed_beta < 0.5, "trimmed-beta", c.trimmed_beta, "a number in [0, 0.5)")
-    _check(c.wsa_lambda >= 0, "wsa-lambda", c.wsa_lambda, "a number >= 0")
-    if c.wsa_fusion not in FUSION_RULES:
-        raise unknown_name("wsa-fusion", c.wsa_fusion, FUSION_RULES)
-    if c.wsa_layers not in LAYER_SETS:
-        raise unknown_name("wsa-layers", c.wsa_layers, LAYER_SETS)
-    if c.wsa_merge not in MERGES:
-        raise unknown_name("wsa-merge", c.wsa_merge, MERGES)
-    if c.match_method not in MATCHER_NAMES:
-        raise unknown_name("match-method", c.match_method, MATCHER_NAMES)
-    if c.match_reference not in REFERENCES:
-        raise unknown_name("match-reference", c.match_reference, REFERENCES)
-    _check(c.match_iterations >= 1, "match-iterations", c.match_iterations, "an integer >= 1")
-    _check(
-        c.match_beta == "auto" or (not isinstance(c.match_beta, str) and 0 <= c.match_beta <= 1),
-        "match-beta",
-        c.match_beta,
-        "a number in [0, 1], or auto (chosen each round on the proxy slice)",
-    )
-    _check(c.finetune_epochs >= 1, "finetune-epochs", c.finetune_epochs, "an integer >= 1")
-    _check(c.finetune_lr > 0, "finetune-lr", c.finetune_lr, "a number > 0")
+    _WSA.from_config(c)  # each options class names its own keys when wrong
+    _FINETUNE.from_config(c)
+    match = _MATCH.from_config(c)
     _check(
         not (c.strategy == "fedavg-ft" and c.proxy_size == 0),
         "proxy-size",
@@ -382,7 +366,6 @@ def _validate(c: RunConfig) -> None:
         "> 0 for strategy fedavg-ft (it fine-tunes on the server's proxy slice)",
         "set e.g. proxy-size=500",
     )
-    _check(c.match_max_sweeps >= 1, "match-max-sweeps", c.match_max_sweeps, "an integer >= 1")
     from .npmerge import NPOptions  # NP Merge: every np-* key, named when wrong
 
     NPOptions.from_config(c)
@@ -394,11 +377,8 @@ def _validate(c: RunConfig) -> None:
         "set e.g. proxy-size=500",
     )
     matching = c.strategy == "fedmatch" or (c.strategy == "fedwsa" and c.wsa_merge == "matched")
-    needs_proxy = c.match_method == "activation" or (
-        c.match_method == "dual" and (c.match_beta == "auto" or c.match_beta < 1)
-    )
     _check(
-        not (matching and needs_proxy and c.proxy_size == 0),
+        not (matching and match.needs_data and c.proxy_size == 0),
         "proxy-size",
         c.proxy_size,
         f"> 0 for match-method={c.match_method} (it matches on the server's proxy slice)",

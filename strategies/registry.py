@@ -30,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmerge.config import RunConfig
 from fedmerge.errors import unknown_name
+from fedmerge.options import WSAOptions
 from fedmerge.scopes import sigma_spread
 
 from .fedmatch import FedMatch, fedmatch_options, matched_merge
@@ -121,11 +122,9 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
     ),
     "fedwsa": (
         lambda c: validated(FedWSA)(
-            lam=c.wsa_lambda,
-            fusion=c.wsa_fusion,
-            reverse=c.wsa_reverse,
-            layers=c.wsa_layers,
+            options=WSAOptions.from_config(c),
             merge=matched_merge(c) if c.wsa_merge == "matched" else None,
+            seed=c.seed,
             **_common(c),
         ),
         "fedmerge FedWSA: Weight Scope Alignment, fused target scope (wsa-*)",

@@ -1,10 +1,12 @@
 """FedWSA: Weight Scope Alignment as a Flower strategy (arXiv 2408.12237; docs/methods.md).
 
-A ``FedAvg`` subclass. ``configure_train`` adds the target scope to every train instruction's
-config; ``aggregate_train`` aggregates (FedAvg, or any merge function given), measures each
-client's scope from the arrays it sent, and fuses them into the next round's target. Round 1's
+A :class:`~.base.MergeStrategy`. ``configure_train`` adds the target scope to every train
+instruction's config; ``aggregate_train`` aggregates (FedAvg's mean, or any merge function
+given), measures each client's scope from the arrays it sent (clients need report nothing
+about scopes), and fuses them into the next round's target. Round 1's
 target is the scope of the initial global model. Clients add the WSA term only when a target
-arrives, so the same ClientApp serves every strategy.
+arrives, so the same ClientApp serves every strategy; a user's own ClientApp gets the term
+from :func:`fedmerge.client.loss_terms`.
 
 Config keys of the target in the message (``ConfigRecord``): ``wsa-names`` (list of tensor
 names), ``wsa-mu``, ``wsa-sigma`` (lists of floats), ``wsa-lambda`` (float), ``wsa-reverse``
@@ -13,86 +15,87 @@ names), ``wsa-mu``, ``wsa-sigma`` (lists of floats), ``wsa-lambda`` (float), ``w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
+from torch import nn
 
-from fedmerge.errors import unknown_name
-from fedmerge.scopes import (
-    FUSION_RULES,
-    LAYER_SETS,
-    Scope,
-    fuse_scopes,
-    scope_names,
-    scope_of,
-    target_to_config,
-)
+from fedmerge.options import MatchOptions, WSAOptions
+from fedmerge.proxy import ProxyLike
+from fedmerge.scopes import Scope, fuse_scopes, scope_names, scope_of, target_to_config
 
-from .validation import client_states
-
-#: ``merge(states, weights, reference) -> state``: a fedmerge merge function.
-MergeFn = Callable[
-    [Sequence[Mapping[str, torch.Tensor]], Sequence[float], Mapping[str, torch.Tensor]],
-    dict[str, torch.Tensor],
-]
+from .base import MergeStrategy
+from .merges import MatchedMerge, MergeFn
 
 
-class FedWSA(FedAvg):
+class FedWSA(MergeStrategy):
     """Federated learning with Weight Scope Alignment.
 
     Parameters
     ----------
-    lam : float
-        Weight of the scope regularizer on the clients (``wsa-lambda``).
-    fusion : {"moment", "mean", "global", "fixed"}
-        How the clients' scopes become the next target (``wsa-fusion``).
-    reverse : bool
-        Clients use ``KL(target || current)`` (``wsa-reverse``).
-    layers : {"conv-linear", "all"}
-        Which tensors have a scope (``wsa-layers``).
-    merge : callable, optional
-        Aggregate with this fedmerge merge function instead of FedAvg's weighted mean.
+    options : WSAOptions, optional
+        The ``wsa-*`` options; keyword arguments named as its fields (``lam``, ``fusion``,
+        ``reverse``, ``layers``) change them.
+    merge : callable or {"average", "matched"}, optional
+        Aggregate with this merge function (:mod:`.merges`) instead of FedAvg's mean;
+        ``"matched"`` builds :class:`~.merges.MatchedMerge` from ``model``, ``proxy`` and
+        ``match`` (the default when ``options.merge == "matched"``).
+    model, proxy, match, example_input :
+        For ``merge="matched"`` only (see :class:`~.fedmatch.FedMatch`).
+    seed : int
+        The merge's seed (plus the round number).
     **kwargs
-        Passed to ``FedAvg`` (sampling, minimum nodes, metric aggregation).
+        The option fields above, and FedAvg's (sampling, minimum nodes, metric aggregation).
     """
 
     def __init__(
         self,
         *,
-        lam: float = 0.01,
-        fusion: str = "moment",
-        reverse: bool = False,
-        layers: str = "conv-linear",
-        merge: MergeFn | None = None,
+        options: WSAOptions | None = None,
+        merge: MergeFn | str | None = None,
+        model: nn.Module | None = None,
+        proxy: ProxyLike = None,
+        match: MatchOptions | None = None,
+        example_input: torch.Tensor | None = None,
+        seed: int = 0,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        if fusion not in FUSION_RULES:
-            raise unknown_name("wsa-fusion", fusion, FUSION_RULES)
-        if layers not in LAYER_SETS:
-            raise unknown_name("wsa-layers", layers, LAYER_SETS)
-        self.lam, self.fusion, self.reverse, self.layers = lam, fusion, reverse, layers
-        self.merge = merge
-        self._sent: dict[str, torch.Tensor] | None = None
+        changes, rest = WSAOptions.split(kwargs)
+        if isinstance(merge, str):
+            changes["merge"] = merge
+        self.options = WSAOptions.build(options, **changes)
+        if callable(merge):
+            fn: MergeFn | None = merge
+        elif self.options.merge == "matched":
+            if model is None:
+                raise TypeError("FedWSA(merge='matched') needs model= (the architecture)")
+            fn = MatchedMerge(model, match, proxy, example_input=example_input)
+        else:
+            fn = None
+        super().__init__(merge=fn, seed=seed, **rest)
         self.initial: Scope | None = None
         self.target: Scope | None = None
+
+    @property
+    def lam(self) -> float:
+        """``wsa-lambda``."""
+        return self.options.lam
 
     def summary(self) -> None:
         """Log the configuration."""
         super().summary()
+        o = self.options
         log(
             INFO,
-            "\t└──> WSA: lambda %s | fusion %s | reverse %s | layers %s | merge %s",
-            self.lam,
-            self.fusion,
-            self.reverse,
-            self.layers,
-            getattr(self.merge, "__name__", "fedavg") if self.merge else "fedavg",
+            "\t└──> WSA: lambda %s | fusion %s | reverse %s | layers %s",
+            o.lam,
+            o.fusion,
+            o.reverse,
+            o.layers,
         )
 
     def state_dict(self) -> dict[str, dict[str, list] | None]:
@@ -107,17 +110,13 @@ class FedWSA(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the current target scope with the train instruction.
-
-        With a merge function, also remember the model sent: it is the merge's reference (the
-        global model, as for FedMatch), not the round's FedAvg average.
-        """
-        if self.merge is not None:
-            self._sent = arrays.to_torch_state_dict()
+        """Send the current target scope with the train instruction (round 1: the initial
+        model's scope)."""
         if self.target is None:
             state = arrays.to_torch_state_dict()
-            self.initial = self.target = scope_of(state, scope_names(state, self.layers))
-        for key, value in target_to_config(self.target, self.lam, self.reverse).items():
+            self.initial = self.target = scope_of(state, scope_names(state, self.options.layers))
+        o = self.options
+        for key, value in target_to_config(self.target, o.lam, o.reverse).items():
             config[key] = value
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -125,19 +124,14 @@ class FedWSA(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, then fuse the clients' scopes into the next target."""
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics, states, weights = self.aggregate_states(server_round, replies)
         if arrays is None or self.target is None:
             return arrays, metrics
-        states, weights = client_states(replies, self.weighted_by_key)
-        if self.merge is not None:
-            reference = self._sent if self._sent is not None else arrays.to_torch_state_dict()
-            arrays = ArrayRecord(self.merge(states, weights, reference))
         names = self.target.names
         scopes = [scope_of(s, names) for s in states]
         global_scope = scope_of(arrays.to_torch_state_dict(), names)
         self.target = fuse_scopes(
-            scopes, weights, self.fusion, global_scope=global_scope, initial=self.initial
+            scopes, weights, self.options.fusion, global_scope=global_scope, initial=self.initial
         )
         metrics = metrics if metrics is not None else MetricRecord()
         metrics["wsa-target-sigma"] = [float(v) for v in self.target.sigma]

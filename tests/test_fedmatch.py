@@ -61,7 +61,7 @@ def test_permuted_client_replies_merge_back_into_the_global_model(reference):
 def test_data_based_matching_needs_the_proxy_slice():
     model = build_model("mlp", (1, 8, 8), 10, hidden=(8,), seed=0)
     with pytest.raises(ConfigError, match="proxy-size"):
-        FedMatch(model=model, matcher="activation")
+        FedMatch(model=model, method="activation")
     with pytest.raises(ConfigError, match="proxy-size"):
         RunConfig.from_mapping({"strategy": "fedmatch", "match-method": "dual"})
     RunConfig.from_mapping({"strategy": "fedmatch", "match-method": "dual", "match-beta": 1.0})
@@ -110,7 +110,7 @@ def test_fedavg_fine_tuned_on_the_proxy_slice(tmp_path):
         _cfg(tmp_path, strategy="fedavg-ft")
     cfg = _cfg(tmp_path, strategy="fedavg-ft", **{"proxy-size": 200, "finetune-epochs": 2})
     rows = read_metrics(run(cfg, "local"))
-    assert rows[-1]["proxy-size"] == 200 and rows[-1]["finetune-time"] > 0
+    assert rows[-1]["proxy-size"] == 200 and rows[-1]["merge-time"] > 0
     assert rows[-1]["test-accuracy"] > 0.5
     plain = read_metrics(run(cfg.replace(strategy="fedavg", run_name="plain"), "local"))
     assert rows[-1]["test-accuracy"] != plain[-1]["test-accuracy"]  # the server step acts
@@ -188,6 +188,6 @@ def test_auto_beta_runs_in_fedmatch_and_is_refused_where_one_beta_is_needed(tmp_
         build_strategy(_cfg(tmp_path, strategy="fednpmerge", **over))
     model = build_model("mlp", (1, 8, 8), 10, hidden=(8,), seed=0)
     with pytest.raises(ConfigError, match="match-beta.*labelled"):
-        FedMatch(model=model, matcher="dual", beta="auto", proxy=torch.zeros(4, 1, 8, 8))
+        FedMatch(model=model, method="dual", beta="auto", proxy=torch.zeros(4, 1, 8, 8))
     with pytest.raises(ConfigError, match="match-beta"):
         RunConfig.from_mapping({"match-beta": "sometimes"})

@@ -295,7 +295,7 @@ def test_the_one_shot_row_beats_the_weight_matched_average_on_the_site_data(pair
 
 def test_strategy_merges_mocked_replies_on_the_proxy_slice(pair):
     model, (a, b), x, y = pair
-    strategy = FedNPMerge(model=model, proxy=x, proxy_labels=y, fraction_evaluate=0.0)
+    strategy = FedNPMerge(model=model, proxy=(x, y), fraction_evaluate=0.0)
     requests = train_requests(strategy, a, 2)
     replies = [train_reply(requests[0], a, 30), train_reply(requests[1], b, 30)]
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -306,7 +306,7 @@ def test_strategy_merges_mocked_replies_on_the_proxy_slice(pair):
     assert metrics["np-proxy-loss-end"] < metrics["np-proxy-loss-start"]
     assert 0 <= metrics["units-moved"] <= 1 and "np-peak-cuda-mb" not in metrics
     with pytest.raises(ConfigError, match="proxy-size"):
-        FedNPMerge(model=model, proxy=None, proxy_labels=None)
+        FedNPMerge(model=model, proxy=None)
 
 
 def test_fednpmerge_runs_end_to_end_on_the_local_engine(tmp_path, monkeypatch):

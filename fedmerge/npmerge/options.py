@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
 from ..errors import ConfigError, unknown_name
+from ..options import Options
 
 State = Mapping[str, Tensor]
 
@@ -22,7 +24,7 @@ _EVAL_BATCH = 1024
 
 
 @dataclass(frozen=True)
-class NPOptions:
+class NPOptions(Options):
     """NP Merge's hyper-parameters (run-config keys ``np-*``; the module docstring has why).
 
     Raises
@@ -30,6 +32,8 @@ class NPOptions:
     ConfigError
         Naming the ``np-*`` key of a bad value.
     """
+
+    PREFIX: ClassVar[str] = "np"
 
     form: str = "pairwise"  # np-form: pairwise (paper) | softmax (N-way, our extension)
     align: str = "reference"  # np-align: reference (match-reference) | running (pairwise)
@@ -65,11 +69,6 @@ class NPOptions:
                 raise ConfigError(key, value, f"an integer >= {low}")
         if not (isinstance(self.holdout, int | float) and 0 <= self.holdout < 1):
             raise ConfigError("np-holdout", self.holdout, "a number in [0, 1)")
-
-    @classmethod
-    def from_config(cls, cfg) -> NPOptions:
-        """The options of a :class:`fedmerge.config.RunConfig` (fields ``np_*``)."""
-        return cls(**{f.name: getattr(cfg, f"np_{f.name}") for f in fields(cls)})
 
 
 @dataclass

@@ -1,0 +1,393 @@
+"""The merge functions fedmerge's strategies are configurations of.
+
+A merge function turns a round's client models into the next global model::
+
+    merge(states, weights, reference, *, seed=0) -> (merged, report)
+
+``states`` are the clients' state dicts (never modified), ``weights`` their data sizes,
+``reference`` the global model the server sent this round, ``seed`` a per-round seed for any
+randomness; ``merged`` is a new state dict and ``report`` a dict of round metrics
+(``str -> float``). :class:`~.base.MergeStrategy` calls one each round. A user's own function
+may leave out ``seed`` and may return the merged state alone.
+
+Each class here binds a method's options, the template model and the server's proxy data once
+(checking them at construction, naming the run-config key of a bad one) and is then a pure
+function of its arguments. None of them imports Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedmerge.errors import ConfigError
+from fedmerge.merging import (
+    MatchReport,
+    has_batchnorm,
+    matched_average,
+    repair_batchnorm,
+    select_beta,
+)
+from fedmerge.models import model_spec
+from fedmerge.npmerge import Alignment, NPOptions, NPReport, np_merge
+from fedmerge.options import FineTuneOptions, MatchOptions
+from fedmerge.permutations import PermutationSpec
+from fedmerge.proxy import Proxy, ProxyLike, as_proxy
+from fedmerge.training import train
+
+__all__ = [
+    "FineTunedAverage",
+    "MatchedMerge",
+    "MergeFn",
+    "NPMerge",
+    "fedavg_average",
+]
+
+State = Mapping[str, Tensor]
+Report = dict[str, float]
+#: ``merge(states, weights, reference, *, seed) -> (merged, report)``.
+MergeFn = Callable[..., tuple[dict[str, Tensor], Report] | dict[str, Tensor]]
+
+_MB = 2**20
+
+
+def fedavg_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Flower FedAvg's weighted mean, to the bit, on state dicts already deserialised.
+
+    The same arithmetic as ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords``
+    (factors ``w / sum(w)`` as Python floats, ``acc = x_0 * f_0``, then ``acc += x_i * f_i``
+    in NumPy, so integer buffers become float64 exactly as there). A test keeps the two equal.
+    """
+    total = sum(float(w) for w in weights)
+    factors = [float(w) / total for w in weights]
+    out: dict[str, Tensor] = {}
+    for key in states[0]:
+        acc = states[0][key].detach().cpu().numpy() * factors[0]
+        for state, factor in zip(states[1:], factors[1:], strict=True):
+            acc += state[key].detach().cpu().numpy() * factor
+        out[key] = torch.from_numpy(np.asarray(acc))
+    return out
+
+
+def _spec(model: nn.Module, proxy: Proxy | None, example_input: Tensor | None) -> PermutationSpec:
+    """The model's own spec, or one inferred from an example input (or the first proxy input)."""
+    if example_input is None and proxy is not None:
+        example_input = proxy.x[:1]
+    if callable(getattr(model, "permutation_spec", None)):
+        return model_spec(model)
+    return model_spec(model, example_input)
+
+
+def _check_data(options: MatchOptions, proxy: Proxy | None, repair: bool) -> None:
+    """Refuse matching options that need proxy data the server does not have."""
+    if options.auto_beta and (proxy is None or not proxy.labelled):
+        raise ConfigError(
+            "match-beta",
+            options.beta,
+            "a number in [0, 1] without a labelled proxy slice",
+            hint="auto scores each candidate on the server's labelled proxy data "
+            "(proxy-size > 0, or proxy=(inputs, labels))",
+        )
+    if options.needs_data and proxy is None:
+        raise ConfigError(
+            "proxy-size",
+            0,
+            f"> 0 for match-method={options.method}",
+            hint="Data-based matching runs on the server's proxy data (proxy-size, or proxy=); "
+            "or use match-method=weight",
+        )
+    if repair and proxy is None:
+        raise ConfigError(
+            "proxy-size",
+            0,
+            "> 0 for BatchNorm repair of a model with BatchNorm",
+            hint="Or set match-bn-repair=false (the merged model keeps averaged statistics)",
+        )
+
+
+class MatchedMerge:
+    """Neuron-matched averaging: align every client to a reference, then average (FedMatch).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Template of the architecture (any model: its ``permutation_spec()`` if it has one,
+        otherwise a spec inferred from ``example_input`` or the first proxy input; see
+        :func:`fedmerge.models.model_spec`). Not modified.
+    options : MatchOptions
+        The ``match-*`` options.
+    proxy : tensors, Dataset or DataLoader, optional
+        The server's proxy data (:func:`fedmerge.proxy.as_proxy`): inputs for data-based
+        matchers and BatchNorm repair, labels for ``beta="auto"``.
+    example_input : Tensor, optional
+        A batch of inputs to trace the model with when it has no ``permutation_spec()``.
+
+    Raises
+    ------
+    ConfigError
+        Options that need proxy data the server lacks (names ``proxy-size`` or ``match-beta``).
+    TypeError
+        A model without a spec and no input to infer one from.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        options: MatchOptions | None = None,
+        proxy: ProxyLike = None,
+        *,
+        example_input: Tensor | None = None,
+    ) -> None:
+        self.options = MatchOptions.build(options)
+        self.proxy = as_proxy(proxy)
+        self.repair = self.options.bn_repair and has_batchnorm(model)
+        _check_data(self.options, self.proxy, self.repair)
+        self.model, self.spec = model, _spec(model, self.proxy, example_input)
+        self.__name__ = f"matched-{self.options.method}"
+
+    @property
+    def proxy_size(self) -> int:
+        """Samples of proxy data the server holds."""
+        return 0 if self.proxy is None else len(self.proxy)
+
+    def __call__(
+        self,
+        states: Sequence[State],
+        weights: Sequence[float],
+        reference: State | None,
+        *,
+        seed: int = 0,
+    ) -> tuple[dict[str, Tensor], Report]:
+        """The matched average of ``states`` (BatchNorm-repaired), and its report."""
+        o, proxy = self.options, self.proxy
+        report: Report = {}
+        beta = o.beta
+        if o.auto_beta:
+            assert proxy is not None and proxy.y is not None
+            choice = select_beta(
+                list(states),
+                list(weights),
+                reference=reference,
+                spec=self.spec,
+                model=self.model,
+                inputs=proxy.x,
+                labels=proxy.y,
+                mode=o.reference,
+                iterations=o.iterations,
+                bn_repair=self.repair,
+                seed=seed,
+                max_sweeps=o.max_sweeps,
+            )
+            beta = report["match-beta"] = choice.beta
+        match = MatchReport()
+        merged = matched_average(
+            list(states),
+            list(weights),
+            reference=reference,
+            spec=self.spec,
+            matcher=o.method,
+            mode=o.reference,
+            iterations=o.iterations,
+            beta=0.5 if beta == "auto" else float(beta),  # auto: only the dual matcher reads it
+            model=self.model,
+            inputs=None if proxy is None else proxy.x,
+            seed=seed,
+            max_sweeps=o.max_sweeps,
+            report=match,
+        )
+        if self.repair:
+            assert proxy is not None
+            merged = repair_batchnorm(self.model, merged, proxy.x)
+        report["match-time"] = match.seconds
+        report["units-moved"] = match.units_moved
+        report["proxy-size"] = self.proxy_size
+        return merged, report
+
+
+class NPMerge:
+    """NP Merge: align the clients as :class:`MatchedMerge` does, then learn per-parameter
+    merging coefficients on the labelled proxy data (arXiv 2412.15467; FedNPMerge).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Template of the architecture (any model, as for :class:`MatchedMerge`).
+    proxy : tensors, Dataset or DataLoader
+        Labelled proxy data (required).
+    match : MatchOptions
+        How clients are aligned (``match-*``; ``beta="auto"`` is refused: NP Merge aligns with
+        one beta).
+    options : NPOptions
+        The ``np-*`` options.
+    device : torch.device or str
+        Where the coefficients are learned.
+    example_input : Tensor, optional
+        As for :class:`MatchedMerge`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        proxy: ProxyLike,
+        match: MatchOptions | None = None,
+        options: NPOptions | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        example_input: Tensor | None = None,
+    ) -> None:
+        self.proxy = as_proxy(proxy)
+        if self.proxy is None or not self.proxy.labelled:
+            raise ConfigError(
+                "proxy-size",
+                0 if self.proxy is None else len(self.proxy),
+                "> 0 labelled samples for NP Merge",
+                hint="NP Merge learns its coefficients on the server's labelled proxy data; "
+                "set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
+            )
+        self.match = MatchOptions.build(match)
+        if self.match.auto_beta:
+            raise ConfigError(
+                "match-beta",
+                "auto",
+                "a number in [0, 1] for NP Merge (strategy fednpmerge)",
+                hint="NP Merge aligns with one beta; fedmatch and fedwsa (wsa-merge=matched) "
+                "choose it on the proxy slice",
+            )
+        self.options = NPOptions.build(options)
+        self.repair = self.match.bn_repair and has_batchnorm(model)
+        self.model, self.spec = model, _spec(model, self.proxy, example_input)
+        self.device = torch.device(device)
+        m = self.match
+        self.alignment = Alignment(
+            self.spec,
+            matcher=m.method,
+            mode=m.reference,
+            iterations=m.iterations,
+            beta=float(m.beta),
+            max_sweeps=m.max_sweeps,
+        )
+        self.__name__ = "np-merge"
+
+    def __call__(
+        self,
+        states: Sequence[State],
+        weights: Sequence[float],
+        reference: State | None,
+        *,
+        seed: int = 0,
+    ) -> tuple[dict[str, Tensor], Report]:
+        """NP Merge of ``states``, and its report (``np-*`` round metrics)."""
+        assert self.proxy is not None and self.proxy.y is not None
+        np_report = NPReport()
+        merged = np_merge(
+            list(states),
+            list(weights),
+            reference=reference,
+            model=self.model,
+            x=self.proxy.x,
+            y=self.proxy.y,
+            alignment=self.alignment,
+            options=self.options,
+            seed=seed,
+            device=self.device,
+            bn_repair=self.repair,
+            report=np_report,
+        )
+        return merged, _np_facts(np_report, len(self.proxy), self.device)
+
+
+def _np_facts(r: NPReport, proxy_size: int, device: torch.device) -> Report:
+    facts: Report = {
+        "proxy-size": proxy_size,
+        "match-time": r.match_seconds,
+        "units-moved": r.units_moved,
+        "np-time": r.seconds,
+        "np-steps": r.steps,
+        "np-epochs": r.epochs,
+    }
+    for key, value in (
+        ("np-proxy-loss-start", r.loss_start),
+        ("np-proxy-loss-end", r.loss_end),
+        ("np-holdout-loss-start", r.holdout_start),
+        ("np-holdout-loss-end", r.holdout_end),
+    ):
+        if math.isfinite(value):  # NaN when one client replied or there is no hold-out
+            facts[key] = value
+    facts["np-state-mb"] = r.state_bytes / _MB
+    if device.type == "cuda":
+        facts["np-peak-cuda-mb"] = r.peak_cuda_bytes / _MB
+    return facts
+
+
+class FineTunedAverage:
+    """FedAvg's average, then SGD on the server's labelled proxy data (the control for NP Merge).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Template of the architecture (a private copy is trained; any model).
+    proxy : tensors, Dataset or DataLoader
+        Labelled proxy data (required).
+    options : FineTuneOptions
+        ``finetune-epochs``, ``finetune-lr``.
+    momentum, weight_decay : float
+        SGD settings (the clients' ``momentum`` and ``weight-decay``).
+    batch_size : int
+        Samples per step (``np-batch-size`` in fedmerge runs).
+    device : torch.device or str
+        Where to fine-tune.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        proxy: ProxyLike,
+        options: FineTuneOptions | None = None,
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int = 64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.proxy = as_proxy(proxy)
+        if self.proxy is None or not self.proxy.labelled:
+            raise ConfigError(
+                "proxy-size",
+                0 if self.proxy is None else len(self.proxy),
+                "> 0 labelled samples for fine-tuning on the server",
+                hint="set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
+            )
+        self.options = FineTuneOptions.build(options)
+        self.model, self.device = model, device
+        self.sgd = {"momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size}
+        self.__name__ = "fedavg-ft"
+
+    def __call__(
+        self,
+        states: Sequence[State],
+        weights: Sequence[float],
+        reference: State | None,
+        *,
+        seed: int = 0,
+    ) -> tuple[dict[str, Tensor], Report]:
+        """The weighted average, trained on the proxy data."""
+        assert self.proxy is not None and self.proxy.y is not None
+        average = fedavg_average(states, weights)
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: v.to(current[k].dtype) for k, v in average.items()})
+        result = train(
+            self.model,
+            self.proxy.x,
+            self.proxy.y,
+            epochs=self.options.epochs,
+            lr=self.options.lr,
+            seed=seed,
+            device=self.device,
+            **self.sgd,
+        )
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return state, {"finetune-loss": result.loss, "proxy-size": len(self.proxy)}
