@@ -1,0 +1,303 @@
+"""The strategies as a library: MergeStrategy, per-method options, proxy data, client terms."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from fedmerge.strategies import (
+    FedAvgFineTuned,
+    FedMatch,
+    FedNPMerge,
+    FedWSA,
+    FineTuneOptions,
+    MatchOptions,
+    MergeStrategy,
+    NPOptions,
+    WSAOptions,
+    fedavg_average,
+)
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import fedavg as flower_fedavg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from strategy_harness import train_reply, train_requests
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedmerge.client import RequestedTerms, loss_terms
+from fedmerge.config import RunConfig
+from fedmerge.errors import ConfigError
+from fedmerge.models import build_model, model_spec
+from fedmerge.permutations import apply_permutations, random_permutations
+from fedmerge.proxy import Proxy, as_proxy
+from fedmerge.scopes import Scope, target_to_config
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = (MatchOptions, WSAOptions, FineTuneOptions, NPOptions)
+
+
+def _mlp(seed=0, hidden=(16,)):
+    return build_model("mlp", (1, 8, 8), 10, hidden=hidden, seed=seed)
+
+
+def _bn_model():
+    return build_model("resnet20", (1, 8, 8), 10, seed=0)
+
+
+def _replies(strategy, states, sizes):
+    requests = train_requests(strategy, states[0], len(states))
+    return [train_reply(r, s, n) for r, s, n in zip(requests, states, sizes, strict=True)]
+
+
+def _states(n=3):
+    states = [_mlp(seed=i).state_dict() for i in range(n)]
+    states.append(_bn_model().state_dict())  # unused by the MLP tests; int buffers below
+    return states[:n]
+
+
+# -- MergeStrategy ---------------------------------------------------------------------------
+
+
+def test_fedavg_average_is_flowers_mean_to_the_bit_integer_buffers_included():
+    states = [_bn_model().state_dict() for _ in range(3)]
+    for i, state in enumerate(states):
+        for key, value in state.items():
+            if value.is_floating_point():
+                state[key] = value + 0.37 * i  # distinct models
+            else:
+                state[key] = value + 7 * i
+    weights = [13, 40, 7]
+    records = [
+        RecordDict({"arrays": ArrayRecord(s), "metrics": train_reply_metrics(n)})
+        for s, n in zip(states, weights, strict=True)
+    ]
+    flower = aggregate_arrayrecords(records, "num-examples")
+    ours = ArrayRecord(fedavg_average(states, weights))
+    assert list(ours) == list(flower)
+    for key in flower:
+        a, b = ours[key].numpy(), flower[key].numpy()
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
+
+
+def train_reply_metrics(n):
+    from flwr.app import MetricRecord
+
+    return MetricRecord({"num-examples": n})
+
+
+def test_merge_strategy_without_a_merge_function_is_fedavg(monkeypatch):
+    states = _states(3)
+    ours, flower = MergeStrategy(fraction_evaluate=0.0), FedAvg(fraction_evaluate=0.0)
+    arrays, metrics = ours.aggregate_train(1, _replies(ours, states, [5, 9, 2]))
+    expected, expected_metrics = flower.aggregate_train(1, _replies(flower, states, [5, 9, 2]))
+    for key in expected:
+        assert arrays[key].numpy().tobytes() == expected[key].numpy().tobytes()
+    assert dict(metrics) == dict(expected_metrics)
+
+
+def test_merge_strategy_calls_the_merge_function_and_never_averages(monkeypatch):
+    def no_average(*args, **kwargs):
+        raise AssertionError("FedAvg's average was computed")
+
+    monkeypatch.setattr(flower_fedavg, "aggregate_arrayrecords", no_average)
+    calls = []
+
+    def keep_largest(states, weights, reference, *, seed):
+        calls.append((len(states), list(weights), seed, reference))
+        best = max(range(len(states)), key=lambda i: weights[i])
+        return dict(states[best]), {"picked": float(best)}
+
+    strategy = MergeStrategy(merge=keep_largest, seed=100, fraction_evaluate=0.0)
+    states = _states(3)
+    replies = _replies(strategy, states, [5, 9, 2])
+    arrays, metrics = strategy.aggregate_train(4, replies)
+    (n, weights, seed, reference) = calls[0]
+    assert (n, weights, seed) == (3, [5.0, 9.0, 2.0], 104)
+    assert all(torch.equal(reference[k], states[0][k]) for k in states[0])  # the model sent
+    assert all(torch.equal(arrays.to_torch_state_dict()[k], states[1][k]) for k in states[1])
+    assert metrics["picked"] == 1.0 and metrics["merge-time"] >= 0
+    assert strategy.merge_name == "keep_largest"
+
+
+def test_a_merge_function_may_omit_seed_and_the_report():
+    strategy = MergeStrategy(merge=lambda states, weights, reference: dict(states[0]))
+    arrays, metrics = strategy.aggregate_train(1, _replies(strategy, _states(2), [1, 1]))
+    assert arrays is not None and "merge-time" in metrics
+    with pytest.raises(TypeError, match="merge must be a function"):
+        MergeStrategy(merge="average")
+
+
+def test_no_valid_reply_gives_nothing():
+    strategy = MergeStrategy(merge=lambda s, w, r: dict(s[0]))
+    assert strategy.aggregate_train(1, []) == (None, None)
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", OPTIONS, ids=lambda c: c.__name__)
+def test_option_defaults_are_the_run_configs_and_pyprojects(cls):
+    assert cls.from_config(RunConfig()) == cls()
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert cls.from_run_config(table) == cls()
+    assert set(cls.keys()) <= set(table), "every option key is a run-config key"
+
+
+def test_options_name_the_key_of_a_bad_value():
+    with pytest.raises(ConfigError, match="match-method.*weight"):
+        MatchOptions(method="hungarian")
+    with pytest.raises(ConfigError, match="match-beta"):
+        MatchOptions(beta=1.5)
+    with pytest.raises(ConfigError, match="wsa-lambda"):
+        WSAOptions(lam=-1.0)
+    with pytest.raises(ConfigError, match="finetune-epochs"):
+        FineTuneOptions(epochs=0)
+    with pytest.raises(ConfigError, match="match-bn-repair"):
+        MatchOptions.from_run_config({"match-bn-repair": "yes"})
+    with pytest.raises(ConfigError, match="match-sweeps.*match-max-sweeps"):
+        MatchOptions.from_run_config({"match-sweeps": 3})
+    # Other prefixes are not this class's business.
+    assert MatchOptions.from_run_config({"num-server-rounds": 3, "wsa-lambda": 1.0}) == (
+        MatchOptions()
+    )
+    assert WSAOptions.from_run_config({"wsa-lambda": 2}).lam == 2
+    assert WSAOptions.key_of("lam") == "wsa-lambda"
+
+
+def test_keyword_options_reach_the_strategy_and_the_rest_reach_fedavg():
+    model = _mlp()
+    x = torch.randn(20, 1, 8, 8)
+    strategy = FedMatch(model=model, proxy=x, method="dual", beta=0.3, fraction_train=0.5)
+    assert strategy.options == MatchOptions(method="dual", beta=0.3)
+    assert strategy.fraction_train == 0.5
+    base = MatchOptions(reference="largest")
+    assert FedMatch(model=model, options=base, iterations=2).options == MatchOptions(
+        reference="largest", iterations=2
+    )
+    wsa = FedWSA(lam=1.0, fusion="mean", min_train_nodes=3)
+    assert wsa.options == WSAOptions(lam=1.0, fusion="mean") and wsa.min_train_nodes == 3
+    with pytest.raises(TypeError):  # a misspelt option is not silently dropped
+        FedMatch(model=model, methd="dual")
+
+
+# -- proxy data ------------------------------------------------------------------------------
+
+
+def test_proxy_data_from_tensors_a_dataset_or_a_dataloader_is_the_same():
+    x, y = torch.randn(10, 1, 8, 8), torch.arange(10) % 3
+    expected = Proxy(x, y)
+    for form in (
+        (x, y),
+        [x, y],
+        TensorDataset(x, y),
+        DataLoader(TensorDataset(x, y), batch_size=3),
+        expected,
+    ):
+        got = as_proxy(form)
+        assert torch.equal(got.x, x) and torch.equal(got.y, y), type(form)
+    unlabelled = as_proxy(x)
+    assert unlabelled.y is None and not unlabelled.labelled
+    assert as_proxy(None) is None and as_proxy(x[:0]) is None
+    with pytest.raises(TypeError, match="proxy data"):
+        as_proxy("data/")
+    with pytest.raises(ValueError, match="10 inputs but 3 labels"):
+        Proxy(x, y[:3])
+
+
+def test_strategies_take_any_proxy_form_and_refuse_what_they_cannot_use():
+    model, bn = _mlp(), _bn_model()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    assert len(FedNPMerge(model=model, proxy=loader).np.proxy) == 40
+    assert FedAvgFineTuned(model=model, proxy=TensorDataset(x, y), epochs=2).finetune.options == (
+        FineTuneOptions(epochs=2)
+    )
+    with pytest.raises(ConfigError, match="proxy-size.*labelled"):
+        FedNPMerge(model=model, proxy=x)  # NP Merge needs labels
+    with pytest.raises(ConfigError, match="proxy-size"):
+        FedAvgFineTuned(model=model, proxy=None)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        FedMatch(model=bn)
+    FedMatch(model=bn, proxy=x)  # unlabelled inputs are enough for repair
+    with pytest.raises(ConfigError, match="match-beta.*labelled"):
+        FedMatch(model=model, proxy=x, method="dual", beta="auto")
+
+
+def test_fedmatch_merges_permuted_replies_back_with_a_dataloader_proxy():
+    model = _mlp(hidden=(24, 12))
+    spec, state = model_spec(model), model.state_dict()
+    x = torch.randn(64, 1, 8, 8)
+    strategy = FedMatch(
+        model=model, proxy=DataLoader(TensorDataset(x), batch_size=10), method="activation"
+    )
+    generator = torch.Generator().manual_seed(0)
+    permuted = [apply_permutations(spec, random_permutations(spec, generator), state)]
+    arrays, metrics = strategy.aggregate_train(1, _replies(strategy, [state, *permuted], [1, 1]))
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.allclose(merged[k], state[k], atol=1e-6) for k in state)
+    assert metrics["units-moved"] > 0 and metrics["proxy-size"] == 64
+
+
+def test_fedwsa_matched_from_keywords_needs_a_model():
+    with pytest.raises(TypeError, match="model="):
+        FedWSA(merge="matched")
+    strategy = FedWSA(merge="matched", model=_mlp(), lam=0.5)
+    assert strategy.merge_name == "matched-weight" and strategy.options.merge == "matched"
+
+
+# -- client side -----------------------------------------------------------------------------
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _message(config: dict) -> Message:
+    strategy = MergeStrategy()
+    request = train_requests(strategy, _Tiny().state_dict(), 2)[0]
+    for key, value in config.items():
+        request.content["config"][key] = value
+    return request
+
+
+def test_loss_terms_are_zero_without_a_request():
+    model = _Tiny()
+    terms = loss_terms(_message({}), model)
+    assert not terms and terms(model).item() == 0.0
+
+
+def test_loss_terms_add_fedprox_and_the_wsa_target_a_server_sent():
+    torch.manual_seed(0)
+    model = _Tiny()
+    names = ("fc1.weight", "fc2.weight")
+    target = Scope(names, (0.0, 0.0), (0.5, 0.5))
+    config = {"proximal-mu": 0.1, **target_to_config(target, 2.0, False)}
+    terms = loss_terms(_message(config), model)
+    assert terms and terms(model).item() > 0  # the WSA KL of a fresh model is not 0
+    prox_only = loss_terms(ConfigRecord({"proximal-mu": 0.1}), model)
+    assert prox_only(model).item() == 0.0  # at the received weights
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    assert prox_only(model).item() == pytest.approx(0.5 * 0.1 * model.fc1.weight.numel())
+    loss = terms(model)
+    loss.backward()  # differentiable
+    assert model.fc1.weight.grad is not None
+    assert RequestedTerms.of(ConfigRecord(config)).wsa_lambda == 2.0
+    assert RequestedTerms.of({**config, "wsa-lambda": 0.0}).wsa_target is None
+
+
+def test_loss_terms_name_wsa_layers_when_the_target_does_not_fit_the_model():
+    target = Scope(("conv1.weight",), (0.0,), (1.0,))
+    terms = loss_terms(target_to_config(target, 1.0, False), _Tiny())
+    with pytest.raises(ConfigError, match="wsa-layers"):
+        terms(_Tiny())
+    with pytest.raises(TypeError, match="Flower Message"):
+        loss_terms(42, _Tiny())
