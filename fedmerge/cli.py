@@ -4,6 +4,7 @@
     fedmerge run --resume DIR [--engine local|flower]
     fedmerge strategies | datasets | models
     fedmerge partitions [--config FILE.toml] [--out FILE.png] [key=value ...]
+    fedmerge simulate APP_DIR --num-supernodes N [--run-config "k=v ..."] [--workers W] [--seed S]
 
 ``key=value`` arguments use the run-config keys of ``pyproject.toml`` (the same keys as
 ``flwr run --run-config``). Any configuration error ends with one line naming the key and
@@ -147,6 +148,38 @@ def _rounds_done(run_dir: Path) -> int:
     from .checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir).round
+
+
+# -- simulate ---------------------------------------------------------------------------
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from .engine.simulate import simulate
+    from .runner import quiet_flower
+
+    quiet_flower(verbose=not args.quiet)  # Flower's log once (its handler), unless --quiet
+    try:
+        result = simulate(
+            args.app_dir,
+            args.num_supernodes,
+            args.run_config or None,
+            workers=args.workers,
+            seed=args.seed,
+        )
+    except FedmergeError as exc:  # its messages name TOML tables: [..] is not rich markup
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
+        return 2
+    if not args.quiet:
+        console.print(
+            f"simulated {Path(args.app_dir).resolve()} on {result.num_supernodes} supernodes "
+            f"({result.workers} worker{'s' if result.workers > 1 else ''}, seed {result.seed})"
+            f" in {result.seconds:.2f} s",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return 0
 
 
 # -- listings ---------------------------------------------------------------------------
@@ -387,6 +420,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "simulate",
+        help="run any Flower app (a folder with pyproject.toml) on fedmerge's in-process engine",
+    )
+    p.add_argument("app_dir", metavar="APP_DIR", help="the Flower app folder")
+    p.add_argument("--num-supernodes", type=int, required=True, help="simulated nodes (partitions)")
+    p.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="run-config overrides as for flwr run (TOML values; repeatable) or one FILE.toml",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes running the ClientApp (0: one per CPU core, default; 1: in-process)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds random, numpy, torch (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no Flower log, no summary")
+    p.set_defaults(func=cmd_simulate)
 
     sub.add_parser("strategies", help="list strategies").set_defaults(func=cmd_strategies)
     sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)

@@ -54,6 +54,82 @@ def find_app_dir(start: Path | None = None) -> Path:
     )
 
 
+#: Files a Flower app bundle (FAB) ships: Flower's built-in include patterns (flwr 1.41/1.42:
+#: ``**/*.py, *.toml, *.md, *.yaml, *.yml, *.json, *.jsonl``, ``/LICENSE``), and the root
+#: ``.gitignore`` that ``flwr run`` applies to the bundle.
+BUNDLE_SUFFIXES = frozenset({".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl"})
+BUNDLE_ROOT_FILES = frozenset({"LICENSE", "LICENSE.md", ".gitignore"})
+#: Folders never part of an app, at any depth: version control, caches, packaging output.
+SKIPPED_DIRS = frozenset(
+    {".git", ".hg", ".svn", ".flwr", "__pycache__", ".pytest_cache", ".ruff_cache",
+     ".mypy_cache", ".tox", ".nox", ".eggs", "node_modules"}
+)  # fmt: skip
+#: Top-level folders left out too: tests, packaging output, fedmerge's results (output-dir).
+SKIPPED_TOP_DIRS = frozenset({"tests", "build", "dist", "runs"})
+
+
+def is_environment(folder: Path) -> bool:
+    """Whether ``folder`` is a Python environment (a virtualenv/venv, or a conda env)."""
+    return (folder / "pyvenv.cfg").is_file() or (folder / "conda-meta").is_dir()
+
+
+def _skipped_dir(folder: Path, top: bool) -> bool:
+    name = folder.name
+    return (
+        name in SKIPPED_DIRS
+        or name.endswith(".egg-info")
+        or (top and name in SKIPPED_TOP_DIRS)
+        or folder.is_symlink()
+        or is_environment(folder)
+    )
+
+
+def _shipped_file(path: Path, top: bool) -> bool:
+    name = path.name
+    if path.is_symlink():  # Flower's bundler skips symlinks too
+        return False
+    if (name.startswith("test_") and name.endswith(".py")) or name.endswith("_test.py"):
+        return False
+    return path.suffix in BUNDLE_SUFFIXES or (top and name in BUNDLE_ROOT_FILES)
+
+
+def bundle_files(app_dir: Path) -> list[Path]:
+    """The app's own files that a Flower app bundle would ship (paths relative to ``app_dir``).
+
+    ``flwr run`` bundles the whole folder it is given and checks every path's depth (at most
+    10 folders) before it drops environments other than ``.venv``: a virtualenv named
+    ``venv`` or ``env`` inside the project makes it fail. This walk never enters an
+    environment (any folder holding ``pyvenv.cfg`` or ``conda-meta``, whatever its name),
+    version-control or cache folders, ``*.egg-info``, nor the top-level ``tests``, ``build``,
+    ``dist`` and ``runs``; it keeps the file types Flower ships and leaves out test modules.
+    """
+    app_dir = Path(app_dir)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
+        here = Path(dirpath)
+        top = here == app_dir
+        dirnames[:] = sorted(d for d in dirnames if not _skipped_dir(here / d, top))
+        found += [
+            (here / f).relative_to(app_dir)
+            for f in sorted(filenames)
+            if _shipped_file(here / f, top)
+        ]
+    return found
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the app's bundle files (:func:`bundle_files`) to ``dest``; returns ``dest``.
+
+    ``flwr run dest`` then bundles exactly the app: the same bundle as from ``app_dir``
+    (its paths are relative), without scanning environments or outputs inside the project.
+    """
+    for rel in bundle_files(app_dir):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(app_dir / rel, target)
+    return dest
+
+
 def toml_value(value: ConfigValue) -> str:
     """One run-config value in TOML syntax."""
     if isinstance(value, bool):
@@ -177,15 +253,18 @@ def run_flower(
     """Run ``cfg`` with ``flwr run`` on Flower's simulation engine; returns the output lines.
 
     ``cfg.output_dir`` and ``cfg.data_root`` should be absolute: the ServerApp and the
-    ClientApps run in other processes with other working directories.
+    ClientApps run in other processes with other working directories. ``flwr run`` is given
+    a scratch copy of the app's own files (:func:`stage_app`), never ``app_dir`` itself.
     """
     app_dir = app_dir or find_app_dir()
     scratch = Path(tempfile.mkdtemp(prefix="fedmerge-flwr-"))
     home = flwr_home or scratch / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     run_config_file = write_run_config(cfg.to_mapping(), scratch / "run-config.toml")
+    # Flower gets a copy of the app's own files: not a virtualenv, results or tests inside it.
+    staged = stage_app(app_dir, scratch / "app")
     cmd = flwr_run_command(
-        app_dir, run_config_file, cfg.num_clients, cpus_per_client, gpus_per_client
+        staged, run_config_file, cfg.num_clients, cpus_per_client, gpus_per_client
     )
     log.info("running: %s (FLWR_HOME=%s)", " ".join(cmd), home)
     env = flower_env(home, tuple(free_ports(2)))  # type: ignore[arg-type]
@@ -196,7 +275,7 @@ def run_flower(
     lines: list[str] = []
     proc = subprocess.Popen(
         cmd,
-        cwd=app_dir,
+        cwd=staged,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
