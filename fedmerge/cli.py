@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -152,25 +153,17 @@ def _rounds_done(run_dir: Path) -> int:
 
 # -- simulate ---------------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from .engine.simulate import simulate
     from .runner import quiet_flower
 
     quiet_flower(verbose=not args.quiet)  # Flower's log once (its handler), unless --quiet
-    try:
-        result = simulate(
-            args.app_dir,
-            args.num_supernodes,
-            args.run_config or None,
-            workers=args.workers,
-            seed=args.seed,
-        )
-    except FedmergeError as exc:  # its messages name TOML tables: [..] is not rich markup
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
-        return 2
+    result = simulate(
+        args.app_dir,
+        args.num_supernodes,
+        args.run_config or None,
+        workers=args.workers,
+        seed=args.seed,
+    )
     if not args.quiet:
         console.print(
             f"simulated {Path(args.app_dir).resolve()} on {result.num_supernodes} supernodes "
@@ -534,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedmergeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Messages name TOML tables ([tool.flwr.app]): not rich markup.
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted: rounds already finished are in the results folder")
