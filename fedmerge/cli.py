@@ -327,7 +327,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
 def cmd_merge_experiment(args: argparse.Namespace) -> int:
     import json
 
-    from .merge_experiment import one_shot_experiment
+    from .merge_experiment import one_shot_experiment, user_model_factory
 
     cfg = _config(args)
     pairs = [int(v) for v in _floats(args.pairs, "--pairs")]
@@ -339,11 +339,18 @@ def cmd_merge_experiment(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    factory = user_model_factory(args.model_class) if args.model_class else None
     rows, summary = one_shot_experiment(
-        cfg, pairs=pairs, epochs=args.epochs, betas=betas, merge_samples=args.merge_samples
+        cfg,
+        pairs=pairs,
+        epochs=args.epochs,
+        betas=betas,
+        merge_samples=args.merge_samples,
+        model_factory=factory,
     )
+    model = args.model_class or cfg.model
     title = (
-        f"one-shot merge: {cfg.model} on {cfg.dataset}, classes split in halves, "
+        f"one-shot merge: {model} on {cfg.dataset}, classes split in halves, "
         f"{args.epochs} epochs, {len(pairs)} pair(s), {args.merge_samples} merge-site samples"
     )
     table = Table("method", "joint accuracy", "gap closed", "merge s", title=title)
@@ -480,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge-samples", type=int, default=1000, help="labelled samples at the merge site"
     )
     p.add_argument("--out", default="runs/merge-experiment", help="output folder")
+    p.add_argument(
+        "--model-class",
+        help="your own model instead of model=: FILE.py:Class or module:Class, built with no "
+        "arguments (a spec is inferred when it has no permutation_spec())",
+    )
     p.set_defaults(func=cmd_merge_experiment)
 
     p = sub.add_parser("partitions", help="per-client label counts and a heatmap PNG")

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .matching import match
 from .merging import average, repair_batchnorm
 from .models import model_spec
-from .permutations import apply_permutations
+from .permutations import PermutationSpec, apply_permutations
 from .training import evaluate, resolve_device, train
 
 if TYPE_CHECKING:  # npmerge imports MergeSite from here: imported where used, below
@@ -60,6 +60,11 @@ class MergeSite:
     x: Tensor
     y: Tensor
     seed: int
+
+    @property
+    def spec(self) -> PermutationSpec:
+        """The template's permutation spec: its own, or inferred from one merge-site input."""
+        return model_spec(self.model, self.x[:1])
 
 
 #: Extra one-shot rows: name -> ``fn(site) -> merged state`` (NP Merge registers here).
@@ -88,7 +93,7 @@ def _cpu(state: dict[str, Tensor]) -> State:
 
 
 def _aligned_average(site: MergeSite, matcher: str, beta: float = 0.5) -> State:
-    spec = model_spec(site.model)
+    spec = site.spec
     perms = match(
         matcher,
         spec,
@@ -133,7 +138,7 @@ def _auto_beta_average(site: MergeSite) -> State:
     choice = select_beta(
         [site.a, site.b],
         reference=site.a,
-        spec=model_spec(site.model),
+        spec=site.spec,
         model=site.model,
         inputs=site.x,
         labels=site.y,
@@ -179,17 +184,27 @@ def one_shot_pair(
     epochs: int,
     betas: Sequence[float],
     merge_samples: int,
+    model_factory: Callable[[int], nn.Module] | None = None,
 ) -> list[dict]:
-    """Train one pair (seeds ``2s``, ``2s+1``) and score every merge; one row per method."""
+    """Train one pair (seeds ``2s``, ``2s+1``) and score every merge; one row per method.
+
+    ``model_factory(seed)`` builds each model (default: the run-config's ``model``); a user's
+    model without ``permutation_spec()`` gets a spec inferred from a merge-site input.
+    """
     from .federation import DataSpec, load_data, make_model
 
     device = resolve_device(cfg.device)
     data = load_data(DataSpec.of(cfg))
+    if model_factory is None:
+
+        def model_factory(seed: int) -> nn.Module:
+            return make_model(cfg, data, seed=seed)
+
     first, second = class_halves(data.y_train, data.num_classes)
     models, states = [], []
     for k, mask in enumerate((first, second)):
         seed = 2 * pair_seed + k
-        model = make_model(cfg, data, seed=seed)
+        model = model_factory(seed)
         train(
             model,
             data.x_train[mask],
@@ -204,7 +219,7 @@ def one_shot_pair(
         )
         models.append(model.cpu())
         states.append(_cpu(model.state_dict()))
-    template = make_model(cfg, data, seed=0)
+    template = model_factory(0)
     idx = torch.from_numpy(
         merge_site_indices(data.y_train, data.num_classes, merge_samples, pair_seed)
     )
@@ -262,6 +277,51 @@ def one_shot_pair(
     return rows
 
 
+def user_model_factory(ref: str) -> Callable[[int], nn.Module]:
+    """A factory ``seed -> model`` for a user's ``nn.Module`` class, named ``FILE.py:Class``
+    (or ``package.module:Class``); built with no arguments after ``torch.manual_seed(seed)``.
+
+    Raises
+    ------
+    FedmergeError
+        A reference not of that form, a file that is missing or fails to import, or a name
+        that is not an ``nn.Module`` class.
+    """
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    from .errors import FedmergeError
+
+    where, sep, name = ref.rpartition(":")
+    if not sep or not where or not name:
+        raise FedmergeError(f"--model-class: got {ref!r}; allowed: FILE.py:Class or module:Class")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise FedmergeError(f"--model-class: no file {where}")
+            spec = importlib.util.spec_from_file_location(f"_fedmerge_user_{path.stem}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except FedmergeError:
+        raise
+    except Exception as exc:  # the user's code: report what failed, not a traceback
+        raise FedmergeError(f"--model-class: importing {where} failed: {exc!r}") from exc
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise FedmergeError(f"--model-class: {where} has no nn.Module class {name}")
+
+    def factory(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return cls()
+
+    return factory
+
+
 def summarise(rows: Sequence[dict]) -> list[dict]:
     """Mean and std over pairs per method, and the share of the average-to-ensemble gap closed."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -295,13 +355,19 @@ def one_shot_experiment(
     epochs: int = 5,
     betas: Sequence[float] = (0.25, 0.5, 0.75),
     merge_samples: int = 1000,
+    model_factory: Callable[[int], nn.Module] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Run every pair; returns (per-pair rows, summary rows)."""
     rows: list[dict] = []
     for pair in pairs:
         rows.extend(
             one_shot_pair(
-                cfg, pair_seed=pair, epochs=epochs, betas=betas, merge_samples=merge_samples
+                cfg,
+                pair_seed=pair,
+                epochs=epochs,
+                betas=betas,
+                merge_samples=merge_samples,
+                model_factory=model_factory,
             )
         )
     return rows, summarise(rows)

@@ -344,9 +344,7 @@ def np_merge_site(
     ``site.x``/``site.y`` is the labelled merge-site slice; ``options.holdout`` of it is held
     out for early stopping. ``device`` None picks CUDA when available.
     """
-    from ..models import model_spec
-
-    alignment = Alignment(model_spec(site.model), matcher=matcher, mode="global", beta=beta)
+    alignment = Alignment(site.spec, matcher=matcher, mode="global", beta=beta)
     return np_merge(
         [site.a, site.b],
         reference=site.a,
