@@ -248,6 +248,7 @@ def one_shot_pair(
         )
         return {
             "method": name,
+            "model": type(template).__name__,
             "pair": pair_seed,
             "accuracy": acc,
             "accuracy-first-half": acc_a,
@@ -269,6 +270,7 @@ def one_shot_pair(
     rows.append(
         {
             "method": "logit ensemble",
+            "model": type(template).__name__,
             "pair": pair_seed,
             "accuracy": ens,
             "seconds": time.perf_counter() - start,

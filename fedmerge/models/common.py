@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
+from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
 from fedmerge.permutations import (
@@ -15,6 +15,7 @@ from fedmerge.permutations import (
     check_spec,
     layer_axes,
 )
+from fedmerge.spec_inference import infer_spec
 
 #: Normalisation layers that ``resnet20`` accepts (run-config key ``model-norm``).
 NORMS: tuple[str, ...] = ("batch", "group", "layer")
@@ -152,13 +153,20 @@ def channel_groups(norm: nn.Module) -> int:
     return norm.num_groups if isinstance(norm, nn.GroupNorm) else 1
 
 
-def model_spec(model: nn.Module) -> PermutationSpec:
+def model_spec(
+    model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | None = None
+) -> PermutationSpec:
     """The permutation spec of a model, computed from the instance (sizes follow its shape).
 
     Parameters
     ----------
     model : torch.nn.Module
-        A model with a ``permutation_spec()`` method (every model of :data:`MODELS`).
+        Any model. Its own ``permutation_spec()`` method wins when it has one (every model
+        of :data:`MODELS` does).
+    example_input : Tensor or tuple of Tensor, optional
+        Inputs of ``forward`` (a small batch). For a model without ``permutation_spec()``,
+        the spec is inferred from its code with
+        :func:`fedmerge.spec_inference.infer_spec`, which runs it once on these inputs.
 
     Returns
     -------
@@ -168,11 +176,21 @@ def model_spec(model: nn.Module) -> PermutationSpec:
     Raises
     ------
     TypeError
-        When the model's class declares no permutation spec.
+        When the model declares no permutation spec and no ``example_input`` is given;
+        :class:`~fedmerge.spec_inference.SpecInferenceError` (a ``TypeError``) when the spec
+        cannot be inferred.
     """
     method = getattr(model, "permutation_spec", None)
-    if not callable(method):
-        raise TypeError(f"{type(model).__name__} declares no permutation_spec()")
-    spec = method()
+    if callable(method):
+        spec = method()
+    elif example_input is not None:
+        spec = infer_spec(model, example_input)
+    else:
+        raise TypeError(
+            f"{type(model).__name__} declares no permutation_spec(): pass an example input "
+            "(model_spec(model, example_input)) so that the spec can be inferred from the "
+            "model's code, or give the model a permutation_spec() method returning a "
+            "fedmerge.permutations.PermutationSpec"
+        )
     check_spec(spec, model.state_dict())
     return spec

@@ -1,0 +1,501 @@
+"""Permutation specs inferred by tracing (fedmerge.spec_inference).
+
+Every case runs in float64 and eval mode, with BatchNorm statistics and norm affines made
+non-trivial first, so that a missing or wrong axis shows as a difference far above rounding.
+The registry models' hand-written specs are the oracle for the inferred structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+
+from fedmerge.matching import activation_matching, weight_matching
+from fedmerge.models import build_model, model_spec
+from fedmerge.permutations import (
+    Axis,
+    PermGroup,
+    PermutationSpec,
+    apply_permutations,
+    check_permutations,
+    check_spec,
+    random_permutations,
+)
+from fedmerge.spec_inference import SpecInferenceError, infer_spec
+
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Models outside the registry
+# ---------------------------------------------------------------------------------------------
+
+
+class QuickstartNet(nn.Module):
+    """The CNN of Flower's PyTorch quickstart (CIFAR-10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LayerNormMLP(nn.Module):
+    """An MLP with LayerNorm and a residual connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.norm1 = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 48)
+        self.fc3 = nn.Linear(48, 32)
+        self.norm2 = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.norm1(self.fc1(x)))
+        h = h + self.fc3(F.gelu(self.fc2(h)))
+        return self.head(self.norm2(h))
+
+
+class AttentionNet(nn.Module):
+    """Token model with nn.MultiheadAttention and a residual stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 24)
+        self.fc2 = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.fc2(F.relu(self.fc1(self.norm(h))))
+        return self.head(h.mean(dim=1))
+
+
+class TracedLinear(nn.Linear):
+    """A Linear subclass: fx traces into it (F.linear on get_attr parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class CustomLayerNet(nn.Module):
+    """Parameters read directly (get_attr): a traced Linear subclass and a feature scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = TracedLinear(12, 16)
+        self.scale = nn.Parameter(torch.rand(16) + 0.5)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)) * self.scale)
+
+
+def _vgg11_bn() -> nn.Module:
+    """torchvision's vgg11_bn with a narrower classifier (the 4096-wide one is 500 MB)."""
+    model = torchvision.models.vgg11_bn(weights=None, num_classes=NUM_CLASSES)
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, NUM_CLASSES),
+    )
+    return model
+
+
+def _registry(name: str, shape: tuple[int, ...], **options: object) -> Callable[[], nn.Module]:
+    return lambda: build_model(name, shape, NUM_CLASSES, seed=0, **options)
+
+
+# (factory, input shape of one example); small inputs that still flatten with a repeat.
+REGISTRY = {
+    "mlp": (_registry("mlp", (1, 8, 8), hidden=(24, 16)), (1, 8, 8)),
+    "cnn": (_registry("cnn", (1, 8, 8)), (1, 8, 8)),
+    "vgg9": (_registry("vgg9", (3, 16, 16)), (3, 16, 16)),
+    **{
+        f"resnet20-{norm}": (_registry("resnet20", (3, 8, 8), norm=norm, norm_groups=4), (3, 8, 8))
+        for norm in ("batch", "group", "layer")
+    },
+    "vit": (_registry("vit", (1, 8, 8)), (1, 8, 8)),
+}
+OTHERS = {
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (3, 32, 32)),
+    "vgg11_bn": (_vgg11_bn, (3, 32, 32)),
+    "quickstart": (QuickstartNet, (3, 32, 32)),
+    "layernorm-mlp": (LayerNormMLP, (20,)),
+    "multihead-attention": (AttentionNet, (5, 6)),
+    "custom-layer": (CustomLayerNet, (12,)),
+}
+CASES = {**REGISTRY, **OTHERS}
+
+
+_PREPARED: dict[str, tuple[nn.Module, Tensor]] = {}
+
+
+def _prepared(case: str) -> tuple[nn.Module, Tensor]:
+    """A float64 eval-mode model with non-trivial norms and BN statistics, and a batch.
+
+    Built once per case (tests never modify it: they evaluate other states functionally).
+    """
+    if case not in _PREPARED:
+        _PREPARED[case] = _prepare(case)
+    return _PREPARED[case]
+
+
+def _prepare(case: str, seed: int = 0) -> tuple[nn.Module, Tensor]:
+    factory, shape = CASES[case]
+    torch.manual_seed(seed)
+    model = factory().double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(4, *shape, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        model.train()(x)  # BatchNorm running statistics move away from 0 / 1
+    model.eval().requires_grad_(False)
+    state = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and value.ndim == 1:  # norm weights start at 1, bias 0
+            drawn = torch.rand(value.shape, generator=generator, dtype=value.dtype)
+            value = value * (0.5 + drawn) if key.endswith("running_var") else value + drawn - 0.5
+        state[key] = value
+    model.load_state_dict(state)
+    return model, x
+
+
+_SPECS: dict[str, PermutationSpec] = {}
+
+
+def _spec(case: str, model: nn.Module, x: Tensor) -> PermutationSpec:
+    if case not in _SPECS:
+        _SPECS[case] = infer_spec(model, x[:2])
+    return _SPECS[case]
+
+
+def _outputs(model: nn.Module, state: dict[str, Tensor], x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return functional_call(model, state, (x,))
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    return bool((a - b).abs().max() <= 1e-10 * b.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Every case: the inferred spec is a symmetry, is complete, and is matchable
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_spec_is_valid_and_every_permutation_has_a_site(case: str) -> None:
+    model, x = _prepared(case)
+    spec = _spec(case, model, x)
+    check_spec(spec, model.state_dict())
+    assert spec.perms, "no permutation found"
+    modules = dict(model.named_modules())
+    for name, group in spec.perms.items():
+        assert name.startswith("P_")
+        assert group.sites, f"{name} has no activation site"
+        assert all(site.module in modules for site in group.sites)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_random_permutation_preserves_outputs(case: str) -> None:
+    model, x = _prepared(case)
+    spec, state = _spec(case, model, x), model.state_dict()
+    perms = random_permutations(spec, torch.Generator().manual_seed(3))
+    check_permutations(spec, perms)
+    permuted = apply_permutations(spec, perms, state)
+    assert any(not torch.equal(permuted[k], state[k]) for k in state)
+    assert _close(_outputs(model, permuted, x), _outputs(model, state, x))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_permuting_part_of_a_space_changes_outputs(case: str) -> None:
+    """Permuting only one (the largest) tensor axis of a space breaks the function.
+
+    Fails when the inference calls "a permutation" something the outputs do not depend on,
+    or splits what must move together into two permutations.
+    """
+    model, x = _prepared(case)
+    spec, state = _spec(case, model, x), model.state_dict()
+    reference = _outputs(model, state, x)
+    perms = random_permutations(spec, torch.Generator().manual_seed(4))
+    for name, perm in perms.items():
+        if torch.equal(perm, torch.arange(len(perm))):
+            continue
+        tensor, dim = max(spec.touching(name), key=lambda td: state[td[0]].numel())
+        axes = {k: (None,) * v.ndim for k, v in state.items()}
+        axes[tensor] = tuple(a if d == dim else None for d, a in enumerate(spec.axes[tensor]))
+        group = dataclasses.replace(spec.perms[name], tied_to=None)
+        one_axis = PermutationSpec({name: group}, axes)
+        changed = apply_permutations(one_axis, {name: perm}, state)
+        assert not _close(_outputs(model, changed, x), reference), (name, tensor, dim)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_weight_matching_recovers_a_planted_permutation(case: str) -> None:
+    model, x = _prepared(case)
+    spec, state = _spec(case, model, x), model.state_dict()
+    planted = random_permutations(spec, torch.Generator().manual_seed(5))
+    other = apply_permutations(spec, planted, state)
+    found = weight_matching(spec, state, other)
+    aligned = apply_permutations(spec, found, other)
+    for key, value in state.items():
+        assert torch.equal(aligned[key], value), key
+
+
+@pytest.mark.parametrize(
+    "case", ["quickstart", "vit", "resnet20-batch", "multihead-attention", "custom-layer"]
+)
+def test_activation_matching_uses_the_inferred_sites(case: str) -> None:
+    model, x = _prepared(case)
+    spec, state = _spec(case, model, x), model.state_dict()
+    planted = random_permutations(spec, torch.Generator().manual_seed(6))
+    other = copy.deepcopy(model)
+    other.load_state_dict(apply_permutations(spec, planted, state))
+    inputs = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(7)).double()
+    found = activation_matching(spec, model, other, inputs)
+    aligned = apply_permutations(spec, found, other.state_dict())
+    for key, value in state.items():
+        assert torch.equal(aligned[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry models: the same structure as the hand-written specs
+# ---------------------------------------------------------------------------------------------
+
+
+def _structure(spec: PermutationSpec) -> tuple[dict, set]:
+    """Permutations as sets of (tensor, dim, repeat) with (size, num_groups); tie families."""
+    members: dict[str, set] = {name: set() for name in spec.perms}
+    for tensor, axes in spec.axes.items():
+        for dim, axis in enumerate(axes):
+            if axis is not None:
+                members[axis.perm].add((tensor, dim, axis.repeat))
+    keys = {name: frozenset(m) for name, m in members.items()}
+    spaces = {keys[n]: (g.size, g.num_groups) for n, g in spec.perms.items()}
+    families: dict[str, set] = {}
+    for name in spec.perms:
+        families.setdefault(spec.block_order_root(name), set()).add(keys[name])
+    return spaces, {frozenset(f) for f in families.values() if len(f) > 1}
+
+
+@pytest.mark.parametrize("case", REGISTRY)
+def test_registry_specs_match_the_hand_written_ones(case: str) -> None:
+    model, x = _prepared(case)
+    inferred, written = _structure(_spec(case, model, x)), _structure(model.permutation_spec())
+    assert inferred[0] == written[0]
+    assert inferred[1] == written[1]
+
+
+def test_names_follow_the_first_producing_layer() -> None:
+    model, x = _prepared("vit")
+    spec = _spec("vit", model, x)
+    assert list(spec.perms)[:4] == [
+        "P_patch",
+        "P_blocks.0.attn.q",
+        "P_blocks.0.attn.v",
+        "P_blocks.0.mlp.fc1",
+    ]
+    assert spec.perms["P_blocks.0.attn.v"].tied_to == "P_blocks.0.attn.q"
+    model, x = _prepared("quickstart")
+    spec = _spec("quickstart", model, x)
+    assert list(spec.perms) == ["P_conv1", "P_conv2", "P_fc1", "P_fc2"]
+    assert spec.axes["fc1.weight"] == (Axis("P_fc1"), Axis("P_conv2", 25))
+
+
+def test_multihead_attention_permutes_embedding_axes_only() -> None:
+    model, x = _prepared("multihead-attention")
+    spec = _spec("multihead-attention", model, x)
+    stream = spec.axes["embed.weight"][0]
+    assert stream is not None
+    assert spec.axes["attn.in_proj_weight"] == (None, stream)
+    assert spec.axes["attn.in_proj_bias"] == (None,)
+    assert spec.axes["attn.out_proj.weight"] == (stream, None)
+    assert spec.axes["norm.weight"] == spec.axes["fc2.bias"] == (stream,)
+    assert spec.axes["head.weight"] == (None, stream)
+
+
+def test_parameters_read_directly_join_the_units_they_meet() -> None:
+    model, x = _prepared("custom-layer")
+    spec = _spec("custom-layer", model, x)
+    assert list(spec.perms) == ["P_fc1"]
+    assert spec.axes["scale"] == (Axis("P_fc1"),) == spec.axes["fc1.bias"]
+    assert spec.axes["fc2.weight"] == (None, Axis("P_fc1"))
+    assert [site.module for site in spec.perms["P_fc1"].sites] == ["fc1"]
+
+
+def test_vgg11_bn_flatten_repeats_the_pooled_positions() -> None:
+    model, x = _prepared("vgg11_bn")
+    spec = _spec("vgg11_bn", model, x)
+    last = spec.axes["features.25.weight"][0]
+    assert spec.axes["classifier.0.weight"][1] == Axis(last.perm, 49)
+    assert spec.axes["features.1.running_mean"] == spec.axes["features.1.weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+
+
+class ControlFlow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc2(h)
+
+
+class ChannelCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Conv2d(8, 2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1)).mean(dim=(2, 3))
+
+
+class Spectral(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.fft.fft(self.fc1(x)).real)
+
+
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.a(x)).flatten(1)
+
+
+class SliceFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(x)[:, :4])
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "target"),
+    [
+        (ChannelCat(), (3, 8, 8), torch.cat),
+        (Spectral(), (4,), torch.fft.fft),
+        (GroupedConv(), (3, 8, 8), "b"),
+        (SliceFeatures(), (4,), "getitem"),
+    ],
+    ids=["cat-channels", "fft", "grouped-conv", "slice-features"],
+)
+def test_refuses_operations_it_cannot_place(model: nn.Module, shape: tuple, target) -> None:
+    node = next(
+        n
+        for n in fx.symbolic_trace(model).graph.nodes
+        if n.target == target or (target == "getitem" and n.name.startswith("getitem"))
+    )
+    with pytest.raises(SpecInferenceError) as info:
+        infer_spec(model, torch.randn(2, *shape))
+    message = str(info.value)
+    assert f"fx node {node.name!r}" in message
+    assert node.op in message
+    assert "permutation_spec()" in message and "fedmerge.permutations" in message
+    assert isinstance(info.value, TypeError)
+
+
+def test_refuses_data_dependent_control_flow() -> None:
+    with pytest.raises(SpecInferenceError, match=r"control flow") as info:
+        infer_spec(ControlFlow(), torch.randn(2, 4))
+    assert "if h.sum() > 0" in str(info.value)
+    assert "permutation_spec()" in str(info.value)
+
+
+def test_unknown_operations_on_the_raw_input_are_allowed() -> None:
+    """An op without rules is fine when nothing it reads is permuted (here: the input)."""
+
+    class Preprocessed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc2(F.relu(self.fc1(torch.fft.fft(x).real)))
+
+    spec = infer_spec(Preprocessed(), torch.randn(2, 4))
+    assert list(spec.perms) == ["P_fc1"]
+    assert spec.axes["fc1.weight"] == (Axis("P_fc1"), None)
+
+
+def test_inference_leaves_the_model_untouched() -> None:
+    model = build_model("resnet20", (3, 8, 8), NUM_CLASSES, seed=0)  # BatchNorm, train mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    infer_spec(model, torch.randn(2, 3, 8, 8))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# model_spec fallbacks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_spec_prefers_the_models_own_spec() -> None:
+    class Declared(QuickstartNet):
+        def permutation_spec(self) -> PermutationSpec:
+            fc1 = PermGroup(120)
+            axes = {k: (None,) * v.ndim for k, v in self.state_dict().items()}
+            axes |= {"fc1.weight": (Axis("P"), None), "fc1.bias": (Axis("P"),)}
+            axes |= {"fc2.weight": (None, Axis("P"))}
+            return PermutationSpec({"P": fc1}, axes)
+
+    spec = model_spec(Declared(), torch.randn(2, 3, 32, 32))
+    assert list(spec.perms) == ["P"]
+    mlp = build_model("mlp", (1, 8, 8), NUM_CLASSES, hidden=(6,))
+    assert model_spec(mlp, torch.randn(2, 1, 8, 8)) == mlp.permutation_spec()
+
+
+def test_model_spec_infers_with_an_example_input() -> None:
+    model, x = QuickstartNet(), torch.randn(2, 3, 32, 32)
+    assert model_spec(model, x) == infer_spec(model, x)
+
+
+def test_model_spec_without_spec_or_example_input() -> None:
+    with pytest.raises(TypeError, match=r"QuickstartNet declares no permutation_spec\(\)") as info:
+        model_spec(QuickstartNet())
+    assert "example input" in str(info.value)
