@@ -77,8 +77,6 @@ def _spec(model: nn.Module, proxy: Proxy | None, example_input: Tensor | None) -
     """The model's own spec, or one inferred from an example input (or the first proxy input)."""
     if example_input is None and proxy is not None:
         example_input = proxy.x[:1]
-    if callable(getattr(model, "permutation_spec", None)):
-        return model_spec(model)
     return model_spec(model, example_input)
 
 

@@ -241,6 +241,49 @@ def test_fedmatch_merges_permuted_replies_back_with_a_dataloader_proxy():
     assert metrics["units-moved"] > 0 and metrics["proxy-size"] == 64
 
 
+class _QuickstartNet(nn.Module):
+    """Flower's quickstart CNN shape for 1x8x8 inputs: no permutation_spec()."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(8 * 2 * 2, 24), nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_fedmatch_on_a_model_without_a_spec_merges_permuted_replies_back(method):
+    torch.manual_seed(0)
+    model = _QuickstartNet()
+    x = torch.randn(32, 1, 8, 8)
+    with pytest.raises(TypeError, match="example input"):
+        FedMatch(model=model)  # nothing to infer the spec from
+    strategy = FedMatch(model=model, example_input=x[:2], proxy=x, method=method)
+    spec, state = strategy.matched.spec, model.state_dict()
+    assert set(spec.perms) == {"P_conv1", "P_conv2", "P_fc1"}
+    generator = torch.Generator().manual_seed(1)
+    permuted = apply_permutations(spec, random_permutations(spec, generator), state)
+    arrays, metrics = strategy.aggregate_train(1, _replies(strategy, [state, permuted], [3, 1]))
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.allclose(merged[k], state[k], atol=1e-6) for k in state)
+    assert metrics["units-moved"] > 0.3  # the mean over both clients; one did not move
+
+
+def test_fednpmerge_infers_the_spec_from_its_proxy_inputs():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    strategy = FedNPMerge(model=_QuickstartNet(), proxy=(x, y), epochs=1)
+    assert "P_fc1" in strategy.np.spec.perms
+    states = [_QuickstartNet().state_dict() for _ in range(2)]
+    arrays, metrics = strategy.aggregate_train(1, _replies(strategy, states, [1, 1]))
+    assert arrays is not None and metrics["np-steps"] > 0
+
+
 def test_fedwsa_matched_from_keywords_needs_a_model():
     with pytest.raises(TypeError, match="model="):
         FedWSA(merge="matched")
