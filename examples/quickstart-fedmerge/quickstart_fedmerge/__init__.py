@@ -1,0 +1,1 @@
+"""quickstart-fedmerge: a Flower app (PyTorch, MNIST) aggregated by fedmerge's strategies."""
