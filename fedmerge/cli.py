@@ -26,7 +26,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import RunConfig, load_toml, parse_overrides
+from .command_config import command_config, config_from_args, warn_unused
+from .config import RunConfig, parse_overrides
 from .errors import FedmergeError
 
 console = Console()
@@ -34,11 +35,7 @@ err_console = Console(stderr=True)
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    values: dict[str, Any] = {}
-    if args.config:
-        values.update(load_toml(args.config))
-    values.update(parse_overrides(args.overrides))
-    return RunConfig.from_mapping(values)
+    return config_from_args(args)
 
 
 # -- run --------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     from .partitions import label_counts
     from .plots import partition_heatmap
 
-    cfg = _config(args)
+    cfg, read = command_config(args)
     spec = DataSpec.of(cfg)
     data = load_data(spec)
     parts = partition_indices(spec)
@@ -251,6 +248,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     out = Path(args.out or f"partition-{cfg.dataset}-{cfg.partition}-{cfg.num_clients}.png")
     partition_heatmap(counts, out, title)
     console.print(f"heatmap saved to {out}")
+    warn_unused("partitions", args, read)
     return 0
 
 
@@ -267,7 +265,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
     from .connectivity import connectivity_experiment
     from .plots import plot_paths
 
-    cfg = _config(args)
+    cfg, read = command_config(args)
     seeds = tuple(int(v) for v in _floats(args.seeds, "--seeds"))
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise FedmergeError(f"--seeds: got {args.seeds!r}; allowed: two different seeds, e.g. 1,2")
@@ -321,6 +319,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
     )
     plot_paths(results, out / "connectivity.png", title, "wsa-lambda")
     console.print(f"results in {out}", soft_wrap=True)
+    warn_unused("connectivity", args, read)
     return 0
 
 
@@ -329,7 +328,7 @@ def cmd_merge_experiment(args: argparse.Namespace) -> int:
 
     from .merge_experiment import one_shot_experiment, user_model_factory
 
-    cfg = _config(args)
+    cfg, read = command_config(args)
     pairs = [int(v) for v in _floats(args.pairs, "--pairs")]
     betas = _floats(args.betas, "--betas")
     if not pairs or any(not 0 <= b <= 1 for b in betas):
@@ -370,6 +369,7 @@ def cmd_merge_experiment(args: argparse.Namespace) -> int:
         )
     )
     console.print(f"results in {out}", soft_wrap=True)
+    warn_unused("merge-experiment", args, read)
     return 0
 
 

@@ -64,13 +64,14 @@ def test_user_model_references_that_cannot_work_are_refused(user_file, ref, mess
         user_model_factory(ref.format(file=user_file))
 
 
-def test_one_shot_table_on_a_user_model_without_a_spec(user_file, tmp_path, capsys):
+def test_one_shot_table_on_a_user_model_without_a_spec(user_file, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     code = main(
         [
             "merge-experiment",
             "dataset=digits",
             "model=mlp",  # ignored: --model-class wins
+            "num-rounds=7",  # not read by this command: named in a warning
             "--model-class",
             f"{user_file}:Small",
             "--pairs",
@@ -95,3 +96,8 @@ def test_one_shot_table_on_a_user_model_without_a_spec(user_file, tmp_path, caps
     assert "user_model.py:Small" in result["title"]
     assert {r["model"] for r in result["rows"]} == {"Small"}  # the user's model was trained
     assert "weight matching" in capsys.readouterr().out
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert warned == [  # model= too: --model-class replaced it
+        "merge-experiment does not use model=mlp: the key was ignored",
+        "merge-experiment does not use num-rounds=7: the key was ignored",
+    ]

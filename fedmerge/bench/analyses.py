@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from ..config import RunConfig, load_toml, parse_overrides
+from ..command_config import command_config, warn_unused
+from ..config import RunConfig
 from ..errors import ConfigError, FedmergeError, unknown_name
 
 # The library (torch, matplotlib) is imported inside the commands: `fedmerge --help` and the
@@ -86,14 +87,6 @@ SCALING_COLUMNS: tuple[Column, ...] = (
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _config(args: argparse.Namespace) -> RunConfig:
-    values: dict[str, Any] = {}
-    if args.config:
-        values.update(load_toml(args.config))
-    values.update(parse_overrides(args.overrides))
-    return RunConfig.from_mapping(values)
-
-
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -284,7 +277,7 @@ def _command(default: Sequence[str]) -> Callable[[argparse.Namespace], int]:
         from .. import analysis
 
         probes = _probes(args.probes) if "probes" in args else list(default)
-        cfg = _config(args)
+        cfg, read = command_config(args)
         _check_options(args)
         if not args.quiet:
             logging.getLogger(analysis.__name__).setLevel(logging.INFO)
@@ -300,6 +293,7 @@ def _command(default: Sequence[str]) -> Callable[[argparse.Namespace], int]:
             if "scaling" in probes:
                 run_scaling(args, cfg, out, sets)
         console.print(f"results in {out}", soft_wrap=True)
+        warn_unused(f"analyse {' '.join(probes)}", args, read)
         return 0
 
     return run
