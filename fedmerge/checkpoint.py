@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Run-config keys a resumed run may change: where things are, not what is computed.
-RESUME_FREE_KEYS = ("resume", "output-dir", "run-name", "data-root", "download")
+RESUME_FREE_KEYS = ("resume", "output-dir", "run-name", "data-root", "download", "log")
 #: Bumped when the layout of the checkpoint changes; older files are refused, not misread.
 FORMAT = 1
 

@@ -117,6 +117,7 @@ class RunConfig:
     output_dir: str = "runs"
     run_name: str = ""
     save_model: bool = True
+    log: str = "files"  # results sinks, comma separated (fedmerge.sinks.SINKS)
 
     def __post_init__(self) -> None:
         _resolve_training(self)
@@ -385,6 +386,9 @@ def _validate(c: RunConfig) -> None:
         "set e.g. proxy-size=500, or use match-method=weight (data-free)",
     )
     _check(bool(c.output_dir), "output-dir", c.output_dir, "a folder path")
+    from .sinks import check_log  # known sink names, their optional packages installed
+
+    check_log(c.log)
     _check(
         bool(_RUN_NAME_RE.match(c.run_name)),
         "run-name",

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,14 +78,19 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 
 def clear_run_dir(run_dir: Path) -> list[str]:
-    """Remove the files fedmerge wrote into ``run_dir`` (:data:`RESULT_FILES` and their
-    temporary files), and nothing else; returns the names removed."""
+    """Remove the files fedmerge wrote into ``run_dir`` (:data:`RESULT_FILES`, their temporary
+    files and the TensorBoard sink's ``tensorboard/`` folder), and nothing else; returns the
+    names removed."""
     removed = []
     for name in RESULT_FILES:
         for path in (run_dir / name, run_dir / f".{name}.tmp"):
             if path.is_file():
                 path.unlink()
                 removed.append(path.name)
+    events = run_dir / "tensorboard"  # the TensorBoard sink's event files
+    if events.is_dir():
+        shutil.rmtree(events)
+        removed.append(events.name)
     return removed
 
 

@@ -87,7 +87,7 @@ class AlreadyFinished(FedmergeError):
 
 
 #: Overrides ``fedmerge run --resume DIR`` accepts: where the data is, not what is computed.
-RESUME_OVERRIDES = ("data-root", "download")
+RESUME_OVERRIDES = ("data-root", "download", "log")
 
 
 def resume_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:

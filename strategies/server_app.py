@@ -15,6 +15,8 @@ import os
 import platform
 import random
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from fedmerge.results import (
     write_json,
     write_metrics,
 )
+from fedmerge.sinks import ResultsSink, make_sinks
 from fedmerge.training import evaluate, resolve_device
 
 from .checkpoint import (
@@ -90,8 +93,10 @@ DIVERGENCE_FACTOR = 2.0
 
 
 class RoundRecorder:
-    """Flower's ``evaluate_fn``: centralized test evaluation, timing, and after every round the
-    metrics and a checkpoint written.
+    """Flower's ``evaluate_fn``: centralized test evaluation and timing (:meth:`__call__`),
+    then the round recorded (:meth:`record`): its row handed to the results sinks
+    (``fedmerge.sinks``: ``metrics.json`` and ``metrics.csv``, TensorBoard, ...), then a
+    checkpoint written.
 
     Parameters
     ----------
@@ -108,6 +113,8 @@ class RoundRecorder:
         Rows already recorded (a resumed run: those of its checkpoint).
     arrays : ArrayRecord, optional
         The global model already reached (a resumed run: its checkpoint's).
+    sinks : sequence of ResultsSink, optional
+        Where each round's row goes, in order; started and closed by the caller.
     """
 
     def __init__(
@@ -118,8 +125,10 @@ class RoundRecorder:
         tracker: RoundTracker,
         rows: list[dict[str, Any]] | None = None,
         arrays: ArrayRecord | None = None,
+        sinks: Sequence[ResultsSink] = (),
     ) -> None:
         self.cfg, self.data, self.run_dir, self.tracker = cfg, data, run_dir, tracker
+        self.sinks = list(sinks)
         self.device = resolve_device(cfg.device)
         self.model = make_model(cfg, data).to(self.device)
         # The test split moves to the device once, not every round.
@@ -141,16 +150,28 @@ class RoundRecorder:
             self._last_end = start
             return None
         state = arrays.to_torch_state_dict()
+        loss, acc = self.evaluate_model(state)
+        row = self.round_row(server_round + offset, loss, acc, start, time.perf_counter())
+        self.record(row, state)
+        self._last_end = time.perf_counter()
+        return MetricRecord({"test-loss": loss, "test-accuracy": acc})
+
+    def evaluate_model(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Test loss and accuracy of the global model ``state`` on the test split."""
         self.model.load_state_dict(state)
-        loss, acc = evaluate(
+        return evaluate(
             self.model,
             self.x_test,
             self.y_test,
             batch_size=self.cfg.eval_batch_size,
             device=self.device,
         )
-        end = time.perf_counter()
-        r = server_round + offset
+
+    def round_row(
+        self, r: int, loss: float, acc: float, start: float, end: float
+    ) -> dict[str, Any]:
+        """Round ``r``'s row: the evaluation, its timing, and the round's client metrics
+        (training, and client-side evaluation as ``client-*``) that the tracker kept."""
         row: dict[str, Any] = {"round": r, "test-loss": loss, "test-accuracy": acc}
         if self._last_end is not None:
             # Everything between two evaluations: sending, client training, aggregation.
@@ -160,20 +181,28 @@ class RoundRecorder:
             row[key] = value
         for key, value in dict(self.tracker.evaluate_metrics.get(r, {})).items():
             row[f"client-{key}"] = value
+        return row
+
+    def record(self, row: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Keep ``row``, hand it to every sink, then checkpoint the round and report it.
+
+        The sinks come before the checkpoint, as the metrics files always did: a run
+        interrupted in between resumes from the previous checkpoint and records the round
+        again (``FileSink`` drops its row first; ``TensorBoardSink`` purges it).
+        """
         self.rows.append(row)
         self._warn_if_diverging(row)
-        write_metrics(self.run_dir, self.rows)
-        self.checkpoint(r, state)
+        for sink in self.sinks:
+            sink.round(row)
+        self.checkpoint(row["round"], state)
         progress_log.info(
             "round %d/%d  test-accuracy %.4f  test-loss %.4f",
-            r,
+            row["round"],
             self.cfg.num_rounds,
-            acc,
-            loss,
+            row["test-accuracy"],
+            row["test-loss"],
             extra={"fedmerge_row": dict(row), "fedmerge_num_rounds": self.cfg.num_rounds},
         )
-        self._last_end = time.perf_counter()
-        return MetricRecord({"test-loss": loss, "test-accuracy": acc})
 
     def _warn_if_diverging(self, row: dict[str, Any]) -> None:
         """Warn, once per run, when the clients' training loss runs far above the start.
@@ -234,7 +263,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run the federation ``cfg`` describes over ``grid``; returns the results folder.
 
     With ``resume = true`` the run in ``output-dir/run-name`` continues from its checkpoint.
+    The results sinks (run-config key ``log``) are made before the folder is, so that a
+    missing optional package leaves nothing behind; each one started is closed when the run
+    ends, however it ends.
     """
+    sinks = make_sinks(cfg.log)
     if cfg.resume:
         if not cfg.run_name:
             raise ConfigError("run-name", "", "the name of the run to resume (resume = true)")
@@ -243,11 +276,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        _run_locked(grid, cfg, run_dir)
+        _run_locked(grid, cfg, run_dir, sinks)
     return run_dir
 
 
-def _run_locked(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
+def _run_locked(grid: Grid, cfg: RunConfig, run_dir: Path, sinks: list[ResultsSink]) -> None:
     checkpoint = load_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is None:
         write_json(run_dir / CONFIG_JSON, {"config": cfg.to_mapping(), "facts": run_facts(grid)})
@@ -265,25 +298,28 @@ def _run_locked(grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
     if checkpoint is None:
         arrays = ArrayRecord(make_model(cfg, data, seed=cfg.seed).state_dict())
         tracker = RoundTracker(strategy, 0, sort_replies)
-        recorder = RoundRecorder(cfg, data, run_dir, tracker)
+        recorder = RoundRecorder(cfg, data, run_dir, tracker, sinks=sinks)
     else:
         load_strategy_state(strategy, checkpoint.strategy)
         set_rng_state(checkpoint.rng)
         arrays = ArrayRecord(checkpoint.arrays)
         tracker = RoundTracker(strategy, checkpoint.round, sort_replies)
-        recorder = RoundRecorder(cfg, data, run_dir, tracker, checkpoint.rows, arrays)
-        write_metrics(run_dir, recorder.rows)  # drop rows written after the checkpoint
+        recorder = RoundRecorder(cfg, data, run_dir, tracker, checkpoint.rows, arrays, sinks)
         log.info("resuming after round %d of %d", checkpoint.round, cfg.num_rounds)
-    if tracker.round_offset < cfg.num_rounds:
-        tracker.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=cfg.num_rounds - tracker.round_offset,
-            timeout=cfg.round_timeout or 3600.0,
-            train_config=ConfigRecord({"lr": cfg.lr}),
-            evaluate_fn=recorder,
-        )
-    _finish(cfg, run_dir, recorder)
+    with ExitStack() as closing:  # every sink started is closed, however the run ends
+        for sink in sinks:  # a resumed run's FileSink drops rows written after the checkpoint
+            sink.start(cfg.to_mapping(), run_dir, list(recorder.rows))
+            closing.callback(sink.close)
+        if tracker.round_offset < cfg.num_rounds:
+            tracker.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=cfg.num_rounds - tracker.round_offset,
+                timeout=cfg.round_timeout or 3600.0,
+                train_config=ConfigRecord({"lr": cfg.lr}),
+                evaluate_fn=recorder,
+            )
+        _finish(cfg, run_dir, recorder)
 
 
 def _finish(cfg: RunConfig, run_dir: Path, recorder: RoundRecorder) -> None:
