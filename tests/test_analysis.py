@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, load_data, make_model, partition_indices
 from fedmerge.merging import average
-from fedmerge.training import evaluate
+from fedmerge.training import evaluate, train
 
 # Digits (embedded), a one-hidden-layer MLP: every test here trains in well under a second.
 CFG = RunConfig(
@@ -147,12 +148,68 @@ def test_feature_ensemble_equals_logit_ensemble_when_heads_are_shared(data, shar
     )
 
 
+def _bn_mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 10),
+    )
+
+
+def _repaired_accuracy(template, state, data) -> float:
+    """Test accuracy of ``state`` with its BatchNorm statistics recomputed on the proxy slice
+    (written out here: reset, then one train-mode pass, cumulative average)."""
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(data.x_proxy), 256):
+            model(data.x_proxy[i : i + 256])
+    model.eval()
+    with torch.no_grad():
+        return analysis.accuracy(model(data.x_test), data.y_test)
+
+
 def test_soup_rows_of_a_batchnorm_model_repair_statistics(data):
+    # Two trained BatchNorm MLPs whose running statistics are far off: the soups' statistics
+    # must be recomputed on the proxy slice, not inherited (averaged) from the models.
+    template, states = _bn_mlp(0), []
+    for seed in (1, 2):
+        model = _bn_mlp(seed)
+        train(model, data.x_train, data.y_train, epochs=1, batch_size=32, lr=0.05, seed=seed)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state["2.running_mean"] += 3.0
+        state["2.running_var"] *= 50.0
+        states.append(state)
+    models = _set(states, template)
+    rows = _by_method(analysis.soup_rows(models, data))
+    assert len(rows) == 7
+    for method, soup in (
+        ("uniform soup", average(states)),
+        ("size-weighted soup (FedAvg)", average(states, models.sizes)),
+    ):
+        repaired = _repaired_accuracy(template, soup, data)
+        assert rows[method]["test-accuracy"] == repaired, method
+        # Without the repair the inherited statistics break the soup (observed 0.10 vs 0.89).
+        template.load_state_dict(soup)
+        template.eval()
+        with torch.no_grad():
+            inherited = analysis.accuracy(template(data.x_test), data.y_test)
+        assert repaired > inherited + 0.3, method
+    # The same on the registry's BatchNorm model (ResNet-20, untrained).
     cfg = CFG.replace(model="resnet20")
     template = make_model(cfg, data, seed=0)
     states = [make_model(cfg, data, seed=s).state_dict() for s in (1, 2)]
-    rows = analysis.soup_rows(_set(states, template), data)
-    assert len(rows) == 7 and all(0 <= r["test-accuracy"] <= 1 for r in rows)
+    rows = _by_method(analysis.soup_rows(_set(states, template), data))
+    uniform = _repaired_accuracy(template, average(states), data)
+    assert rows["uniform soup"]["test-accuracy"] == uniform
 
 
 def test_model_sets_are_seeded_and_settings_differ(shared):

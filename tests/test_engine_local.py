@@ -52,6 +52,16 @@ def test_nodes_get_flower_style_node_config_and_persistent_state():
         ctx = grid.context(node)
         assert ctx.node_config == {"partition-id": i, "num-partitions": 3}
         assert ctx.run_config == {"k": 1}
+        assert "calls" not in ctx.state
+    # Each node's context.state survives across rounds: after 3 rounds its counter says 3
+    # and each round's replies carried that round's count.
+    set_server_identity(grid.run.run_id)
+    initial = ArrayRecord([np.zeros(2, dtype=np.float32)])
+    result = FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=initial, num_rounds=3)
+    for node in ids:
+        assert grid.context(node).state["calls"]["n"] == 3
+    calls = [result.train_metrics_clientapp[r]["calls"] for r in (1, 2, 3)]
+    assert calls == pytest.approx([1, 2, 3])
 
 
 def test_a_raising_client_becomes_an_error_reply_and_the_round_goes_on():

@@ -9,6 +9,7 @@ from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
+from fedmerge.federation import DataSpec, load_data, make_model
 from fedmerge.merging import average
 from fedmerge.models import build_model, model_spec
 from fedmerge.permutations import apply_permutations, random_permutations
@@ -94,8 +95,31 @@ def test_fedmatch_runs_end_to_end_on_the_local_engine(tmp_path, over):
 
 def test_fedmatch_repairs_batchnorm_on_the_proxy_slice(tmp_path):
     cfg = _cfg(tmp_path, model="resnet20", **{"proxy-size": 100, "num-rounds": 1})
-    rows = read_metrics(run(cfg, "local"))
+    run_dir = run(cfg.replace(save_model=True), "local")
+    rows = read_metrics(run_dir)
     assert rows[-1]["proxy-size"] == 100 and rows[-1]["test-accuracy"] > 0.1
+    # The merged model's BatchNorm statistics are its own on the proxy slice: the mean and
+    # (unbiased) variance of each BatchNorm layer's inputs over the 100 proxy samples (one
+    # batch), not the clients' averaged statistics.
+    state = torch.load(run_dir / "model.pt")
+    data = load_data(DataSpec.of(cfg))
+    model = make_model(cfg, data)
+    model.load_state_dict(state)
+    inputs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(
+                lambda _m, args, name=name: inputs.__setitem__(name, args[0].detach())
+            )
+    model.train()  # batch statistics, as the repair pass normalises
+    with torch.no_grad():
+        model(data.x_proxy)
+    assert len(inputs) > 10 and len(data.x_proxy) == 100
+    for name, x in inputs.items():
+        dims = [0, *range(2, x.ndim)]
+        mean, var = x.mean(dims), x.var(dims, correction=1)
+        torch.testing.assert_close(state[f"{name}.running_mean"], mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state[f"{name}.running_var"], var, rtol=1e-4, atol=1e-5)
 
 
 def test_fedwsa_can_aggregate_by_matched_averaging(tmp_path):
@@ -123,8 +147,6 @@ def test_fedwsa_matched_merge_aligns_to_the_model_it_sent():
     FedAvg average of those copies (the reference before this was fixed) does not.
     """
     from fedmerge.strategies.registry import build_strategy
-
-    from fedmerge.federation import DataSpec, load_data, make_model
 
     cfg = RunConfig.from_mapping(
         {"strategy": "fedwsa", "wsa-merge": "matched", "model": "mlp", "num-clients": 3}

@@ -27,6 +27,7 @@ from fedmerge.npmerge import (
     np_merge_site,
 )
 from fedmerge.npmerge.fusion import _Adam
+from fedmerge.npmerge.learning import _split
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
@@ -153,6 +154,67 @@ def test_without_a_held_out_part_the_learned_coefficients_are_kept(pair):
     assert _equal(merged, fuse([a, b_aligned], logits, form="pair"), atol=1e-5)
     _, full = _merge(model, [a, b], x, y, holdout=0.0)
     assert full.loss_end < 0.9 * full.loss_start  # and the merge keeps what they learned
+
+
+def test_uniform_init_starts_at_equal_shares_and_weights_init_at_the_data_shares(pair):
+    model, (a, b), x, y = pair
+    b_aligned = _aligned(model, a, b)
+    starts = {}
+    for init in ("weights", "uniform"):
+        merged, logits = learn_coefficients(
+            model, [a, b_aligned], [1, 3], x, y, options=NPOptions(epochs=0, init=init)
+        )
+        starts[init] = merged
+        start = 0.0 if init == "uniform" else math.log(1 / 3)  # sigmoid(a) = share of model 0
+        assert all(torch.allclose(v, torch.full_like(v, start)) for v in logits.values())
+    assert _equal(starts["uniform"], average([a, b_aligned]))
+    assert _equal(starts["weights"], average([a, b_aligned], [1, 3]))
+    assert not _equal(starts["uniform"], starts["weights"], atol=1e-3)
+    # The softmax form (three models) too, and through np_merge (alignment included).
+    c = _aligned(model, a, b_aligned)
+    for init, expected in (("uniform", [1, 1, 1]), ("weights", [1, 2, 5])):
+        merged, _ = learn_coefficients(
+            model, [a, b_aligned, c], [1, 2, 5], x, y, options=NPOptions(epochs=0, init=init)
+        )
+        assert _equal(merged, average([a, b_aligned, c], expected), atol=1e-5), init
+    out, _ = _merge(model, [a, b], x, y, weights=[1, 3], epochs=0, init="uniform")
+    assert _equal(out, average([a, b_aligned]))
+
+
+def test_early_stopping_stops_after_patience_epochs_without_held_out_gain(pair):
+    model, (a, b), x, y = pair
+    # Two identical models: every coefficient gives the same network, so the held-out loss
+    # never improves and learning stops after exactly `patience` epochs.
+    for patience in (1, 2, 4):
+        report = NPReport()
+        options = NPOptions(epochs=10, patience=patience)
+        learn_coefficients(model, [a, a], None, x, y, options=options, report=report)
+        assert report.epochs == patience and report.steps == 4 * patience  # 240 fit / 64
+    # Without a held-out part there is nothing to stop on: every epoch runs.
+    report = NPReport()
+    options = NPOptions(epochs=10, patience=1, holdout=0.0)
+    learn_coefficients(model, [a, a], None, x, y, options=options, report=report)
+    assert report.epochs == 10
+    # A real pair with a large step: the held-out loss bottoms out early; each extra epoch of
+    # patience runs one more epoch (observed: 4, 5, 6 of 100), and the coefficients kept are
+    # the best held-out ones.
+    b_aligned = _aligned(model, a, b)
+    _, val = _split(len(y), 0.2, 0, "cpu")  # the held-out part learn_coefficients uses
+    epochs = []
+    for patience in (1, 2, 3):
+        report = NPReport()
+        options = NPOptions(epochs=100, patience=patience, lr=0.5)
+        merged, _ = learn_coefficients(
+            model, [a, b_aligned], None, x, y, options=options, report=report
+        )
+        epochs.append(report.epochs)
+        m = copy.deepcopy(model)
+        m.load_state_dict(merged)
+        with torch.no_grad():
+            held_out = float(torch.nn.functional.cross_entropy(m(x[val]), y[val]))
+        assert held_out == pytest.approx(report.holdout_end, rel=1e-5)
+        assert report.holdout_end < report.holdout_start
+    assert epochs[0] < 100 and epochs == [epochs[0], epochs[0] + 1, epochs[0] + 2]
 
 
 def test_pairwise_and_softmax_merge_permuted_copies_back_into_the_model(pair):
@@ -311,14 +373,8 @@ def test_strategy_merges_mocked_replies_on_the_proxy_slice(pair):
 
 def test_fednpmerge_runs_end_to_end_on_the_local_engine(tmp_path, monkeypatch):
     from fedmerge.strategies import registry
-    from fedmerge.strategies.npmerge import fednpmerge_options
-    from fedmerge.strategies.validation import validated
+    from fedmerge.strategies.validation import ValidatedReplies
 
-    def build(c):
-        return validated(FedNPMerge)(**fednpmerge_options(c), **registry._common(c))
-
-    # The registry's entry, set here too so that the test runs before the registry lists it.
-    monkeypatch.setitem(registry.STRATEGIES, "fednpmerge", (build, "NP Merge"))
     over = {
         "dataset": "digits",
         "num-clients": 4,
@@ -328,11 +384,30 @@ def test_fednpmerge_runs_end_to_end_on_the_local_engine(tmp_path, monkeypatch):
         "mlp-hidden": "32",
         "strategy": "fednpmerge",
         "proxy-size": 200,
+        "np-epochs": 4,
+        "np-patience": 2,
+        "np-lr": 0.02,
         "output-dir": str(tmp_path),
         "save-model": False,
         "device": "cpu",
     }
-    rows = read_metrics(run(RunConfig.from_mapping(over), "local"))
+    cfg = RunConfig.from_mapping(over)
+    # The registry's own entry builds the strategy, with the np-* keys of the config.
+    strategy = registry.build_strategy(cfg)
+    assert isinstance(strategy, FedNPMerge) and isinstance(strategy, ValidatedReplies)
+    assert strategy.options == NPOptions(epochs=4, patience=2, lr=0.02)
+    assert len(strategy.np.proxy) == 200
+    # The run builds it through that entry too (counted, not replaced).
+    entry, description = registry.STRATEGIES["fednpmerge"]
+    built = []
+
+    def counting(c):
+        built.append(c.strategy)
+        return entry(c)
+
+    monkeypatch.setitem(registry.STRATEGIES, "fednpmerge", (counting, description))
+    rows = read_metrics(run(cfg, "local"))
+    assert built == ["fednpmerge"]
     assert len(rows) == 3 and rows[-1]["test-accuracy"] > 0.5  # 10 classes: chance 0.1
     for row in rows[1:]:
         assert row["proxy-size"] == 200 and row["np-steps"] > 0

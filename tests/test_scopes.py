@@ -209,7 +209,7 @@ def test_fedwsa_composes_with_a_merge_function(tmp_path):
     calls = []
 
     def first_client(states, weights, reference):
-        calls.append(len(states))
+        calls.append(([dict(s) for s in states], list(weights)))
         return {k: v.clone() for k, v in states[0].items()}
 
     cfg = _cfg(tmp_path, strategy="fedwsa", num_rounds=1)
@@ -218,14 +218,35 @@ def test_fedwsa_composes_with_a_merge_function(tmp_path):
     grid = LocalGrid(client_app, cfg.to_mapping(), cfg.num_clients)
     set_server_identity(grid.run.run_id)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1)
-    assert calls == [4]
-    assert result.arrays is not None and strategy.target is not None
+    assert len(calls) == 1 and len(calls[0][0]) == 4
+    states, weights = calls[0]
+    # The merge function's result is the new global model (not FedAvg's mean) ...
+    final = result.arrays.to_torch_state_dict()
+    assert final.keys() == states[0].keys()
+    assert all(torch.equal(final[k], states[0][k]) for k in final)
+    assert not all(torch.equal(final[k], states[1][k]) for k in final)
+    # ... and the next target fuses the clients' scopes, not the initial model's scope.
+    names = strategy.initial.names
+    expected = fuse_scopes(
+        [scope_of(s, names) for s in states],
+        weights,
+        strategy.options.fusion,
+        global_scope=scope_of(final, names),
+        initial=strategy.initial,
+    )
+    assert strategy.target.sigma == pytest.approx(expected.sigma)
+    assert strategy.target.mu == pytest.approx(expected.mu)
+    assert strategy.target.sigma != pytest.approx(strategy.initial.sigma)
 
 
 @pytest.mark.parametrize("fusion", FUSION_RULES)
 def test_fedwsa_runs_end_to_end_with_every_fusion_rule(tmp_path, fusion):
     rows = read_metrics(run(_cfg(tmp_path, strategy="fedwsa", **{"wsa-fusion": fusion}), "local"))
     assert len(rows) == 3
-    assert rows[-1]["scope-spread"] >= 0 and len(rows[-1]["wsa-target-sigma"]) == 5
-    if fusion == "fixed":
-        assert rows[1]["wsa-target-sigma"] == rows[2]["wsa-target-sigma"]
+    for row in rows[1:]:
+        # Non-IID clients drift apart: their scopes differ every round.
+        assert row["scope-spread"] > 0 and len(row["scope-sigma-std"]) == 5
+        assert len(row["wsa-target-sigma"]) == 5 and min(row["wsa-target-sigma"]) > 0
+    # "fixed" keeps the initial model's scope; every other rule moves the target each round.
+    same = rows[1]["wsa-target-sigma"] == rows[2]["wsa-target-sigma"]
+    assert same == (fusion == "fixed")
