@@ -262,7 +262,7 @@ def _floats(text: str, flag: str) -> list[float]:
 def cmd_connectivity(args: argparse.Namespace) -> int:
     import json
 
-    from .connectivity import connectivity_experiment
+    from .experiments.connectivity import connectivity_experiment
     from .plots import plot_paths
 
     cfg, read = command_config(args)
@@ -326,7 +326,7 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
 def cmd_merge_experiment(args: argparse.Namespace) -> int:
     import json
 
-    from .merge_experiment import one_shot_experiment, user_model_factory
+    from .experiments.one_shot import one_shot_experiment, user_model_factory
 
     cfg, read = command_config(args)
     pairs = [int(v) for v in _floats(args.pairs, "--pairs")]

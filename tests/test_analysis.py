@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from fedmerge import analysis
-from fedmerge.analysis import ModelSet
 from fedmerge.bench import analyses
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
+from fedmerge.experiments import analysis
+from fedmerge.experiments.analysis import ModelSet
 from fedmerge.federation import DataSpec, load_data, make_model, partition_indices
 from fedmerge.merging import average
 from fedmerge.training import evaluate, train

@@ -10,13 +10,13 @@ import torch
 
 from fedmerge.bench import sweep, wsa_overhead
 from fedmerge.config import RunConfig
-from fedmerge.connectivity import (
+from fedmerge.errors import ConfigError
+from fedmerge.experiments.connectivity import (
     barrier,
     connectivity_experiment,
     evaluate_path,
     interpolate,
 )
-from fedmerge.errors import ConfigError
 from fedmerge.merging import reset_batchnorm_stats
 from fedmerge.models import build_model
 

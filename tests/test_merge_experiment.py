@@ -9,7 +9,7 @@ import torch
 
 from fedmerge.cli import main
 from fedmerge.errors import FedmergeError
-from fedmerge.merge_experiment import user_model_factory
+from fedmerge.experiments.one_shot import user_model_factory
 
 # A model as a user writes it: no permutation_spec(), functional ReLUs, for 1x8x8 digits.
 USER_MODEL = """

@@ -13,8 +13,8 @@ from strategy_harness import train_reply, train_requests
 from fedmerge.config import RunConfig
 from fedmerge.datasets import load_dataset
 from fedmerge.errors import ConfigError
+from fedmerge.experiments.one_shot import MergeSite, np_merge_site
 from fedmerge.matching import match
-from fedmerge.merge_experiment import MergeSite
 from fedmerge.merging import average, repair_batchnorm
 from fedmerge.models import build_model, model_spec
 from fedmerge.npmerge import (
@@ -24,7 +24,6 @@ from fedmerge.npmerge import (
     fuse,
     learn_coefficients,
     np_merge,
-    np_merge_site,
 )
 from fedmerge.npmerge.fusion import _Adam
 from fedmerge.npmerge.learning import _split
@@ -416,8 +415,8 @@ def test_fednpmerge_runs_end_to_end_on_the_local_engine(tmp_path, monkeypatch):
 
 def test_merge_experiment_gives_np_merge_the_np_keys(monkeypatch):
     # Issue 15: `fedmerge merge-experiment np-holdout=0` ran NP Merge with NPOptions().
-    from fedmerge import merge_experiment
     from fedmerge.config import RunConfig
+    from fedmerge.experiments import one_shot as merge_experiment
 
     seen = []
 
@@ -425,7 +424,7 @@ def test_merge_experiment_gives_np_merge_the_np_keys(monkeypatch):
         seen.append(kwargs["options"])
         return site.a
 
-    monkeypatch.setattr("fedmerge.npmerge.np_merge_site", recording)
+    monkeypatch.setattr("fedmerge.experiments.one_shot.np_merge_site", recording)
     cfg = RunConfig.from_mapping(
         {"model": "mlp", "mlp-hidden": "16", "device": "cpu", "np-holdout": 0.0, "np-epochs": 3}
     )

@@ -38,7 +38,7 @@ from ..errors import ConfigError, FedmergeError, unknown_name
 # The library (torch, matplotlib) is imported inside the commands: `fedmerge --help` and the
 # parser that add_parsers() extends stay fast.
 if TYPE_CHECKING:
-    from ..analysis import ModelSet
+    from ..experiments.analysis import ModelSet
 
 console = Console()
 err_console = Console(stderr=True)
@@ -144,7 +144,7 @@ def _probes(text: str) -> list[str]:
 
 
 def _settings(text: str) -> list[str]:
-    from ..analysis import SETTINGS
+    from ..experiments.analysis import SETTINGS
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     for name in names or [text]:
@@ -165,8 +165,8 @@ def _describe(cfg: RunConfig) -> str:
 # -- the probes ------------------------------------------------------------------------------
 def run_weight_patterns(args: argparse.Namespace, cfg: RunConfig, out: Path) -> None:
     """Train, print, write weight-patterns.{json,md} and the two PNGs."""
-    from .. import analysis
-    from ..analysis.plots import plot_filters, plot_templates
+    from ..experiments import analysis
+    from ..experiments.analysis.plots import plot_filters, plot_templates
 
     epochs = args.pattern_epochs
     patterns = analysis.weight_patterns(
@@ -187,7 +187,7 @@ def run_weight_patterns(args: argparse.Namespace, cfg: RunConfig, out: Path) -> 
 
 
 def _train(args: argparse.Namespace, cfg: RunConfig) -> list[ModelSet]:
-    from .. import analysis
+    from ..experiments import analysis
 
     return analysis.model_sets(
         cfg,
@@ -215,8 +215,8 @@ def _training_title(args: argparse.Namespace, cfg: RunConfig) -> str:
 
 def run_soups(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[ModelSet]) -> None:
     """Score the soups and ensembles of ``sets``; print, write soups.{json,md,png}."""
-    from .. import analysis
-    from ..analysis.plots import plot_soups
+    from ..experiments import analysis
+    from ..experiments.analysis.plots import plot_soups
     from ..federation import DataSpec, load_data
     from ..training import resolve_device
 
@@ -235,8 +235,8 @@ def run_soups(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[Mo
 
 def run_scaling(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[ModelSet]) -> None:
     """Run the scaling probe on ``sets``; print, write scaling.{json,md,png}."""
-    from .. import analysis
-    from ..analysis.plots import plot_scaling
+    from ..experiments import analysis
+    from ..experiments.analysis.plots import plot_scaling
     from ..federation import DataSpec, load_data
     from ..training import resolve_device
 
@@ -258,7 +258,7 @@ def run_scaling(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[
 
 def _check_options(args: argparse.Namespace) -> None:
     """Raise ConfigError on a bad probe option, before anything trains."""
-    from ..analysis import FEATURE_HEADS, INDEPENDENT_DATA
+    from ..experiments.analysis import FEATURE_HEADS, INDEPENDENT_DATA
 
     if "settings" in args:
         _settings(args.settings)
@@ -274,7 +274,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _command(default: Sequence[str]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from .. import analysis
+        from ..experiments import analysis
 
         probes = _probes(args.probes) if "probes" in args else list(default)
         cfg, read = command_config(args)

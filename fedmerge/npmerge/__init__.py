@@ -56,7 +56,6 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +72,6 @@ from ..merging import (
     repair_batchnorm,
 )
 from ..permutations import PermutationSpec
-from ..training import resolve_device
 from .fusion import fuse
 from .learning import _loss, _repaired_buffers, _set_mode, learn_coefficients
 from .options import NPOptions, NPReport
@@ -86,11 +84,7 @@ __all__ = [
     "fuse",
     "learn_coefficients",
     "np_merge",
-    "np_merge_site",
 ]
-
-if TYPE_CHECKING:  # only for annotations: merge_experiment may import this module
-    from ..merge_experiment import MergeSite
 
 log = logging.getLogger(__name__)
 
@@ -329,30 +323,3 @@ def np_merge(
         report.seconds,
     )
     return {k: merged[k].detach().to(v.device).clone() for k, v in states[0].items()}
-
-
-def np_merge_site(
-    site: MergeSite,
-    *,
-    matcher: str = "weight",
-    beta: float = 0.5,
-    options: NPOptions = NPOptions(),
-    device: torch.device | str | None = None,
-) -> dict[str, Tensor]:
-    """NP Merge row of the one-shot merge table: align B to A, learn on the merge-site data.
-
-    ``site.x``/``site.y`` is the labelled merge-site slice; ``options.holdout`` of it is held
-    out for early stopping. ``device`` None picks CUDA when available.
-    """
-    alignment = Alignment(site.spec, matcher=matcher, mode="global", beta=beta)
-    return np_merge(
-        [site.a, site.b],
-        reference=site.a,
-        model=site.model,
-        x=site.x,
-        y=site.y,
-        alignment=alignment,
-        options=options,
-        seed=site.seed,
-        device=resolve_device("auto") if device is None else device,
-    )

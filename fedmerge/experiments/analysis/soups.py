@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, unknown_name
-from ..federation import DataSpec, client_seed, client_shard, load_data, make_model
-from ..merging import average, repair_batchnorm
-from ..training import resolve_device
+from ...errors import ConfigError, unknown_name
+from ...federation import DataSpec, client_seed, client_shard, load_data, make_model
+from ...merging import average, repair_batchnorm
+from ...training import resolve_device
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
-    from ..datasets import FederatedDataset
+    from ...config import RunConfig
+    from ...datasets import FederatedDataset
 
 from .common import (
     FEATURE_HEADS,

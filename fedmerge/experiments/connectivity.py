@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .merging import has_batchnorm, reset_batchnorm_stats
-from .scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
-from .training import evaluate, train
+from ..merging import has_batchnorm, reset_batchnorm_stats
+from ..scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
+from ..training import evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,16 @@ def connectivity_experiment(
     ``match_method`` (``weight``, ``activation``, ``dual``; None: no matching) adds the path
     from A to B aligned to A, as ``matched-*`` keys of each result.
     """
-    from .config import RunConfig
-    from .errors import ConfigError
-    from .federation import DataSpec, client_shard, load_data, make_model
-    from .training import resolve_device
+    from ..config import RunConfig
+    from ..errors import ConfigError
+    from ..federation import DataSpec, client_shard, load_data, make_model
+    from ..training import resolve_device
 
     assert isinstance(cfg, RunConfig)
     if split not in ("same", "partition"):
         raise ConfigError("--split", split, "one of: same, partition")
     if match_method is not None:
-        from .matching import MATCHERS
+        from ..matching import MATCHERS
 
         if match_method not in MATCHERS:
             raise ConfigError("--match", match_method, "one of: none, " + ", ".join(MATCHERS))
@@ -260,8 +260,8 @@ def connectivity_experiment(
 
 def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) -> State:
     """``b`` with its hidden units permuted to match ``a``'s (same function as ``b``)."""
-    from .merging import align_one
-    from .models import model_spec
+    from ..merging import align_one
+    from ..models import model_spec
 
     aligned, _ = align_one(
         model_spec(template),
@@ -279,7 +279,7 @@ def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) 
 
 def _fixed_beta(beta: float | str, method: str) -> float:
     """``match-beta`` as a number: ``auto`` (FL merges only) is refused for the dual matcher."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if beta != "auto":
         return float(beta)

@@ -30,20 +30,17 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .matching import match
-from .merging import average, repair_batchnorm
-from .models import model_spec
-from .permutations import PermutationSpec, apply_permutations
-from .training import evaluate, resolve_device, train
-
-if TYPE_CHECKING:  # npmerge imports MergeSite from here: imported where used, below
-    from .npmerge import NPOptions
+from ..matching import match
+from ..merging import average, repair_batchnorm
+from ..models import model_spec
+from ..npmerge import Alignment, NPOptions, np_merge
+from ..permutations import PermutationSpec, apply_permutations
+from ..training import evaluate, resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +118,6 @@ def merge_methods(
     methods["dual (MuDSC) beta=auto"] = _auto_beta_average
     # Rows that also use the merge-site *labels*: NP Merge, and its fair control, SGD
     # fine-tuning of the weight-matched average on the same labelled slice.
-    from .npmerge import NPOptions, np_merge_site  # local: only needed here
-
     options = np_options if np_options is not None else NPOptions()
     methods["NP Merge (weight-aligned)"] = lambda s: np_merge_site(s, options=options)
     methods["fine-tuned matched average"] = _fine_tuned_matched_average
@@ -133,7 +128,7 @@ def merge_methods(
 def _auto_beta_average(site: MergeSite) -> State:
     """The dual-matched average at the beta of MuDSC's grid with the lowest merge-site loss
     (it reads the merge-site labels, as NP Merge does)."""
-    from .merging import select_beta
+    from ..merging import select_beta
 
     choice = select_beta(
         [site.a, site.b],
@@ -191,7 +186,7 @@ def one_shot_pair(
     ``model_factory(seed)`` builds each model (default: the run-config's ``model``); a user's
     model without ``permutation_spec()`` gets a spec inferred from a merge-site input.
     """
-    from .federation import DataSpec, load_data, make_model
+    from ..federation import DataSpec, load_data, make_model
 
     device = resolve_device(cfg.device)
     data = load_data(DataSpec.of(cfg))
@@ -257,8 +252,6 @@ def one_shot_pair(
         }
 
     rows = [score("model A", states[0], 0.0), score("model B", states[1], 0.0)]
-    from .npmerge import NPOptions
-
     for name, method in merge_methods(betas, NPOptions.from_config(cfg)).items():
         start = time.perf_counter()
         merged = method(site)
@@ -293,7 +286,7 @@ def user_model_factory(ref: str) -> Callable[[int], nn.Module]:
     import importlib.util
     from pathlib import Path
 
-    from .errors import FedmergeError
+    from ..errors import FedmergeError
 
     where, sep, name = ref.rpartition(":")
     if not sep or not where or not name:
@@ -373,3 +366,30 @@ def one_shot_experiment(
             )
         )
     return rows, summarise(rows)
+
+
+def np_merge_site(
+    site: MergeSite,
+    *,
+    matcher: str = "weight",
+    beta: float = 0.5,
+    options: NPOptions | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """NP Merge row of the one-shot merge table: align B to A, learn on the merge-site data.
+
+    ``site.x``/``site.y`` is the labelled merge-site slice; ``options.holdout`` of it is held
+    out for early stopping. ``device`` None picks CUDA when available.
+    """
+    alignment = Alignment(site.spec, matcher=matcher, mode="global", beta=beta)
+    return np_merge(
+        [site.a, site.b],
+        reference=site.a,
+        model=site.model,
+        x=site.x,
+        y=site.y,
+        alignment=alignment,
+        options=options if options is not None else NPOptions(),
+        seed=site.seed,
+        device=resolve_device("auto") if device is None else device,
+    )

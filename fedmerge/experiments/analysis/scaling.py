@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..errors import unknown_name
-from ..merging import average, repair_batchnorm
+from ...errors import unknown_name
+from ...merging import average, repair_batchnorm
 
 if TYPE_CHECKING:
-    from ..datasets import FederatedDataset
+    from ...datasets import FederatedDataset
 
 from .common import CASES, State, _loaded, accuracy, agreement, outputs
 from .soups import ModelSet

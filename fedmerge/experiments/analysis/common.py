@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..federation import DataSpec, load_data
-from ..training import train
+from ...errors import ConfigError
+from ...federation import DataSpec, load_data
+from ...training import train
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ...config import RunConfig
 
 
 State = dict[str, Tensor]

@@ -50,8 +50,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..federation import DataSpec, load_data
-from ..training import resolve_device
+from ...federation import DataSpec, load_data
+from ...training import resolve_device
 from .common import (
     CASES,
     DEFAULT_HOLDOUT,
@@ -80,7 +80,7 @@ from .scaling import scale_parameters, scaled_indices, scaling_rows
 from .soups import ModelSet, fedavg_rounds, greedy_soup, soup_rows, train_model_set
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ...config import RunConfig
 
 __all__ = [
     "CASES",

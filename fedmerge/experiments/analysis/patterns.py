@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..federation import DataSpec, client_seed, client_shard, load_data, make_model
-from ..training import evaluate, resolve_device
+from ...federation import DataSpec, client_seed, client_shard, load_data, make_model
+from ...training import evaluate, resolve_device
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ...config import RunConfig
 
 from .common import TrainSettings, fit
 

@@ -1,0 +1,127 @@
+"""The layers of the house: the library core imports no experiment, runner or Flower code, and
+no module imports itself back through others (read from the sources, every import counted:
+module level, inside functions and under ``TYPE_CHECKING``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fedmerge"
+
+#: The library core (issue 16): data, partitions, models, permutations, matching, merging,
+#: NP Merge, scopes, training, and the small modules they share.
+CORE = (
+    "datasets",
+    "partitions",
+    "models",
+    "permutations",
+    "spec_inference",
+    "matching",
+    "merging",
+    "npmerge",
+    "scopes",
+    "training",
+    "options",
+    "proxy",
+    "client",
+    "errors",
+    "config",
+    "federation",
+)
+#: What the core may not import.
+FORBIDDEN = (
+    "fedmerge.experiments",
+    "fedmerge.bench",
+    "fedmerge.engine",
+    "fedmerge.strategies",
+    "fedmerge.clients",
+    "fedmerge.runner",
+    "fedmerge.cli",
+    "fedmerge.command_config",
+    "strategies",
+    "clients",
+    "flwr",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, *, module_level_only: bool = False) -> set[str]:
+    """Absolute names of the modules ``path`` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    out: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.add(module)
+            out.update(f"{module}.{alias.name}" for alias in node.names)  # submodules
+    return out
+
+
+def _sources(names: tuple[str, ...]) -> list[Path]:
+    paths = []
+    for name in names:
+        if (PACKAGE / name).is_dir():
+            paths.extend(sorted((PACKAGE / name).rglob("*.py")))
+        else:
+            paths.append(PACKAGE / f"{name}.py")
+    return paths
+
+
+def test_the_library_core_imports_no_experiment_runner_strategy_or_flower_code():
+    sources = _sources(CORE)
+    assert len(sources) > 20
+    bad = {
+        _module_name(path): sorted(
+            name for name in _imports(path) if name.startswith(FORBIDDEN) and name != "fedmerge"
+        )
+        for path in sources
+    }
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_no_import_circle_between_fedmerge_modules():
+    """Module-level imports only: a cycle there is what breaks imports (or forces the lazy,
+    in-function imports this test does not count)."""
+    paths = {
+        _module_name(p): p
+        for p in [*PACKAGE.rglob("*.py"), *(ROOT / "strategies").rglob("*.py")]
+        if "__pycache__" not in p.parts
+    }
+    graph = {
+        name: {
+            target
+            for target in _imports(path, module_level_only=True)
+            if target in paths and target != name and not name.startswith(f"{target}.")
+        }
+        for name, path in paths.items()
+    }
+    # A package importing its own submodules is a tree, not a circle; everything else counts.
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*trail[trail.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
