@@ -361,6 +361,13 @@ def _validate(c: RunConfig) -> None:
     _FINETUNE.from_config(c)
     match = _MATCH.from_config(c)
     _check(
+        not (c.strategy == "fedavg-bn" and c.proxy_size == 0),
+        "proxy-size",
+        c.proxy_size,
+        "> 0 for strategy fedavg-bn (BatchNorm statistics are recomputed on it)",
+        "set e.g. proxy-size=500",
+    )
+    _check(
         not (c.strategy == "fedavg-ft" and c.proxy_size == 0),
         "proxy-size",
         c.proxy_size,

@@ -14,14 +14,22 @@ from fedmerge.options import FineTuneOptions, MatchOptions, WSAOptions
 
 from .base import MergeStrategy
 from .fedmatch import FedMatch
-from .finetune import FedAvgFineTuned
-from .merges import FineTunedAverage, MatchedMerge, MergeFn, NPMerge, fedavg_average
+from .finetune import FedAvgFineTuned, FedAvgRepaired
+from .merges import (
+    FineTunedAverage,
+    MatchedMerge,
+    MergeFn,
+    NPMerge,
+    RepairedAverage,
+    fedavg_average,
+)
 from .npmerge import FedNPMerge
 from .validation import validated
 from .wsa import FedWSA
 
 __all__ = [
     "FedAvgFineTuned",
+    "FedAvgRepaired",
     "FedMatch",
     "FedNPMerge",
     "FedWSA",
@@ -33,6 +41,7 @@ __all__ = [
     "MergeStrategy",
     "NPMerge",
     "NPOptions",
+    "RepairedAverage",
     "WSAOptions",
     "fedavg_average",
     "validated",

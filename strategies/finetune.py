@@ -19,7 +19,7 @@ from fedmerge.proxy import ProxyLike
 
 from .base import MergeStrategy
 from .fedmatch import run_proxy
-from .merges import FineTunedAverage
+from .merges import FineTunedAverage, RepairedAverage
 
 
 class FedAvgFineTuned(MergeStrategy):
@@ -68,6 +68,24 @@ class FedAvgFineTuned(MergeStrategy):
         )
         super().__init__(merge=merge, seed=seed, **rest)
         self.finetune = merge
+
+
+class FedAvgRepaired(MergeStrategy):
+    """FedAvg with BatchNorm statistics recomputed on the proxy data every round: the control
+    for FedMatch's and FedNPMerge's BatchNorm repair (:class:`~.merges.RepairedAverage`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Template of the architecture.
+    proxy : tensors, Dataset or DataLoader
+        The server's proxy data (inputs are enough).
+    **kwargs
+        FedAvg's.
+    """
+
+    def __init__(self, *, model: nn.Module, proxy: ProxyLike, seed: int = 0, **kwargs) -> None:
+        super().__init__(merge=RepairedAverage(model, proxy), seed=seed, **kwargs)
 
 
 def finetune_options(cfg) -> dict:

@@ -44,6 +44,7 @@ __all__ = [
     "MatchedMerge",
     "MergeFn",
     "NPMerge",
+    "RepairedAverage",
     "fedavg_average",
 ]
 
@@ -389,3 +390,46 @@ class FineTunedAverage:
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return state, {"finetune-loss": result.loss, "proxy-size": len(self.proxy)}
+
+
+class RepairedAverage:
+    """FedAvg's weighted mean with BatchNorm statistics recomputed on the proxy inputs.
+
+    The control for the BatchNorm repair FedMatch and FedNPMerge apply every round: with it,
+    a gain of theirs over FedAvg can be split into what the repair gives and what the
+    alignment (or learning) gives. A model without BatchNorm gets FedAvg's mean unchanged.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Template of the architecture (its forward pass reads the proxy inputs; not modified).
+    proxy : tensors, Dataset or DataLoader
+        The server's proxy data (inputs only are read).
+    """
+
+    def __init__(self, model: nn.Module, proxy: ProxyLike) -> None:
+        self.proxy = as_proxy(proxy)
+        if self.proxy is None:
+            raise ConfigError(
+                "proxy-size",
+                0,
+                "> 0 for strategy fedavg-bn (BatchNorm statistics are recomputed on it)",
+                hint="set e.g. proxy-size=500, or pass proxy=inputs",
+            )
+        self.model, self.repair = model, has_batchnorm(model)
+        self.__name__ = "fedavg-bn-repair"
+
+    def __call__(
+        self,
+        states: Sequence[State],
+        weights: Sequence[float],
+        reference: State | None,
+        *,
+        seed: int = 0,
+    ) -> tuple[dict[str, Tensor], Report]:
+        """The weighted mean, its BatchNorm statistics recomputed on the proxy inputs."""
+        assert self.proxy is not None
+        merged = fedavg_average(states, weights)
+        if self.repair:
+            merged = repair_batchnorm(self.model, merged, self.proxy.x)
+        return merged, {"proxy-size": len(self.proxy)}

@@ -33,8 +33,8 @@ from fedmerge.errors import unknown_name
 from fedmerge.options import WSAOptions
 from fedmerge.scopes import sigma_spread
 
-from .fedmatch import FedMatch, fedmatch_options, matched_merge
-from .finetune import FedAvgFineTuned, finetune_options
+from .fedmatch import FedMatch, fedmatch_options, matched_merge, run_proxy
+from .finetune import FedAvgFineTuned, FedAvgRepaired, finetune_options
 from .npmerge import FedNPMerge, fednpmerge_options
 from .validation import ValidatedReplies, validated
 from .wsa import FedWSA
@@ -133,6 +133,13 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
         lambda c: validated(FedAvgFineTuned)(**finetune_options(c), **_common(c)),
         "fedmerge FedAvg + server SGD on the proxy slice (finetune-*, proxy-size): "
         "the control for fednpmerge",
+    ),
+    "fedavg-bn": (
+        lambda c: validated(FedAvgRepaired)(
+            **dict(zip(("model", "proxy"), run_proxy(c), strict=True)), seed=c.seed, **_common(c)
+        ),
+        "fedmerge FedAvg + BatchNorm statistics recomputed on the proxy slice (proxy-size): "
+        "the control for fedmatch's and fednpmerge's BN repair",
     ),
     "fedmatch": (
         lambda c: validated(FedMatch)(**fedmatch_options(c), **_common(c)),

@@ -344,3 +344,39 @@ def test_loss_terms_name_wsa_layers_when_the_target_does_not_fit_the_model():
         terms(_Tiny())
     with pytest.raises(TypeError, match="Flower Message"):
         loss_terms(42, _Tiny())
+
+
+# -- fedavg-bn: the control for BatchNorm repair --------------------------------------------
+
+
+def test_repaired_average_is_fedavg_with_statistics_recomputed_on_the_proxy():
+    from fedmerge.strategies import FedAvgRepaired, RepairedAverage
+
+    from fedmerge.merging import repair_batchnorm
+
+    model = _bn_model()
+    states = []
+    for i in range(2):
+        torch.manual_seed(i)
+        states.append(_bn_model().state_dict())
+        states[-1] = {k: v + 0.1 * i if v.is_floating_point() else v for k, v in states[-1].items()}
+    x = torch.randn(50, 1, 8, 8)
+    merge = RepairedAverage(model, DataLoader(TensorDataset(x), batch_size=20))
+    merged, report = merge(states, [1.0, 3.0], states[0])
+    plain = fedavg_average(states, [1.0, 3.0])
+    expected = repair_batchnorm(model, plain, x)
+    stats = [k for k in merged if k.endswith(("running_mean", "running_var"))]
+    assert stats and report == {"proxy-size": 50}
+    for key in merged:
+        if key in stats:
+            assert torch.allclose(merged[key], expected[key])
+            assert not torch.allclose(merged[key], plain[key].float(), atol=1e-3)
+        elif merged[key].is_floating_point():
+            assert torch.equal(merged[key], plain[key].to(merged[key].dtype)), key
+    mlp_states = _states(2)
+    no_bn, _ = RepairedAverage(_mlp(), x)(mlp_states, [1, 1], mlp_states[0])
+    assert all(torch.equal(no_bn[k], v) for k, v in fedavg_average(mlp_states, [1, 1]).items())
+    with pytest.raises(ConfigError, match="proxy-size.*fedavg-bn"):
+        FedAvgRepaired(model=model, proxy=None)
+    with pytest.raises(ConfigError, match="proxy-size.*fedavg-bn"):
+        RunConfig.from_mapping({"strategy": "fedavg-bn"})
