@@ -38,6 +38,7 @@ from fedmerge.checkpoint import (
 )
 from fedmerge.config import RunConfig
 from fedmerge.datasets import FederatedDataset
+from fedmerge.engine.flower import LAUNCHER_ENV, LAUNCHER_GONE, watch_launcher
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.federation import DataSpec, load_data, make_model
 from fedmerge.results import (
@@ -54,14 +55,7 @@ from fedmerge.results import (
 from fedmerge.sinks import ResultsSink, make_sinks
 from fedmerge.training import evaluate, resolve_device
 
-from .checkpoint import (
-    LAUNCHER_ENV,
-    LAUNCHER_GONE,
-    RoundTracker,
-    load_strategy_state,
-    strategy_state,
-    watch_launcher,
-)
+from .checkpoint import RoundTracker, load_strategy_state, strategy_state
 from .registry import build_strategy
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from fedmerge.strategies.checkpoint import (
     RoundTracker,
     from_plain,
     load_strategy_state,
-    process_alive,
     reply_digest,
     strategy_state,
     to_plain,
@@ -45,6 +44,7 @@ from fedmerge.config import RunConfig
 from fedmerge.engine.flower import stop_superlink
 from fedmerge.engine.local import FIRST_NODE_ID, set_server_identity
 from fedmerge.errors import FedmergeError
+from fedmerge.processes import process_alive
 from fedmerge.results import read_metrics
 from fedmerge.runner import AlreadyFinished, resume_config, run
 

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -29,11 +30,14 @@ from pathlib import Path
 
 from ..config import ConfigValue, RunConfig
 from ..errors import FedmergeError
+from ..processes import process_alive
 
 log = logging.getLogger(__name__)
 
 #: Environment variable naming the pid of the fedmerge process that launched a Flower run.
 LAUNCHER_ENV = "FEDMERGE_LAUNCHER_PID"
+#: Set once :func:`watch_launcher` found the launcher gone: the run must write nothing more.
+LAUNCHER_GONE = threading.Event()
 
 
 def find_app_dir(start: Path | None = None) -> Path:
@@ -302,3 +306,66 @@ def run_flower(
         tail = "\n".join(lines[-25:])
         raise FedmergeError(f"flwr run failed (exit {proc.returncode}); its last lines:\n{tail}")
     return lines
+
+
+# -- an orphaned run stops (runs in the ServerApp's process, under flwr run) -----------------
+def watch_launcher(pid: int, interval: float = 1.0, grace: float = 10.0) -> threading.Thread:
+    """Stop this run when the fedmerge process that launched it (``pid``) is gone.
+
+    Under ``fedmerge run --engine flower`` the ServerApp lives in a process of the SuperLink
+    that ``flwr run`` detaches: killing ``fedmerge run`` would leave it running, writing to
+    the run folder that ``--resume`` continues. A daemon thread checks every ``interval`` s;
+    when the launcher is gone, it stops what the launcher would have stopped: the SuperLink
+    it started for this run (an ancestor of this process, recognised by this run's scratch
+    ``FLWR_HOME``) and this process (SIGTERM: Flower's graceful exit, which stops Ray; SIGKILL
+    ``grace`` s later if they still run). It sets :data:`LAUNCHER_GONE` first, after which the
+    ServerApp writes no metrics and no checkpoint: the one on disk is the last round finished
+    before, as after any kill.
+    """
+
+    def watch() -> None:
+        while process_alive(pid):
+            time.sleep(interval)
+        LAUNCHER_GONE.set()  # from now on the ServerApp writes nothing (RoundRecorder)
+        log.error(
+            "the fedmerge process that launched this run (pid %d) is gone: stopping; "
+            "`fedmerge run --resume RUN_DIR` continues from the last checkpoint",
+            pid,
+        )
+        superlink = _own_superlink()
+        for target in (superlink, os.getpid()):
+            if target is not None:
+                _signal(target, signal.SIGTERM)
+        time.sleep(grace)
+        for target in (superlink, os.getpid()):
+            if target is not None and process_alive(target):
+                _signal(target, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="fedmerge-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _own_superlink(levels: int = 4) -> int | None:
+    """The pid of the ``flower-superlink`` ancestor serving this run's ``FLWR_HOME``, if any."""
+    home = os.environ.get("FLWR_HOME", "").encode()
+    pid = os.getppid()
+    for _ in range(levels):
+        if pid <= 1 or not home:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        if b"flower-superlink" in cmdline and home in cmdline:
+            return pid
+        pid = ppid
+    return None
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:  # gone already
+        pass
