@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -278,6 +279,21 @@ def test_bench_writes_cells_table_and_plots(finished):
         assert row["reached-target"] == sum(f is not None for f in first)
         assert row["seconds-per-round"][0] > 0
     assert rows[("iid", "fedprox")]["keys"] == {"strategy": "fedprox", "proximal-mu": 0.1}
+    for partition in ("iid", "c2"):  # paired by seed against fedavg
+        final = {
+            (v, s): json.loads((out / partition / v / f"s{s}" / "metrics.json").read_text())[-1][
+                "test-accuracy"
+            ]
+            for v in ("fedavg", "fedprox")
+            for s in (0, 1)
+        }
+        diffs = [final[("fedprox", s)] - final[("fedavg", s)] for s in (0, 1)]
+        row = rows[(partition, "fedprox")]
+        assert row["reference"] == "fedavg" and row["paired-seeds"] == 2
+        assert row["final-minus-reference"][0] == pytest.approx(sum(diffs) / 2)
+        assert row["final-minus-reference"][1] == pytest.approx(abs(diffs[0] - diffs[1]) / 2**0.5)
+        assert row["ahead-of-reference"] == sum(d > 0 for d in diffs)
+        assert rows[(partition, "fedavg")]["paired-seeds"] == 0  # not compared with itself
     cell = out / "c2" / "fedprox" / "s1"
     config = json.loads((cell / "config.json").read_text())["config"]
     assert (config["run-name"], config["proximal-mu"], config["seed"]) == ("s1", 0.1, 1)
@@ -286,6 +302,11 @@ def test_bench_writes_cells_table_and_plots(finished):
     assert not list(out.rglob("*.partial")) and not (out / grid.LOCK_FILE).exists()
     report = (out / "report.md").read_text()
     assert "Cells: 8 of 8 finished." in report and "rounds to 50%" in report
+    assert "minus fedavg's on the same seed" in report
+    paired = (
+        r"\| fedprox \| -?\d+\.\d+ ± \d+\.\d+ \([0-2]/2\) \| -?\d+\.\d+ ± \d+\.\d+ \([0-2]/2\) \|"
+    )
+    assert re.search(paired, report), report
     for name in ("accuracy-digits.png", "partitions-digits.png", "results.csv", "spec.toml"):
         assert (out / name).stat().st_size > 0
     assert (out / "spec.toml").read_text() == spec_file.read_text()

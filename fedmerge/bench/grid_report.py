@@ -27,6 +27,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,32 @@ def summarize_group(
     }
 
 
+def reference_variant(spec: BenchSpec) -> str:
+    """The variant every other is compared with, seed by seed: ``fedavg`` when the grid has
+    it, else its first variant."""
+    return "fedavg" if "fedavg" in spec.variants else next(iter(spec.variants))
+
+
+def paired_difference(
+    cells: list[Cell], runs: dict[Cell, list[dict]], reference: str
+) -> dict[str, Any]:
+    """Final accuracy minus the reference variant's, on the same dataset, partition, keys and
+    seed, for the seeds where both finished: mean ± std of the differences, and on how many
+    seeds the variant is ahead. Pairing removes what a seed's partition and initialisation do
+    to every strategy alike, which the unpaired stds of two rows still contain."""
+    diffs = []
+    for cell in cells:
+        other = replace(cell, variant=reference)
+        if cell.variant != reference and cell in runs and other in runs:
+            diffs.append(runs[cell][-1]["test-accuracy"] - runs[other][-1]["test-accuracy"])
+    return {
+        "reference": reference,
+        "final-minus-reference": _mean_std(diffs),
+        "paired-seeds": len(diffs),
+        "ahead-of-reference": sum(d > 0 for d in diffs),
+    }
+
+
 def _seconds(folder: Path) -> float | None:
     try:
         return float(json.loads((folder / _DONE_FILE).read_text())["seconds"])
@@ -128,7 +155,8 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
             continue
         name = spec.dataset_name(cells[0])
         goal = target if target is not None else spec.target_for(group[0], name)
-        rows.append(summarize_group(spec, out, cells, [runs[c] for c in cells], goal))
+        row = summarize_group(spec, out, cells, [runs[c] for c in cells], goal)
+        rows.append(row | paired_difference(cells, runs, reference_variant(spec)))
     return {
         "source": spec.source,
         "seeds": list(spec.seeds),
@@ -143,12 +171,14 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
 CSV_COLUMNS = (
     "dataset", "partition", "variant", "combo", "strategy", "seeds", "final-accuracy",
     "best-accuracy", "target-accuracy", "rounds-to-target", "reached-target",
-    "seconds-per-round", "diverged", "scope-spread",
+    "seconds-per-round", "diverged", "scope-spread", "reference", "final-minus-reference",
+    "paired-seeds", "ahead-of-reference",
 )  # fmt: skip
 
 
 _PAIRS = (
     "final-accuracy",
+    "final-minus-reference",
     "best-accuracy",
     "rounds-to-target",
     "seconds-per-round",
@@ -194,6 +224,30 @@ def _pivot(rows: list[dict[str, Any]], partitions: list[str], key: str) -> list[
     for label in labels:
         values = [cell.get((label, p), "missing") for p in partitions]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _paired(rows: list[dict[str, Any]], partitions: list[str]) -> list[str]:
+    """The final accuracy minus the reference's, paired by seed: points, (ahead/paired seeds)."""
+    reference = rows[0]["reference"]
+    lines = [
+        f"Final-round accuracy minus {reference}'s on the same seed (points, mean ± std over the "
+        f"seeds both finished; in brackets: seeds ahead of {reference} / seeds paired):",
+        "",
+    ]
+    labels = [lbl for lbl in dict.fromkeys(_row_label(r) for r in rows)]
+    cell = {}
+    for r in rows:
+        if r["paired-seeds"]:
+            diff = _pct(r["final-minus-reference"])
+            cell[(_row_label(r), r["partition"])] = (
+                f"{diff} ({r['ahead-of-reference']}/{r['paired-seeds']})"
+            )
+    lines += ["| variant | " + " | ".join(partitions) + " |", "|---" * (len(partitions) + 1) + "|"]
+    for label in labels:
+        values = [cell.get((label, p), "") for p in partitions]
+        if any(values):
+            lines.append(f"| {label} | " + " | ".join(values) + " |")
     return lines
 
 
@@ -266,6 +320,8 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
         lines += ["", f"## {dataset}", "", "Final-round accuracy (%):", ""]
         lines += _pivot(rows, partitions, "final-accuracy")
         lines += ["", "Best-round accuracy (%):", "", *_pivot(rows, partitions, "best-accuracy")]
+        if any(r["paired-seeds"] for r in rows):
+            lines += ["", *_paired(rows, partitions)]
         panels = {
             p: {
                 _row_label(r): (r["accuracy-curve"], r["accuracy-curve-std"])
