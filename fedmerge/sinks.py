@@ -22,12 +22,12 @@ engine's is the caller's own)::
 
     import fedmerge.sinks
 
-    class PrintSink(fedmerge.sinks.BaseSink):
+    class LogSink(fedmerge.sinks.BaseSink):
         def round(self, row):
-            print(row["round"], row["test-accuracy"])
+            logging.getLogger("my-sink").info("%s %s", row["round"], row["test-accuracy"])
 
-    fedmerge.sinks.SINKS["print"] = PrintSink
-    fedmerge.runner.run(RunConfig.from_mapping({"log": "files,print"}), "local")
+    fedmerge.sinks.SINKS["mine"] = LogSink
+    fedmerge.runner.run(RunConfig.from_mapping({"log": "files,mine"}), "local")
 
 A sink whose package is optional declares ``requires = (module, pip requirement)``; a run that
 names it without the module installed is refused up front (:func:`check_log`).
