@@ -81,6 +81,17 @@ def _spec(model: nn.Module, proxy: Proxy | None, example_input: Tensor | None) -
     return model_spec(model, example_input)
 
 
+def _labelled_proxy(proxy: ProxyLike, use: str, hint: str) -> Proxy:
+    """The proxy data as tensors; ConfigError naming ``proxy-size`` unless labelled and not
+    empty."""
+    data = as_proxy(proxy)
+    if data is None or not data.labelled:
+        raise ConfigError(
+            "proxy-size", 0 if data is None else len(data), f"> 0 labelled samples for {use}", hint
+        )
+    return data
+
+
 def _check_data(options: MatchOptions, proxy: Proxy | None, repair: bool) -> None:
     """Refuse matching options that need proxy data the server does not have."""
     if options.auto_beta and (proxy is None or not proxy.labelled):
@@ -238,15 +249,12 @@ class NPMerge:
         device: torch.device | str = "cpu",
         example_input: Tensor | None = None,
     ) -> None:
-        self.proxy = as_proxy(proxy)
-        if self.proxy is None or not self.proxy.labelled:
-            raise ConfigError(
-                "proxy-size",
-                0 if self.proxy is None else len(self.proxy),
-                "> 0 labelled samples for NP Merge",
-                hint="NP Merge learns its coefficients on the server's labelled proxy data; "
-                "set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
-            )
+        self.proxy = _labelled_proxy(
+            proxy,
+            "NP Merge",
+            "NP Merge learns its coefficients on the server's labelled proxy data; "
+            "set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
+        )
         self.match = MatchOptions.build(match)
         if self.match.auto_beta:
             raise ConfigError(
@@ -352,14 +360,11 @@ class FineTunedAverage:
         batch_size: int = 64,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.proxy = as_proxy(proxy)
-        if self.proxy is None or not self.proxy.labelled:
-            raise ConfigError(
-                "proxy-size",
-                0 if self.proxy is None else len(self.proxy),
-                "> 0 labelled samples for fine-tuning on the server",
-                hint="set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
-            )
+        self.proxy = _labelled_proxy(
+            proxy,
+            "fine-tuning on the server",
+            "set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
+        )
         self.options = FineTuneOptions.build(options)
         self.model, self.device = model, device
         self.sgd = {"momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size}
