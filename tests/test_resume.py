@@ -78,11 +78,15 @@ class Interrupted(Exception):
     pass
 
 
-def run_interrupted(monkeypatch, cfg: RunConfig, after: int = 2) -> Path:
-    """Run ``cfg`` until the checkpoint of round ``after`` is on disk, then stop it there."""
+def run_interrupted(monkeypatch, cfg: RunConfig, after: int = 2, *, saved: bool = True) -> Path:
+    """Run ``cfg`` until the checkpoint of round ``after`` is on disk (``saved``), or until just
+    before it is written (the results sinks have that round, the checkpoint only the one
+    before), then stop it there."""
     real = server_app.save_checkpoint
 
     def save_then_stop(run_dir, checkpoint):
+        if checkpoint.round == after and not saved:
+            raise Interrupted
         path = real(run_dir, checkpoint)
         if checkpoint.round == after:
             raise Interrupted
@@ -93,7 +97,7 @@ def run_interrupted(monkeypatch, cfg: RunConfig, after: int = 2) -> Path:
         with pytest.raises(Interrupted):
             run(cfg, "local")
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    assert load_checkpoint(run_dir).round == after
+    assert load_checkpoint(run_dir).round == (after if saved else after - 1)
     return run_dir
 
 

@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedmerge.strategies import server_app
+from test_resume import run_interrupted
 
 from fedmerge import sinks
-from fedmerge.checkpoint import load_checkpoint
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.results import read_metrics
@@ -80,32 +79,6 @@ def test_files_only_by_default_writes_no_event_files(tmp_path):
     run_dir = run(cfg_for(tmp_path, "plain", num_rounds=1), "local")
     assert [r["round"] for r in read_metrics(run_dir)] == [0, 1]
     assert not (run_dir / TensorBoardSink.folder).exists()
-
-
-class Interrupted(Exception):
-    pass
-
-
-def run_interrupted(monkeypatch, cfg: RunConfig, round_: int, *, saved: bool) -> Path:
-    """Stop ``cfg`` at round ``round_``'s checkpoint: after writing it (``saved``) or before
-    (the sinks have that round, the checkpoint only the one before)."""
-    real = server_app.save_checkpoint
-
-    def save_then_stop(run_dir, checkpoint):
-        if checkpoint.round == round_ and not saved:
-            raise Interrupted
-        path = real(run_dir, checkpoint)
-        if checkpoint.round == round_:
-            raise Interrupted
-        return path
-
-    with monkeypatch.context() as m:
-        m.setattr(server_app, "save_checkpoint", save_then_stop)
-        with pytest.raises(Interrupted):
-            run(cfg, "local")
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    assert load_checkpoint(run_dir).round == (round_ if saved else round_ - 1)
-    return run_dir
 
 
 @pytest.mark.parametrize("saved", [True, False], ids=["after-checkpoint", "before-checkpoint"])
