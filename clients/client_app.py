@@ -13,7 +13,7 @@ import logging
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -72,28 +72,46 @@ def _cached_model(cfg: RunConfig, spec: DataSpec) -> nn.Module:
     return _models[key]
 
 
+def _scalar(config: ConfigRecord, key: str, default: float) -> int | float | str | bytes:
+    """``config[key]`` (``default`` when absent) for ``int()`` / ``float()``; a list is refused."""
+    value = config.get(key, default)
+    if isinstance(value, list):
+        raise TypeError(f"config {key!r}: expected a number, got a list")
+    return value
+
+
 def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn.Module:
     model = _cached_model(cfg, spec)
     model.load_state_dict(state)
     return model
 
 
+def _start(
+    cfg: RunConfig, spec: DataSpec, pid: int, server_round: int, msg: Message
+) -> dict[str, torch.Tensor]:
+    """What a client trains from: the server's arrays, or (``client-init = independent``, round
+    1) its own initialisation, seeded by (seed, partition id) as no round's training is."""
+    if cfg.client_init == "independent" and server_round == 1:
+        return make_model(cfg, load_data(spec), seed=client_seed(cfg.seed, pid, 0)).state_dict()
+    return msg.content.array_records["arrays"].to_torch_state_dict()
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's shard and reply with the result."""
     cfg, spec, pid = _setup(context)
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
+    config = msg.content.config_records["config"]
+    server_round = int(_scalar(config, "server-round", 0))
     device = resolve_device(cfg.device)
     x, y = client_shard(spec, pid, str(device))
-    model = _model(cfg, spec, msg.content["arrays"].to_torch_state_dict()).to(device)
+    model = _model(cfg, spec, _start(cfg, spec, pid, server_round, msg)).to(device)
     result = train(
         model,
         x,
         y,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        lr=float(config.get("lr", cfg.lr)),
+        lr=float(_scalar(config, "lr", cfg.lr)),
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         seed=client_seed(cfg.seed, pid, server_round),
@@ -136,8 +154,8 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
     cfg, spec, _ = setups[0]
     if not cfg.vectorise or any(s[0] != cfg or s[1] != spec for s in setups):
         return None
-    configs = [m.content["config"] for m in messages]
-    lrs = {float(c.get("lr", cfg.lr)) for c in configs}
+    configs = [m.content.config_records["config"] for m in messages]
+    lrs = {float(_scalar(c, "lr", cfg.lr)) for c in configs}
     if len(lrs) != 1:
         return None
     device = resolve_device(cfg.device)
@@ -152,12 +170,13 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
     for msg, config, (_, _, pid) in zip(messages, configs, setups, strict=True):
         terms = RequestedTerms.of(config)
         x, y = client_shard(spec, pid, str(device))
+        server_round = int(_scalar(config, "server-round", 0))
         jobs.append(
             ClientJob(
-                state=msg.content["arrays"].to_torch_state_dict(),
+                state=_start(cfg, spec, pid, server_round, msg),
                 x=x,
                 y=y,
-                seed=client_seed(cfg.seed, pid, int(config.get("server-round", 0))),
+                seed=client_seed(cfg.seed, pid, server_round),
                 proximal_mu=terms.proximal_mu,
                 wsa_target=terms.wsa_target,
                 wsa_lambda=terms.wsa_lambda,
@@ -186,7 +205,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     cfg, spec, pid = _setup(context)
     device = resolve_device(cfg.device)
     x, y = client_shard(spec, pid, str(device))
-    model = _model(cfg, spec, msg.content["arrays"].to_torch_state_dict())
+    model = _model(cfg, spec, msg.content.array_records["arrays"].to_torch_state_dict())
     loss, acc = evaluate(model, x, y, batch_size=cfg.eval_batch_size, device=device)
     metrics = MetricRecord({"num-examples": len(y), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_args import floats, overrides_last
 from .command_config import command_config, config_from_args, warn_unused
 from .config import RunConfig, parse_overrides
 from .errors import FedmergeError
@@ -252,13 +252,6 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise FedmergeError(f"{flag}: got {text!r}; allowed: comma-separated numbers") from None
-
-
 def cmd_connectivity(args: argparse.Namespace) -> int:
     import json
 
@@ -266,16 +259,16 @@ def cmd_connectivity(args: argparse.Namespace) -> int:
     from .plots import plot_paths
 
     cfg, read = command_config(args)
-    seeds = tuple(int(v) for v in _floats(args.seeds, "--seeds"))
+    seeds = tuple(int(v) for v in floats(args.seeds, "--seeds"))
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise FedmergeError(f"--seeds: got {args.seeds!r}; allowed: two different seeds, e.g. 1,2")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = connectivity_experiment(
         cfg,
-        lambdas=_floats(args.lambdas, "--lambdas"),
+        lambdas=floats(args.lambdas, "--lambdas"),
         epochs=args.epochs,
-        seeds=seeds,  # type: ignore[arg-type]
+        seeds=seeds,
         split=args.split,
         points=args.points,
         match_method=None if args.match == "none" else args.match,
@@ -329,8 +322,8 @@ def cmd_merge_experiment(args: argparse.Namespace) -> int:
     from .experiments.one_shot import one_shot_experiment, user_model_factory
 
     cfg, read = command_config(args)
-    pairs = [int(v) for v in _floats(args.pairs, "--pairs")]
-    betas = _floats(args.betas, "--betas")
+    pairs = [int(v) for v in floats(args.pairs, "--pairs")]
+    betas = floats(args.betas, "--betas")
     if not pairs or any(not 0 <= b <= 1 for b in betas):
         raise FedmergeError(
             f"--pairs/--betas: got {args.pairs!r}/{args.betas!r}; allowed: at least one pair, "
@@ -509,33 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*=")
-
-
-def _overrides_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """Move ``key=value`` tokens after the options, so that they may be mixed freely
-    (``fedmerge run num-rounds=1 -q dataset=mnist``): argparse wants positionals together."""
-    takes_value = {
-        opt
-        for action in parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
-        for a in action._actions
-        if a.option_strings and a.nargs != 0
-        for opt in a.option_strings
-    }
-    head, rest, overrides = argv[:1], [], []
-    for i, token in enumerate(argv[1:], 1):
-        if _OVERRIDE.match(token) and argv[i - 1] not in takes_value:
-            overrides.append(token)
-        else:
-            rest.append(token)
-    return head + rest + overrides
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedmerge`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(_overrides_last(parser, sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(overrides_last(parser, sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except FedmergeError as exc:

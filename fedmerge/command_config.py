@@ -17,6 +17,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import fields
+from types import FrameType
 from typing import Any
 
 from . import config as _config_module
@@ -42,9 +43,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _not_a_use() -> bool:
     """Whether the read being recorded comes from dataclass machinery or fedmerge.config."""
-    frame = sys._getframe(3)  # 0: here, 1: _record, 2: __getattribute__, 3: the reader
-    if frame.f_code.co_filename in _MACHINERY:
+    # 0: here, 1: _record, 2: __getattribute__, 3: the reader
+    reader = sys._getframe(3)
+    if reader.f_code.co_filename in _MACHINERY:
         return True
+    frame: FrameType | None = reader
     while frame is not None:
         if frame.f_code.co_filename == _CONFIG_FILE:
             return True

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, unknown_name
+from .options import REFERENCES  # the names live with MatchOptions
 from .permutations import PermutationSpec, apply_permutations
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,8 @@ State = Mapping[str, Tensor]
 #: ``merge(states, weights, *, reference) -> state``.
 MergeFn = Callable[..., dict[str, Tensor]]
 
-#: Matchers of :mod:`fedmerge.matching` (run-config key ``match-method``).
-MATCHER_NAMES: tuple[str, ...] = ("weight", "activation", "dual")
 #: Minimum align-then-average passes of ``match-reference=barycenter``.
 BARYCENTER_PASSES = 3
-#: Reference choices of :func:`matched_average` (run-config key ``match-reference``).
-REFERENCES: tuple[str, ...] = ("global", "largest", "barycenter")
 
 
 def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -134,8 +131,10 @@ def align_one(
     beta: float = 0.5,
     seed: int = 0,
     max_sweeps: int = 100,
+    sites: str = "all",
 ) -> tuple[dict[str, Tensor], float]:
-    """``state`` with its units permuted to match ``target``'s, and the fraction moved."""
+    """``state`` with its units permuted to match ``target``'s, and the fraction moved
+    (parameters as :func:`fedmerge.matching.match`)."""
     from .matching import match  # local: SciPy's import only when matching
 
     perms = match(
@@ -148,6 +147,7 @@ def align_one(
         beta=beta,
         seed=seed,
         max_sweeps=max_sweeps,
+        sites=sites,
     )
     return apply_permutations(spec, perms, state), _fraction_moved(perms)
 
@@ -166,6 +166,7 @@ def align_models(
     inputs: Tensor | None = None,
     seed: int = 0,
     max_sweeps: int = 100,
+    sites: str = "all",
     report: MatchReport | None = None,
 ) -> list[dict[str, Tensor]]:
     """Every model aligned to the ``mode`` reference (the alignment of :func:`matched_average`).
@@ -214,6 +215,7 @@ def align_models(
                 beta=beta,
                 seed=seed,
                 max_sweeps=max_sweeps,
+                sites=sites,
             )
             report._moved.append(moved)
             aligned.append(out)
@@ -237,6 +239,7 @@ def matched_average(
     inputs: Tensor | None = None,
     seed: int = 0,
     max_sweeps: int = 100,
+    sites: str = "all",
     report: MatchReport | None = None,
 ) -> dict[str, Tensor]:
     """Align every model to a reference with ``matcher``, then take the weighted average.
@@ -269,6 +272,9 @@ def matched_average(
         Seed of the matchers' visiting order.
     max_sweeps : int
         Coordinate-descent sweeps per matching.
+    sites : {"all", "last"}
+        Activation sites the data-based matchers read (``match-sites``): every site of a
+        permutation, or only its last (:func:`fedmerge.matching.selected_sites`).
     report : MatchReport, optional
         Filled with timing and how many units moved.
 
@@ -291,6 +297,7 @@ def matched_average(
         inputs=inputs,
         seed=seed,
         max_sweeps=max_sweeps,
+        sites=sites,
         report=report,
     )
     return average(aligned, w, reference=reference if reference is not None else states[0])
@@ -399,6 +406,7 @@ def select_beta(
     grid: Sequence[float] = BETA_GRID,
     seed: int = 0,
     max_sweeps: int = 100,
+    sites: str = "all",
 ) -> BetaChoice:
     """The dual matcher's ``beta`` whose matched average has the lowest loss on the data.
 
@@ -427,6 +435,7 @@ def select_beta(
             inputs=inputs,
             seed=seed,
             max_sweeps=max_sweeps,
+            sites=sites,
         )
         if bn_repair:
             merged = repair_batchnorm(model, merged, inputs)

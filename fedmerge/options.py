@@ -1,10 +1,11 @@
 """Per-method options: one frozen dataclass per method, shared by the run-config and the library.
 
 Each class holds one method's run-config keys under one prefix (``match-*``, ``wsa-*``,
-``finetune-*``; NP Merge's ``np-*`` live in :class:`fedmerge.npmerge.NPOptions`), validates
-its own values and names the key of a bad one. The defaults are written here once:
-:class:`fedmerge.config.RunConfig` takes its ``match_*``, ``wsa_*`` and ``finetune_*`` defaults
-from these classes, and a test keeps ``pyproject.toml`` equal to them.
+``finetune-*``, ``np-*``), validates its own values and names the key of a bad one; a rule
+between a method's keys and the rest of a run lives in its :meth:`Options.check_run`. The
+defaults and the names of each choice are written here once: :class:`fedmerge.config.RunConfig`
+takes its ``<prefix>_*`` defaults from these classes, the method modules their names, and a
+test keeps ``pyproject.toml`` equal to them. Nothing here imports a method module.
 
 Three ways to build one::
 
@@ -25,9 +26,28 @@ from .errors import ConfigError, unknown_name
 __all__ = [
     "FineTuneOptions",
     "MatchOptions",
+    "NPOptions",
     "Options",
     "WSAOptions",
 ]
+
+#: Matchers of :mod:`fedmerge.matching` (``match-method``).
+MATCHER_NAMES: tuple[str, ...] = ("weight", "activation", "dual")
+#: What clients are aligned to (``match-reference``; :func:`fedmerge.merging.matched_average`).
+REFERENCES: tuple[str, ...] = ("global", "largest", "barycenter")
+#: FedWSA's aggregations (``wsa-merge``; the functions: :data:`fedmerge.merging.MERGES`).
+WSA_MERGES: tuple[str, ...] = ("average", "matched")
+#: Scope fusion rules and layer sets of :mod:`fedmerge.scopes` (``wsa-fusion``, ``wsa-layers``).
+FUSION_RULES: tuple[str, ...] = ("moment", "mean", "global", "fixed")
+LAYER_SETS: tuple[str, ...] = ("conv-linear", "all")
+#: NP Merge's choices (``np-form``, ``np-align``, ``np-init``, ``np-params``, ``np-bn-mode``).
+NP_FORMS = ("pairwise", "softmax")
+NP_ALIGNS = ("reference", "running")
+NP_INITS = ("weights", "uniform")
+NP_PARAMS = ("all", "weights")
+NP_BN_MODES = ("train", "eval")
+#: ``match-sites``: every activation site of a unit space, or its last consumer only.
+MATCH_SITES = ("all", "last")
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -67,6 +87,11 @@ class Options:
         if not isinstance(base, cls):
             raise TypeError(f"options must be {cls.__name__}, got {type(base).__name__}")
         return replace(base, **changes) if changes else base  # type: ignore[type-var]
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        """Rules between this method's keys and other keys of a RunConfig ``cfg``."""
+        cls.from_config(cfg)
 
     @classmethod
     def from_config(cls: type[OptionsT], cfg: Any) -> OptionsT:
@@ -135,6 +160,10 @@ class MatchOptions(Options):
         ``match-bn-repair``: recompute BatchNorm statistics of the merged model on the proxy.
     max_sweeps : int
         ``match-max-sweeps``: coordinate-descent sweeps per matching.
+    sites : {"all", "last"}
+        ``match-sites``: activation matching reads every activation site of a unit space as
+        extra samples (``all``), or one site per space, its last consumer, as MuDSC does
+        (``last``).
     """
 
     PREFIX: ClassVar[str] = "match"
@@ -145,10 +174,9 @@ class MatchOptions(Options):
     beta: float | str = 0.5
     bn_repair: bool = True
     max_sweeps: int = 100
+    sites: str = "all"
 
     def __post_init__(self) -> None:
-        from .merging import MATCHER_NAMES, REFERENCES  # torch: imported when used
-
         if self.method not in MATCHER_NAMES:
             raise unknown_name("match-method", self.method, MATCHER_NAMES)
         if self.reference not in REFERENCES:
@@ -163,6 +191,22 @@ class MatchOptions(Options):
             )
         _flag("match-bn-repair", self.bn_repair)
         _integer("match-max-sweeps", self.max_sweeps, 1)
+        if self.sites not in MATCH_SITES:
+            raise unknown_name("match-sites", self.sites, MATCH_SITES)
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        match = cls.from_config(cfg)
+        matching = cfg.strategy == "fedmatch" or (
+            cfg.strategy == "fedwsa" and cfg.wsa_merge == "matched"
+        )
+        if matching and match.needs_data and cfg.proxy_size == 0:
+            raise ConfigError(
+                "proxy-size",
+                cfg.proxy_size,
+                f"> 0 for match-method={match.method} (it matches on the server's proxy slice)",
+                "set e.g. proxy-size=500, or use match-method=weight (data-free)",
+            )
 
     @property
     def auto_beta(self) -> bool:
@@ -206,9 +250,6 @@ class WSAOptions(Options):
     merge: str = "average"
 
     def __post_init__(self) -> None:
-        from .merging import MERGES
-        from .scopes import FUSION_RULES, LAYER_SETS
-
         _number(
             "wsa-lambda",
             self.lam,
@@ -220,8 +261,8 @@ class WSAOptions(Options):
         _flag("wsa-reverse", self.reverse)
         if self.layers not in LAYER_SETS:
             raise unknown_name("wsa-layers", self.layers, LAYER_SETS)
-        if self.merge not in MERGES:
-            raise unknown_name("wsa-merge", self.merge, MERGES)
+        if self.merge not in WSA_MERGES:
+            raise unknown_name("wsa-merge", self.merge, WSA_MERGES)
 
 
 @dataclass(frozen=True)
@@ -249,3 +290,51 @@ class FineTuneOptions(Options):
             isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0,
             "a number > 0",
         )
+
+
+@dataclass(frozen=True)
+class NPOptions(Options):
+    """NP Merge's hyper-parameters (run-config keys ``np-*``; the module docstring has why).
+
+    Raises
+    ------
+    ConfigError
+        Naming the ``np-*`` key of a bad value.
+    """
+
+    PREFIX: ClassVar[str] = "np"
+
+    form: str = "pairwise"  # np-form: pairwise (paper) | softmax (N-way, our extension)
+    align: str = "reference"  # np-align: reference (match-reference) | running (pairwise)
+    init: str = "weights"  # np-init: weights (data-size shares) | uniform (a = 0)
+    params: str = "all"  # np-params: all floating parameters | weights (>= 2-D) only
+    lr: float = 1e-2  # np-lr: Adam learning rate of the logits
+    epochs: int = 10  # np-epochs: most epochs over the fitting part (0 = no learning)
+    batch_size: int = 64  # np-batch-size: samples per Adam step
+    holdout: float = 0.2  # np-holdout: share held out for early stopping, in [0, 1)
+    patience: int = 3  # np-patience: epochs without held-out improvement before stopping
+    bn_mode: str = "train"  # np-bn-mode: train (batch statistics) | eval (repaired stats)
+
+    def __post_init__(self) -> None:
+        for key, value, names in (
+            ("np-form", self.form, NP_FORMS),
+            ("np-align", self.align, NP_ALIGNS),
+            ("np-init", self.init, NP_INITS),
+            ("np-params", self.params, NP_PARAMS),
+            ("np-bn-mode", self.bn_mode, NP_BN_MODES),
+        ):
+            if value not in names:
+                raise unknown_name(key, value, names)
+        if self.form == "softmax" and self.align == "running":
+            raise ConfigError("np-align", self.align, "reference when np-form=softmax")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("np-lr", self.lr, "a number > 0")
+        for name, number, low in (
+            ("np-epochs", self.epochs, 0),
+            ("np-batch-size", self.batch_size, 1),
+            ("np-patience", self.patience, 1),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int) or number < low:
+                raise ConfigError(name, number, f"an integer >= {low}")
+        if not (isinstance(self.holdout, int | float) and 0 <= self.holdout < 1):
+            raise ConfigError("np-holdout", self.holdout, "a number in [0, 1)")

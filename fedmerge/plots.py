@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -107,29 +107,86 @@ def plot_paths(results: Sequence[Mapping[str, Any]], path: Path, title: str, key
     plt.close(fig)
 
 
-def plot_sweep(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
-    """Mean test accuracy and mean client scope spread per round, one line per variant."""
-    plt = _pyplot()
-    fig, (ax_acc, ax_spread) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
-    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
-    for i, (variant, r) in enumerate(rows.items()):
-        style = {"label": variant, "lw": 1.2, "color": colors[(2 * i) % 20 + (2 * i) // 20 % 2]}
-        style["ls"] = "-" if i < 10 else "--"
-        curve = r["accuracy-curve"]
-        ax_acc.plot(range(len(curve)), curve, **style)
-        spread = r["scope-spread-curve"]
-        ax_spread.plot(range(1, len(spread) + 1), spread, **style)
-    ax_acc.set_ylabel("test accuracy (mean over seeds)")
-    ax_spread.set_ylabel("client scope spread (mean rel. std of s_l)")
-    ax_spread.set_yscale("log")
-    for ax in (ax_acc, ax_spread):
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+# -- labels in words ---------------------------------------------------------------------------
+#: How plots name the registered datasets (others keep their key).
+DATASET_NAMES = {
+    "mnist": "MNIST",
+    "fashion-mnist": "Fashion-MNIST",
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "synthetic": "Synthetic",
+}
+
+
+def dataset_label(name: str) -> str:
+    """A dataset key as a reader knows it (``fashion-mnist`` -> ``Fashion-MNIST``)."""
+    return DATASET_NAMES.get(name, name)
+
+
+def _g(value: Any) -> str:
+    """A number without trailing zeros (0.5, 2, 1e-05); anything else as it is."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g}"
+    return str(value)
+
+
+def partition_label(keys: Mapping[str, Any], name: str = "") -> str:
+    """A partition named in words from its run-config keys, as NIID-Bench writes it: ``IID``,
+    ``Dir(0.5)`` (dirichlet, ``partition-beta``), ``#C=2`` (label-quantity, ``partition-k``),
+    ``quantity skew Dir(0.5)``, ``feature noise σ=0.1`` (noise, ``partition-sigma``),
+    ``natural``. Falls back to ``name`` (the spec's table name) when the scheme or the key it
+    needs is missing or unknown."""
+    scheme = keys.get("partition")
+    beta, k, sigma = (keys.get(f"partition-{x}") for x in ("beta", "k", "sigma"))
+    if scheme == "iid":
+        return "IID"
+    if scheme == "natural":
+        return "natural"
+    if scheme == "dirichlet" and beta is not None:
+        return f"Dir({_g(beta)})"
+    if scheme == "label-quantity" and k is not None:
+        return f"#C={_g(k)}"
+    if scheme == "quantity-skew" and beta is not None:
+        return f"quantity skew Dir({_g(beta)})"
+    if scheme == "noise" and sigma is not None:
+        return f"feature noise σ={_g(sigma)}"
+    return name or str(scheme or "?")
+
+
+# -- benchmark grids ---------------------------------------------------------------------------
+class Reference(NamedTuple):
+    """A published result drawn beside the runs (not run here): a horizontal line at ``mean``
+    and, with ``std``, a band of mean +- std; ``label`` names the source in the legend."""
+
+    mean: float
+    std: float | None
+    label: str
+
+
+def _variant_colors(plt: Any, variants: Sequence[str]) -> dict[str, Any]:
+    """Distinct colours for up to 20 variants (tab20: the dark shades first)."""
+    colors = plt.get_cmap("tab20").colors
+    return {v: colors[(2 * i) % 20 + (2 * i) // 20 % 2] for i, v in enumerate(variants)}
+
+
+def _draw_reference(ax: Any, ref: Reference) -> None:
+    ax.axhline(ref.mean, color="black", ls="--", lw=1.0, label=ref.label, zorder=1)
+    if ref.std:
+        ax.axhspan(ref.mean - ref.std, ref.mean + ref.std, color="black", alpha=0.1, lw=0)
+
+
+def _figure_legend(fig: Any, axes: Sequence[Any]) -> None:
+    legend: dict[str, Any] = {}  # one entry per label, whichever panel it appears in
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    if legend:  # beside the panels; `bbox_inches` keeps it in the image
+        fig.legend(
+            list(legend.values()),
+            list(legend),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=7,
+        )
 
 
 def _panel_grid(plt: Any, n: int, width: float, height: float) -> tuple[Any, list[Any]]:
@@ -146,45 +203,96 @@ def _panel_grid(plt: Any, n: int, width: float, height: float) -> tuple[Any, lis
 
 
 def plot_accuracy_panels(
-    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    panels: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
     path: Path,
     title: str,
+    references: Mapping[str, Reference] | None = None,
 ) -> None:
-    """Test accuracy per round, one panel per key of ``panels`` (e.g. a partition), one line
-    per variant: ``panels[panel][variant] = (mean curve, std curve)``, round 0 first; the
-    band is mean +- std. A variant keeps its colour in every panel."""
+    """Test accuracy per round, one panel per key of ``panels`` (its title: a partition in
+    words), one line per variant: ``panels[title][variant]`` holds the seeds' accuracy curves
+    (one per seed, round 0 first); the line is their mean, the translucent band spans their
+    min..max. ``references[title]``, where given, is drawn as a dashed line with a band. A
+    variant keeps its colour in every panel."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+    references = references or {}
     fig, axes = _panel_grid(plt, max(1, len(panels)), 4.2, 3.2)
-    variants = list(dict.fromkeys(v for lines in panels.values() for v in lines))
-    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
-    color = {v: colors[(2 * i) % 20 + (2 * i) // 20 % 2] for i, v in enumerate(variants)}
+    color = _variant_colors(plt, list(dict.fromkeys(v for lines in panels.values() for v in lines)))
+    seeds = set()
     for ax, (name, lines) in zip(axes, panels.items(), strict=False):
-        for variant, (mean, std) in lines.items():
-            x = np.arange(len(mean))
-            m, s = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
-            ax.plot(x, m, lw=1.2, color=color[variant], label=variant)
-            ax.fill_between(x, m - s, m + s, color=color[variant], alpha=0.15, lw=0)
+        for variant, curves in lines.items():
+            runs = np.atleast_2d(np.asarray(curves, dtype=float))
+            seeds.add(len(runs))
+            x = np.arange(runs.shape[1])
+            ax.plot(x, runs.mean(axis=0), lw=1.2, color=color[variant], label=variant)
+            lo, hi = runs.min(axis=0), runs.max(axis=0)
+            ax.fill_between(x, lo, hi, color=color[variant], alpha=0.2, lw=0)
+        if name in references:
+            _draw_reference(ax, references[name])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("test accuracy")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    n = "/".join(str(s) for s in sorted(seeds)) or "0"
+    how = f"lines: mean over {n} seeds; bands: min..max over the seeds"
+    if references:
+        how += "; dashed: published result, band ± its std"
+    fig.suptitle(f"{title}\n{how}", fontsize=10)
     fig.tight_layout()
-    legend = {}  # one entry per variant, whichever panel it appears in
-    for ax in axes:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
-    if legend:  # beside the panels; `bbox_inches` keeps it in the image
-        fig.legend(
-            list(legend.values()),
-            list(legend),
-            loc="center left",
-            bbox_to_anchor=(1.0, 0.5),
-            fontsize=7,
-        )
+    _figure_legend(fig, axes)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_accuracy_points(
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    path: Path,
+    title: str,
+    ylabel: str = "final-round test accuracy",
+    references: Mapping[str, Reference] | None = None,
+) -> None:
+    """One accuracy per seed (e.g. the final round's), one panel per key of ``panels`` (its
+    title): per variant, ``panels[title][variant]``'s mean as a point with an error bar of
+    +- its sample std (ddof 1, as the report's tables), and each seed as a small grey dot
+    beside it. ``references[title]``, where given, is drawn as a dashed line with a band."""
+    plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter
+
+    references = references or {}
+    fig, axes = _panel_grid(plt, max(1, len(panels)), 4.2, 3.4)
+    color = _variant_colors(plt, list(dict.fromkeys(v for vals in panels.values() for v in vals)))
+    for ax, (name, values) in zip(axes, panels.items(), strict=False):
+        names = list(values)
+        for i, variant in enumerate(names):
+            v = np.asarray(values[variant], dtype=float)
+            v = v[np.isfinite(v)]
+            if not v.size:
+                continue
+            std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+            ax.errorbar([i], [float(v.mean())], yerr=[std], fmt="o", ms=5, capsize=3,
+                        color=color[variant], label=variant, zorder=3)  # fmt: skip
+            ax.scatter(np.full(v.size, i + 0.25), v, s=9, color="0.45", zorder=2, lw=0)
+        if name in references:
+            _draw_reference(ax, references[name])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        lo, hi = ax.get_ylim()
+        pad = max(0.0, 0.05 - (hi - lo)) / 2  # at least 5 points tall
+        ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 1.0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    how = "points: mean over seeds, bars: ± sample std, grey dots: the seeds"
+    if references:
+        how += "; dashed: published result, band ± its std"
+    fig.suptitle(f"{title}\n{how}", fontsize=10)
+    fig.tight_layout()
+    _figure_legend(fig, axes)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 

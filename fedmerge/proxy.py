@@ -104,7 +104,7 @@ def as_proxy(data: ProxyLike) -> Proxy | None:
     if isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise TypeError("proxy data: an iterable Dataset has no length; pass a DataLoader")
-        parts = [_pair(data[i]) for i in range(len(data))]  # type: ignore[arg-type]
+        parts = [_pair(data[i]) for i in range(len(data))]
         return _stack(parts, cat=False) if parts else None
     raise TypeError(
         "proxy data must be a tensor of inputs, an (inputs, labels) pair, a Dataset or a "

@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .options import FUSION_RULES, LAYER_SETS  # the names live with WSAOptions
 
-LAYER_SETS = ("conv-linear", "all")
-FUSION_RULES = ("moment", "mean", "global", "fixed")
 # Keeps s > 0 in log/division when a layer collapses (e.g. an all-zero weight); far below any
 # real layer's spread (1e-3..1 for the models here).
 _EPS = 1e-12
@@ -98,7 +98,9 @@ def scope_of(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> Scope:
     return Scope(tuple(names), tuple(mu.tolist()), tuple(sigma.tolist()))
 
 
-def target_to_config(target: Scope, lam: float, reverse: bool) -> dict[str, object]:
+def target_to_config(
+    target: Scope, lam: float, reverse: bool
+) -> dict[str, list[str] | list[float] | float | bool]:
     """The config entries that carry a WSA target in a train instruction (Flower ConfigRecord
     values: lists of str / float, float, bool)."""
     return {
@@ -115,9 +117,9 @@ def target_from_config(config: Mapping[str, object]) -> Scope | None:
     if "wsa-mu" not in config:
         return None
     return Scope(
-        tuple(config["wsa-names"]),
-        tuple(config["wsa-mu"]),
-        tuple(config["wsa-sigma"]),  # type: ignore[arg-type]
+        tuple(cast("list[str]", config["wsa-names"])),
+        tuple(cast("list[float]", config["wsa-mu"])),
+        tuple(cast("list[float]", config["wsa-sigma"])),
     )
 
 
@@ -175,11 +177,11 @@ class WSARegularizer:
         return self._params
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        """``lambda * sum_l KL`` for the model's current weights (differentiable)."""
-        mu, sigma = layer_stats(self._parameters(model))
-        if self.reverse:
-            return self.lam * gaussian_kl(self.mu_t, self.sigma_t, mu, sigma)
-        return self.lam * gaussian_kl(mu, sigma, self.mu_t, self.sigma_t)
+        """``lambda * sum_l KL`` for the model's current weights (differentiable): the one
+        definition of the term, :func:`fedmerge.step.wsa`, which the vectorised path maps."""
+        from .step import wsa  # step imports this module's layer_stats and gaussian_kl
+
+        return wsa(self._parameters(model), self.mu_t, self.sigma_t, self.lam, self.reverse)
 
 
 def fuse_scopes(

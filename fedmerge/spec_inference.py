@@ -71,10 +71,10 @@ import operator
 import os
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -276,6 +276,11 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = _MISSING) -> Any:
     return default
 
 
+def _qualname(node: fx.Node) -> str:
+    """The target of a ``call_module``, ``get_attr`` or ``call_method`` node (fx: a ``str``)."""
+    return cast(str, node.target)
+
+
 def _plain(meta: Any) -> Any:
     """A value without any unit axis, shaped like ShapeProp's ``meta``."""
     if isinstance(meta, TensorMetadata):
@@ -299,7 +304,7 @@ def _tensors(value: Any) -> Iterator[_T]:
             yield from _tensors(item)
 
 
-def _dim(dim: int, ndim: int) -> int:
+def _dim(dim: object, ndim: int) -> int:
     if not isinstance(dim, int) or not -max(ndim, 1) <= dim < max(ndim, 1):
         raise _Refusal(f"cannot read the axis argument {dim!r}")
     return dim % max(ndim, 1)
@@ -340,7 +345,7 @@ def _order(node: fx.Node, name: str, ndim: int) -> list[int]:
         b = _dim(_arg(node, 2, "dim1"), ndim)
         order[a], order[b] = order[b], order[a]
     elif name == "permute":
-        dims = node.args[1:] if len(node.args) > 1 else (node.kwargs["dims"],)
+        dims: Sequence[object] = node.args[1:] if len(node.args) > 1 else (node.kwargs["dims"],)
         if len(dims) == 1 and isinstance(dims[0], list | tuple):
             dims = dims[0]
         order = [_dim(d, ndim) for d in dims]
@@ -372,7 +377,7 @@ def _target_name(node: fx.Node, module: nn.Module | None) -> str:
         return f"Tensor.{node.target}"
     if node.op == "call_function":
         try:
-            return fx.node._get_qualified_name(node.target)
+            return fx.node._get_qualified_name(cast(Callable[..., Any], node.target))
         except (AttributeError, RuntimeError):  # pragma: no cover - exotic callables
             return repr(node.target)
     return str(node.target)
@@ -442,7 +447,7 @@ _POOL_MODULES = {
     for kind in ("Max", "Avg", "AdaptiveAvg", "AdaptiveMax")
     for k in (1, 2, 3)
 }
-_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_MODULES: dict[type[nn.modules.conv._ConvNd], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 #: Leaf modules whose output can be an activation site.
 _SITE_MODULES = (nn.Linear, *_CONV_MODULES, nn.Embedding, *_NORM_MODULES, *_ACTIVATION_MODULES)
@@ -473,7 +478,7 @@ class _Inference:
     # ---- errors ---------------------------------------------------------------------------
 
     def error(self, node: fx.Node, reason: str) -> SpecInferenceError:
-        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        module = self.gm.get_submodule(_qualname(node)) if node.op == "call_module" else None
         return SpecInferenceError(
             f"cannot infer the permutation spec of {type(self.model).__name__}: fx node "
             f"{node.name!r} ({node.op} {_target_name(node, module)}): {reason}. "
@@ -525,9 +530,21 @@ class _Inference:
             ann.append(_Full(self.slots[key]))
         return _T(tuple(ann), tuple(tensor.shape))
 
-    def module_param(self, prefix: str, entry: str, producer_dims: tuple[int, ...] = ()):
+    def module_param(
+        self, prefix: str, entry: str, producer_dims: tuple[int, ...] = ()
+    ) -> _T | None:
         name = f"{prefix}.{entry}"
         return self.param(name, prefix, producer_dims) if name in self.state else None
+
+    def required_param(self, prefix: str, entry: str, producer_dims: tuple[int, ...] = ()) -> _T:
+        """A layer's state entry that must be there (a weight), refused when it is not."""
+        param = self.module_param(prefix, entry, producer_dims)
+        if param is None:
+            raise _Refusal(
+                f"{prefix}.{entry} is not a state entry (a reparametrised weight, such as "
+                "weight_norm's, cannot be followed)"
+            )
+        return param
 
     def broadcast(self, values: list[_T], shape: tuple[int, ...]) -> _T:
         """Element-wise op: axes aligned from the right hold the same units."""
@@ -563,11 +580,12 @@ class _Inference:
                 self.spaces.fix(ann)  # the model's outputs are never permuted
 
     def op_get_attr(self, node: fx.Node) -> Any:
-        name = self.canonical.get(node.target)
+        target = _qualname(node)
+        name = self.canonical.get(target)
         if name is None:  # a constant or non-persistent buffer: not permuted
             return self.plain(node)
         ndim = self.state[name].ndim
-        owner = node.target.rpartition(".")[0] or node.target  # "l.weight" -> "l"
+        owner = target.rpartition(".")[0] or target  # "l.weight" -> "l"
         return self.param(name, owner, tuple(range(ndim)))
 
     def op_call_function(self, node: fx.Node) -> Any:
@@ -622,12 +640,13 @@ class _Inference:
         return self.unknown(node)
 
     def op_call_module(self, node: fx.Node) -> Any:
-        module, prefix = self.gm.get_submodule(node.target), node.target
+        prefix = _qualname(node)
+        module = self.gm.get_submodule(prefix)
         if isinstance(module, nn.Linear):
-            weight = self.module_param(prefix, "weight", (0,))
+            weight = self.required_param(prefix, "weight", (0,))
             bias = self.module_param(prefix, "bias")
             out = self.linear(node, self.tensor(node.args[0]), weight, bias)
-        elif type(module) in _CONV_MODULES:
+        elif isinstance(module, nn.modules.conv._ConvNd) and type(module) in _CONV_MODULES:
             out = self.module_conv(node, module, prefix)
         elif isinstance(module, nn.Embedding):
             out = self.embedding(node, prefix)
@@ -636,9 +655,9 @@ class _Inference:
         elif isinstance(module, nn.GroupNorm):
             out = self.group_norm(node, module, prefix)
         elif isinstance(module, nn.LayerNorm):
-            weight, bias = self.module_param(prefix, "weight"), self.module_param(prefix, "bias")
+            scale, shift = self.module_param(prefix, "weight"), self.module_param(prefix, "bias")
             x = self.tensor(node.args[0])
-            out = self.layer_norm(x, len(module.normalized_shape), weight, bias)
+            out = self.layer_norm(x, len(module.normalized_shape), scale, shift)
         elif isinstance(module, _KEEP_MODULES):
             out = self.keep(node)
         elif type(module) in _POOL_MODULES:
@@ -720,8 +739,10 @@ class _Inference:
                 return [_Full(flat.space, sizes[0] // units)] + [None] * (len(sizes) - 1)
             if units % sizes[0] == 0 and sizes[1] == units // sizes[0]:
                 if flat.repeat == math.prod(sizes[2:]):
+                    assert self.current is not None  # split runs inside run(), on a node
                     self.spaces.groups.append((flat.space, sizes[0], self.current))
-                    return [_Block(flat.space), _Within(flat.space)] + [None] * (len(sizes) - 2)
+                    head: list[_Ann] = [_Block(flat.space), _Within(flat.space)]
+                    return head + [None] * (len(sizes) - 2)
         raise _Refusal(f"cannot split a unit axis into shape {tuple(sizes)}")
 
     def reorder(self, node: fx.Node, name: str) -> _T:
@@ -860,8 +881,8 @@ class _Inference:
             out = self.spaces.meet(out, bias.ann[0])
         return _T((*x.ann[:channel], out) + (None,) * k, self.out_shape(node))
 
-    def module_conv(self, node: fx.Node, module: nn.Module, prefix: str) -> _T:
-        weight = self.module_param(prefix, "weight", (0,))
+    def module_conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, prefix: str) -> _T:
+        weight = self.required_param(prefix, "weight", (0,))
         bias = self.module_param(prefix, "bias")
         k = _CONV_MODULES[type(module)]
         return self.conv(node, self.tensor(node.args[0]), weight, bias, k, module.groups)
@@ -873,7 +894,7 @@ class _Inference:
         return self.conv(node, x, weight, bias, k, groups)
 
     def embedding(self, node: fx.Node, prefix: str) -> _T:
-        x, weight = self.tensor(node.args[0]), self.module_param(prefix, "weight", (1,))
+        x, weight = self.tensor(node.args[0]), self.required_param(prefix, "weight", (1,))
         if x.spaced:
             raise _Refusal("embedding indices have permutable axes")
         self.spaces.fix(weight.ann[0])  # rows are looked up by index
@@ -932,20 +953,20 @@ class _Inference:
         projections = ("in_proj_weight",) * 3 if module._qkv_same_embed_dim else ("q", "k", "v")
         for x, entry in zip(inputs, projections, strict=True):
             name = entry if entry == "in_proj_weight" else f"{entry}_proj_weight"
-            self.spaces.meet(self.module_param(prefix, name).ann[1], x.ann[-1])
+            self.spaces.meet(self.required_param(prefix, name).ann[1], x.ann[-1])
         for entry in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
             if (weight := self.module_param(prefix, entry)) is not None:
                 self.spaces.fix(weight.ann[0])  # the heads' q, k, v units: packed
         for entry in ("in_proj_bias", "bias_k", "bias_v"):
             for ann in getattr(self.module_param(prefix, entry), "ann", ()):
                 self.spaces.fix(ann)
-        out_proj = self.module_param(f"{prefix}.out_proj", "weight", (0,))
+        out_proj = self.required_param(f"{prefix}.out_proj", "weight", (0,))
         out_bias = self.module_param(f"{prefix}.out_proj", "bias")
         out = self.spaces.norm(out_proj.ann[0])
         if out_bias is not None:
             out = self.spaces.meet(out, out_bias.ann[0])
         self.spaces.fix(out_proj.ann[1])  # the heads' v units: packed, not expressible
-        meta = node.meta.get("tensor_meta")
+        meta = node.meta["tensor_meta"]  # ShapeProp's (output, weights) pair
         query = inputs[0]
         return (_T((*query.ann[:-1], out), tuple(meta[0].shape)), _plain(meta[1]))
 
@@ -1055,7 +1076,10 @@ class _Inference:
             dims: list[Axis | None] = []
             for dim in range(tensor.ndim):
                 space = self.slots.get((self.canonical[name], dim))
-                root, factor = sp.find(space) if space is not None else (None, 1)
+                if space is None:
+                    dims.append(None)
+                    continue
+                root, factor = sp.find(space)
                 dims.append(Axis(names[root], factor) if root in names else None)
             axes[name] = tuple(dims)
         return PermutationSpec(perms, axes)
@@ -1105,7 +1129,7 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.target in functions
     if node.op == "call_method":
         return node.target in methods
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), module_type)
+    return node.op == "call_module" and isinstance(gm.get_submodule(_qualname(node)), module_type)
 
 
 # ---------------------------------------------------------------------------------------------

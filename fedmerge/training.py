@@ -7,6 +7,9 @@ overhead is what separates a simulator from bare PyTorch (see docs/benchmarks.md
 
 Regularizers are extra loss terms a client adds (FedProx's proximal term is the first; later
 methods add their own): callables ``model -> scalar tensor`` evaluated at every step.
+
+The step's math (loss, proximal term, SGD update) is :mod:`fedmerge.step`, which the
+vectorised path (:mod:`fedmerge.vectorised`) calls too.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import step as _step
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,15 +63,14 @@ def proximal_term(reference: Sequence[torch.Tensor], mu: float) -> Regularizer:
     ref = [t.detach() for t in reference]
 
     def term(model: nn.Module) -> torch.Tensor:
-        sq = [torch.sum((p - r) ** 2) for p, r in zip(model.parameters(), ref, strict=True)]
-        return 0.5 * mu * torch.stack(sq).sum()
+        return _step.proximal(model.parameters(), ref, mu)
 
     return term
 
 
 class SGD:
     """SGD with momentum and weight decay, the update of ``torch.optim.SGD`` (dampening 0,
-    no Nesterov), written out with ``torch._foreach`` ops.
+    no Nesterov), written out with ``torch._foreach`` ops (:func:`fedmerge.step.sgd_update`).
 
     Why not ``torch.optim.SGD``: its first construction in a process imports TorchDynamo
     (about 7 s on 2 CPU cores with torch 2.15), which is most of a short simulation's wall
@@ -94,27 +98,35 @@ class SGD:
     def step(self) -> None:
         """One update of every parameter that has a gradient."""
         params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad for p in params]
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
-        if self.momentum:
-            if self.buffers is None:
-                self.buffers = [g.detach().clone() for g in grads]
-            else:
-                torch._foreach_mul_(self.buffers, self.momentum)
-                torch._foreach_add_(self.buffers, grads)
-            grads = self.buffers
-        torch._foreach_add_(params, grads, alpha=-self.lr)
+        grads = cast(list[torch.Tensor], [p.grad for p in params])
+        self.buffers = _step.sgd_update(
+            params,
+            grads,
+            self.buffers,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's index batches of ``range(n)``: a permutation drawn from ``generator``, split
+    into batches of ``batch_size``, a final batch of one sample folded into the previous one.
+
+    :func:`train` calls it once per epoch on one generator seeded with the client's seed; the
+    vectorised path draws every client's batches with it.
+    """
     order = torch.randperm(n, generator=generator)
-    batches = list(torch.split(order, batch_size))
+    out = list(torch.split(order, batch_size))
     # A final batch of one sample breaks BatchNorm in train mode; fold it into the previous one.
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        last = batches.pop()
-        batches[-1] = torch.cat([batches[-1], last])
-    return batches
+    if len(out) > 1 and len(out[-1]) == 1:
+        last = out.pop()
+        out[-1] = torch.cat([out[-1], last])
+    return out
+
+
+# The old private name, still imported by npmerge/learning.py and tests/test_bench.py.
+_batches = batches
 
 
 def train(
@@ -168,13 +180,11 @@ def train(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         for _ in range(epochs):
-            for idx in _batches(len(y), batch_size, generator):
+            for idx in batches(len(y), batch_size, generator):
                 idx = idx.to(device)
                 xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-                loss = F.cross_entropy(model(xb), yb)
-                full = loss
-                for reg in regularizers:
-                    full = full + reg(model)
+                # The terms are evaluated after the forward pass and the cross-entropy.
+                full, loss = _step.loss(model(xb), yb, (reg(model) for reg in regularizers))
                 opt.zero_grad()
                 full.backward()
                 opt.step()

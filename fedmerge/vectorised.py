@@ -27,7 +27,7 @@ expect parity to a small factor there; the gain grows as batches and models shri
 
 Semantics reproduced per client (``training.train`` is the specification)
 -------------------------------------------------------------------------
-- **Batch order**: ``training._batches(len(y), batch_size, g)`` with
+- **Batch order**: ``training.batches(len(y), batch_size, g)`` with
   ``g = torch.Generator().manual_seed(seed)``, once per epoch on the same generator,
   including the fold of a final batch of one sample into the previous batch.
 - **Ragged steps**: clients have different sizes, hence different numbers of steps and
@@ -40,14 +40,18 @@ Semantics reproduced per client (``training.train`` is the specification)
   cross-entropy over its real samples, so padded rows get a gradient of exactly zero and the
   gradient equals that of the unpadded batch. This needs a forward pass that treats samples
   independently, which is what rules out BatchNorm (below).
-- **Loss per step**: ``CE + proximal_mu / 2 * ||w - w_start||^2`` over all parameters
-  (:func:`fedmerge.training.proximal_term`, reference = the job's starting state) when
-  ``proximal_mu > 0``, ``+ wsa_lambda * KL`` over the target's named parameters, with the
-  mean and population standard deviation of :func:`fedmerge.scopes.layer_stats` and the KL of
-  :func:`fedmerge.scopes.gaussian_kl` in either direction (``wsa_reverse``), as
-  :class:`fedmerge.scopes.WSARegularizer`. Every client has its own coefficients, reference and
-  target; terms that a client does not use are exactly zero for it.
-- **SGD**: the update of :class:`fedmerge.training.SGD` with the same ``torch._foreach`` ops on
+- **Loss per step**: the functions of :mod:`fedmerge.step` that the per-client path calls,
+  mapped over the clients with ``vmap`` (a function of one client's params dict):
+  :func:`fedmerge.step.loss` = CE ``+ proximal_mu / 2 * ||w - w_start||^2`` over the
+  trainable parameters (:func:`fedmerge.step.proximal`, as
+  :func:`fedmerge.training.proximal_term`; reference = the job's starting state) when
+  ``proximal_mu > 0``, ``+ wsa_lambda * KL`` over the target's named parameters
+  (:func:`fedmerge.step.wsa`, as :class:`fedmerge.scopes.WSARegularizer`: mean and population
+  standard deviation of :func:`fedmerge.scopes.layer_stats`, the KL of
+  :func:`fedmerge.scopes.gaussian_kl` in either direction, ``wsa_reverse``). Every client has
+  its own coefficients, reference and target; terms that a client does not use are exactly
+  zero for it (coefficient 0; WSA layers outside its target sit on the target).
+- **SGD**: :func:`fedmerge.step.sgd_update`, the update of :class:`fedmerge.training.SGD`, on
   the stacked tensors: ``g = grad + wd * w``; momentum buffer ``= g`` on the first step, then
   ``buf = momentum * buf + g``; ``w -= lr * buf``. Buffers are per client (rows of a stack)
   and fresh for every call, like the per-client optimiser.
@@ -62,9 +66,11 @@ Semantics reproduced per client (``training.train`` is the specification)
 Differences that do not change results: gradients come from one backward pass over the sum
 of the clients' losses (clients are independent, so row ``k`` of the gradient of the sum is
 client ``k``'s gradient) rather than from :func:`torch.func.grad`, which would import
-TorchDynamo on first use (seconds of start-up, the reason ``training.SGD`` exists); and the
-regularizers are evaluated on the stacked parameters directly. A model whose parameters are
-frozen (``requires_grad=False``) keeps them, as the per-client path does.
+TorchDynamo on first use (seconds of start-up, the reason ``training.SGD`` exists); the task
+loss is the masked mean of :func:`fedmerge.step.cross_entropy` (padding) where the per-client
+path takes the plain mean; and the proximal term sums over the trainable parameters only
+(frozen ones equal their reference). A model whose parameters are frozen
+(``requires_grad=False``) keeps them, as the per-client path does.
 
 What falls back (:func:`can_vectorise` says False, with the reason)
 -------------------------------------------------------------------
@@ -87,20 +93,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.utils.rnn import pad_sequence
 from torch.overrides import TorchFunctionMode
 
+from . import step as _step
 from .errors import ConfigError
-from .scopes import Scope, gaussian_kl, layer_stats
-from .training import TrainResult, _batches
+from .scopes import Scope
+from .training import TrainResult, batches
 
 __all__ = ["ClientJob", "can_vectorise", "choose_chunk_size", "train_many"]
 
@@ -352,7 +358,7 @@ def choose_chunk_size(
 
 
 def _num_steps(n: int, batch_size: int, epochs: int) -> int:
-    """Steps of ``training.train`` on ``n`` samples (``_batches`` folds a last batch of one)."""
+    """Steps of ``training.train`` on ``n`` samples (``batches`` folds a last batch of one)."""
     per_epoch = math.ceil(n / batch_size)
     if per_epoch > 1 and n % batch_size == 1:
         per_epoch -= 1
@@ -422,11 +428,9 @@ def _schedule(
     per_client: list[torch.Tensor] = []
     for job in jobs:
         generator = torch.Generator().manual_seed(job.seed)
-        batches = [
-            idx for _ in range(epochs) for idx in _batches(len(job.y), batch_size, generator)
-        ]
-        if batches:
-            per_client.append(pad_sequence(batches, batch_first=True, padding_value=-1))
+        drawn = [idx for _ in range(epochs) for idx in batches(len(job.y), batch_size, generator)]
+        if drawn:
+            per_client.append(pad_sequence(drawn, batch_first=True, padding_value=-1))
         else:  # epochs == 0
             per_client.append(torch.empty((0, 0), dtype=torch.long))
     steps = [len(t) for t in per_client]
@@ -488,32 +492,11 @@ def _wsa_tables(
     )
 
 
-def _wsa_term(
-    weights: Sequence[torch.Tensor],
-    include: torch.Tensor,
-    mu_t: torch.Tensor,
-    sigma_t: torch.Tensor,
-    lam: torch.Tensor,
-    reverse: torch.Tensor,
-) -> torch.Tensor:
-    """``lambda_k * KL_k`` per client, as ``WSARegularizer`` (``layer_stats``, ``gaussian_kl``).
-
-    A layer outside a client's target is given the target's own (mu, sigma), so its KL term
-    is exactly 0 and passes no gradient.
-    """
-    mu, sigma = vmap(layer_stats)(list(weights))
-    mu = torch.where(include, mu, mu_t)
-    sigma = torch.where(include, sigma, sigma_t)
-    kl_batched = vmap(gaussian_kl)
-    if bool(reverse.all()):
-        kl = kl_batched(mu_t, sigma_t, mu, sigma)
-    elif not bool(reverse.any()):
-        kl = kl_batched(mu, sigma, mu_t, sigma_t)
-    else:
-        kl = torch.where(
-            reverse, kl_batched(mu_t, sigma_t, mu, sigma), kl_batched(mu, sigma, mu_t, sigma_t)
-        )
-    return torch.where(lam > 0, lam * kl, torch.zeros_like(kl))
+def _rows(tree: Any, a: int) -> Any:
+    """The first ``a`` rows (clients) of every tensor of a dict tree (views)."""
+    if isinstance(tree, dict):
+        return {n: _rows(t, a) for n, t in tree.items()}
+    return tree[:a]
 
 
 def _train_chunk(
@@ -553,18 +536,53 @@ def _train_chunk(
     plan = _schedule(jobs, offsets, epochs, batch_size, loss_dtype)
     index, mask, count = plan.index.to(device), plan.mask.to(device), plan.count.to(device)
 
-    mu = torch.tensor([float(job.proximal_mu) for job in jobs], dtype=loss_dtype, device=device)
-    use_prox = any(job.proximal_mu > 0 for job in jobs)
-    reference = {n: stacked[n].clone() for n in trainable} if use_prox else {}
-    use_wsa = any(job.uses_wsa for job in jobs)
-    if use_wsa:
-        wsa_names, include, mu_t, sigma_t, lam, reverse = _wsa_tables(jobs, device)
+    # Per-client coefficients of the loss terms, one row per client (vmapped with the params).
+    terms: dict[str, Any] = {}
+    if any(job.proximal_mu > 0 for job in jobs):
+        terms["reference"] = {n: stacked[n].clone() for n in trainable}
+        terms["mu"] = torch.tensor(
+            [float(job.proximal_mu) for job in jobs], dtype=loss_dtype, device=device
+        )
+    wsa_names: list[str] = []
+    reverse: bool | None = None  # the clients' common KL direction, None when they differ
+    if any(job.uses_wsa for job in jobs):
+        wsa_names, include, mu_t, sigma_t, lam, rev = _wsa_tables(jobs, device)
+        terms.update(include=include, mu_t=mu_t, sigma_t=sigma_t, lam=lam)
+        if bool(rev.all()) or not bool(rev.any()):
+            reverse = bool(rev[0])
+        else:
+            terms["reverse"] = rev
 
-    def forward(batched: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (batched, shared), (xb,))
+    def client_loss(
+        params: dict[str, torch.Tensor],
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        real: torch.Tensor,
+        coef: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One client's ``(loss, task loss)``: the per-client path's step math on its params."""
 
-    batched_forward = vmap(forward, in_dims=(0, 0))
-    momentum_buffers: dict[str, torch.Tensor] = {}
+        def extra() -> Iterator[torch.Tensor]:
+            if "mu" in coef:
+                ref = coef["reference"]
+                yield _step.proximal(
+                    [params[n] for n in trainable], [ref[n] for n in trainable], coef["mu"]
+                )
+            if wsa_names:
+                yield _step.wsa(
+                    [params[n] for n in wsa_names],
+                    coef["mu_t"],
+                    coef["sigma_t"],
+                    coef["lam"],
+                    coef["reverse"] if reverse is None else reverse,
+                    coef["include"],
+                )
+
+        logits = functional_call(model, (params, shared), (xb,))
+        return _step.loss(logits, yb, extra(), real)
+
+    batched_loss = vmap(client_loss)
+    momentum_buffers: list[torch.Tensor] | None = None  # one per parameter with a gradient
     # Accumulated in the default dtype, as training.train does.
     total = torch.zeros(k, device=device)
 
@@ -575,49 +593,27 @@ def _train_chunk(
         real, n_real = mask[step, :a, :width], count[step, :a]
         leaves = {n: stacked[n][:a].detach().requires_grad_() for n in trainable}
         batched = {**{n: t[:a] for n, t in frozen.items()}, **leaves}
+        coef = {n: _rows(t, a) for n, t in terms.items()}
         with torch.enable_grad():
-            logits = batched_forward(batched, xb)
-            ce = F.cross_entropy(logits.reshape(a * width, -1), yb, reduction="none")
-            task = (ce.view(a, width) * real).sum(1) / n_real
-            full = task
-            if use_prox:
-                sq = torch.stack(
-                    [
-                        ((leaves[n] - reference[n][:a]) ** 2).reshape(a, -1).sum(1)
-                        for n in trainable
-                    ],
-                    dim=1,
-                ).sum(1)
-                mu_a = mu[:a]
-                full = full + torch.where(mu_a > 0, 0.5 * mu_a * sq, torch.zeros_like(sq))
-            if use_wsa:
-                weights = [batched[n] for n in wsa_names]
-                full = full + _wsa_term(
-                    weights, include[:a], mu_t[:a], sigma_t[:a], lam[:a], reverse[:a]
-                )
+            full, task = batched_loss(batched, xb, yb.view(a, width), real, coef)
             grads = torch.autograd.grad(
                 full.sum(), [leaves[n] for n in trainable], allow_unused=True
             )
         with torch.no_grad():
             # training.SGD: parameters without a gradient are skipped.
             names = [n for n, g in zip(trainable, grads, strict=True) if g is not None]
-            params = [stacked[n][:a] for n in names]
-            update = [g for g in grads if g is not None]
-            if weight_decay:
-                update = torch._foreach_add(update, params, alpha=weight_decay)
-            if momentum:
-                # A buffer starts as the first gradient (at step 0, where every client of the
-                # chunk is active); later steps update the rows of the active prefix.
-                old = [i for i, n in enumerate(names) if n in momentum_buffers]
-                if old:
-                    buffers = [momentum_buffers[names[i]][:a] for i in old]
-                    torch._foreach_mul_(buffers, momentum)
-                    torch._foreach_add_(buffers, [update[i] for i in old])
-                for n, g in zip(names, update, strict=True):
-                    if n not in momentum_buffers:
-                        momentum_buffers[n] = g.detach().clone()
-                update = [momentum_buffers[n][:a] for n in names]
-            torch._foreach_add_(params, update, alpha=-lr)
+            # Momentum buffers start as the first gradients (at step 0, where every client of
+            # the chunk is active); later steps update the rows of the active prefix.
+            new = _step.sgd_update(
+                [stacked[n][:a] for n in names],
+                [g for g in grads if g is not None],
+                None if momentum_buffers is None else [b[:a] for b in momentum_buffers],
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+            )
+            if momentum_buffers is None:
+                momentum_buffers = new
             total[:a] += task.detach() * n_real
 
     states = [{n: stacked[n][i].clone() for n in keys} for i in range(k)]

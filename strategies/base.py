@@ -17,6 +17,7 @@ import inspect
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -59,7 +60,7 @@ class MergeStrategy(FedAvg):
     >>> strategy = MergeStrategy(merge=keep_first, fraction_evaluate=0.0)
     """
 
-    def __init__(self, *, merge: MergeFn | None = None, seed: int = 0, **kwargs) -> None:
+    def __init__(self, *, merge: MergeFn | None = None, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if merge is not None and not callable(merge):
             raise TypeError(f"merge must be a function, got {type(merge).__name__}")

@@ -127,9 +127,9 @@ def reply_digest(reply: Message) -> tuple[int, bytes]:
         for key, array in record.items():
             h.update(key.encode())
             h.update(array.data)
-    for name, record in sorted(content.metric_records.items()):
+    for name, metrics in sorted(content.metric_records.items()):
         h.update(name.encode())
-        h.update(repr(sorted((k, v) for k, v in record.items() if "time" not in k)).encode())
+        h.update(repr(sorted((k, v) for k, v in metrics.items() if "time" not in k)).encode())
     return 1, h.digest()
 
 

@@ -191,6 +191,7 @@ class MatchedMerge:
                 bn_repair=self.repair,
                 seed=seed,
                 max_sweeps=o.max_sweeps,
+                sites=o.sites,
             )
             beta = report["match-beta"] = choice.beta
         match = MatchReport()
@@ -207,6 +208,7 @@ class MatchedMerge:
             inputs=None if proxy is None else proxy.x,
             seed=seed,
             max_sweeps=o.max_sweeps,
+            sites=o.sites,
             report=match,
         )
         if self.repair:
@@ -276,6 +278,7 @@ class NPMerge:
             iterations=m.iterations,
             beta=float(m.beta),
             max_sweeps=m.max_sweeps,
+            sites=m.sites,
         )
         self.__name__ = "np-merge"
 

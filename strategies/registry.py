@@ -36,7 +36,7 @@ from fedmerge.scopes import sigma_spread
 from .fedmatch import FedMatch, fedmatch_options, matched_merge, run_proxy
 from .finetune import FedAvgFineTuned, FedAvgRepaired, finetune_options
 from .npmerge import FedNPMerge, fednpmerge_options
-from .validation import ValidatedReplies, validated
+from .validation import ValidatedReplies, metric_list, metric_number, validated
 from .wsa import FedWSA
 
 
@@ -50,11 +50,11 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     merged = aggregate_metricrecords(records, weight_key)
     metrics = [next(iter(r.metric_records.values())) for r in records]
     merged["num-clients"] = len(records)
-    merged["num-examples"] = int(sum(m[weight_key] for m in metrics))
-    times = [m["train-time"] for m in metrics if "train-time" in m]
+    merged["num-examples"] = int(sum(metric_number(m, weight_key) for m in metrics))
+    times = [metric_number(m, "train-time") for m in metrics if "train-time" in m]
     if times:
         merged["train-time-max"] = float(max(times))
-    sigmas = [list(m["scope-sigma"]) for m in metrics if "scope-sigma" in m]
+    sigmas = [metric_list(m, "scope-sigma") for m in metrics if "scope-sigma" in m]
     if len(sigmas) == len(metrics) and len({len(s) for s in sigmas}) == 1:
         # How far apart the clients' weight scopes drifted this round (WSA diagnostics).
         merged["scope-sigma-std"], merged["scope-spread"] = sigma_spread(sigmas)

@@ -35,7 +35,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -209,11 +209,14 @@ class ValidatedReplies(Strategy):
     weighted_by_key: str = "num-examples"  # FedAvg sets the instance's own
     arrayrecord_key: str = "arrays"  # likewise
 
+    # super() in the methods below is the wrapped strategy, next in the MRO of the class
+    # validated() builds; mypy sees Strategy's abstract methods there: ignore[safe-super].
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The wrapped strategy's instructions; remembers what was sent and to whom."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[safe-super]
         self._train_reference = array_signature(arrays)
         self._train_sent = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -222,7 +225,7 @@ class ValidatedReplies(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The wrapped strategy's instructions; remembers to whom they went."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[safe-super]
         self._evaluate_sent = {m.metadata.dst_node_id for m in messages}
         return messages
 
@@ -231,9 +234,10 @@ class ValidatedReplies(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop bad replies, aggregate the rest, count both; never raises on a bad reply."""
         replies = list(replies)
-        sent, self._train_sent = getattr(self, "_train_sent", set()), set()
+        sent: set[int] = getattr(self, "_train_sent", set())
+        self._train_sent = set()
         if not replies and not sent:  # training is off (fraction-train 0): nothing to count
-            return super().aggregate_train(server_round, replies)
+            return super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
         reference = getattr(self, "_train_reference", None)
         valid, reasons = filter_replies(
             replies,
@@ -253,7 +257,7 @@ class ValidatedReplies(Strategy):
                 need,
             )
             return None, MetricRecord({**counts, "round-skipped": 1})
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[safe-super]
         if arrays is not None and reference is not None:
             arrays = _cast_like(arrays, reference)
         skipped = arrays is None
@@ -270,14 +274,15 @@ class ValidatedReplies(Strategy):
     ) -> MetricRecord | None:
         """Drop bad evaluate replies, aggregate the rest, count both."""
         replies = list(replies)
-        sent, self._evaluate_sent = getattr(self, "_evaluate_sent", set()), set()
+        sent: set[int] = getattr(self, "_evaluate_sent", set())
+        self._evaluate_sent = set()
         if not replies and not sent:  # federated evaluation is off
-            return super().aggregate_evaluate(server_round, replies)
+            return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
         valid, reasons = filter_replies(
             replies, None, weighted_by_key=self.weighted_by_key, train=False
         )
         counts = _counts(server_round, "evaluate", replies, reasons, sent)
-        metrics = super().aggregate_evaluate(server_round, valid) if valid else None
+        metrics = super().aggregate_evaluate(server_round, valid) if valid else None  # type: ignore[safe-super]
         metrics = metrics if metrics is not None else MetricRecord()
         for key, value in counts.items():
             metrics[key] = value
@@ -300,7 +305,10 @@ def validated(cls: type[_S]) -> type[_S]:
         "__module__": cls.__module__,
         "__doc__": f"{cls.__name__} with client replies validated (see ValidatedReplies).",
     }
-    return type(cls)(f"Validated{cls.__name__}", (ValidatedReplies, cls), namespace)
+    metaclass: type = type(cls)  # ABCMeta for Flower's strategies
+    return cast(
+        "type[_S]", metaclass(f"Validated{cls.__name__}", (ValidatedReplies, cls), namespace)
+    )
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -455,12 +463,36 @@ def _listed(items: list, limit: int = _MAX_LISTED) -> str:
 
 def client_states(
     replies: Iterable[Message], weighted_by_key: str
-) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+) -> tuple[list[Mapping[str, torch.Tensor]], list[float]]:
     """The state dicts and weights (``weighted_by_key``) of the replies that carry no error.
 
     Each reply's one ArrayRecord is read under whatever key it has, as Flower's FedAvg reads it.
     """
     valid = [r for r in replies if not r.has_error()]
-    states = [next(iter(r.content.array_records.values())).to_torch_state_dict() for r in valid]
-    weights = [float(next(iter(r.content.metric_records.values()))[weighted_by_key]) for r in valid]
+    states: list[Mapping[str, torch.Tensor]] = [
+        next(iter(r.content.array_records.values())).to_torch_state_dict() for r in valid
+    ]
+    weights = [
+        float(metric_number(next(iter(r.content.metric_records.values())), weighted_by_key))
+        for r in valid
+    ]
     return states, weights
+
+
+def metric_number(metrics: MetricRecord, key: str) -> float:
+    """``metrics[key]`` as a number (int or float, unchanged); TypeError when it is a list.
+
+    For replies already validated (:func:`validate_reply` refuses list weights).
+    """
+    value = metrics[key]
+    if isinstance(value, list):
+        raise TypeError(f"metric {key!r} is a list, expected a number")
+    return value
+
+
+def metric_list(metrics: MetricRecord, key: str) -> list[float]:
+    """``metrics[key]`` as a new list of numbers; TypeError when it is a single number."""
+    value = metrics[key]
+    if not isinstance(value, list):
+        raise TypeError(f"metric {key!r} is a number, expected a list")
+    return list(value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -62,7 +63,7 @@ class FedWSA(MergeStrategy):
         match: MatchOptions | None = None,
         example_input: torch.Tensor | None = None,
         seed: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         changes, rest = WSAOptions.split(kwargs)
         if isinstance(merge, str):

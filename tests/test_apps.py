@@ -83,8 +83,10 @@ def test_every_builtin_strategy_runs(tmp_path, name):
     assert all(0.0 <= r["test-accuracy"] <= 1.0 for r in rows)
 
 
-def _train_message(cfg: RunConfig, config: dict) -> tuple[Message, Context]:
-    model = make_model(cfg, load_data(DataSpec.of(cfg)), seed=0)
+def _train_message(
+    cfg: RunConfig, config: dict, model: torch.nn.Module | None = None, pid: int = 1
+) -> tuple[Message, Context]:
+    model = model or make_model(cfg, load_data(DataSpec.of(cfg)), seed=0)
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)}
     )
@@ -95,7 +97,7 @@ def _train_message(cfg: RunConfig, config: dict) -> tuple[Message, Context]:
     ctx = Context(
         1,
         1000,
-        {"partition-id": 1, "num-partitions": cfg.num_clients},
+        {"partition-id": pid, "num-partitions": cfg.num_clients},
         RecordDict(),
         cfg.to_mapping(),
     )
@@ -160,3 +162,31 @@ def test_a_supernode_may_keep_its_data_at_its_own_path(tmp_path):
         1, 1000, {"partition-id": 0, "num-partitions": 4}, RecordDict(), cfg.to_mapping()
     )
     assert _setup(plain)[0].data_root == "/nowhere"
+
+
+def test_independent_client_init_trains_round_one_from_the_clients_own_init(tmp_path):
+    """client-init=independent: in round 1 the client ignores the server's arrays and starts
+    from its own seeded init (the same for any server model, other for another client); from
+    round 2 it trains from the server's arrays like every client."""
+    cfg = cfg_for(tmp_path, client_init="independent")
+    spec = DataSpec.of(cfg)
+    server = make_model(cfg, load_data(spec), seed=0)
+    other = make_model(cfg, load_data(spec), seed=123)
+
+    def trained(model, server_round, config=cfg, pid=1):
+        msg, ctx = _train_message(config, {"server-round": server_round}, model=model, pid=pid)
+        return client_app(msg, ctx).content["arrays"].to_torch_state_dict()
+
+    def equal(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert equal(trained(server, 1), trained(other, 1))  # the server's arrays are not read
+    from fedmerge.clients.client_app import _start
+
+    starts = [_start(cfg, spec, pid, 1, _train_message(cfg, {}, model=server)[0]) for pid in (1, 2)]
+    assert not equal(*starts)  # each client its own init, neither the server's
+    assert not equal(starts[0], server.state_dict())
+    shared = cfg_for(tmp_path)  # client-init=global: round 1 starts from the server's arrays
+    assert not equal(trained(server, 1, shared), trained(server, 1))
+    assert not equal(trained(server, 2), trained(other, 2))  # round 2: the server's arrays
+    assert equal(trained(server, 2), trained(server, 2, shared))

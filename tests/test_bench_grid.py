@@ -14,6 +14,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fedmerge.strategies.registry import STRATEGIES
 
@@ -101,12 +102,29 @@ def test_spec_expands_every_axis():
     assert (other.strategy, other.proximal_mu) == ("fedavg", 0.01)  # the default key
 
 
-def test_sweep_specs_are_bench_specs():
-    """The layout of fedmerge.bench.sweep: no dataset or grid level in the cell folders."""
-    spec = load_spec(ROOT / "fedmerge/bench/specs/wsa-fashion.toml")
-    cell = spec.cells()[0]
-    assert cell.path == Path("c2/fedavg/s0")
-    assert len(spec.cells()) == 2 * 11 * 3
+@pytest.mark.parametrize(
+    "name", ["wsa-fashion", "fedmatch-fashion", "niid-bench-fidelity", "niid-bench-fidelity-unit"]
+)
+def test_the_benchmark_tables_specs_are_bench_specs_in_the_sweep_layout(name):
+    """docs/benchmarks.md's tables were made by the former sweep runner from these specs; the
+    bench runs them into its folders (partition/variant/s<seed>: no dataset or grid level), so
+    it resumes and reports on the folders the sweep left."""
+    spec = load_spec(ROOT / f"fedmerge/bench/specs/{name}.toml")
+    assert not spec.datasets and list(spec.combos) == [""]
+    for cell in spec.cells():
+        assert cell.path == Path(cell.partition, cell.variant, f"s{cell.seed}")
+    if name == "wsa-fashion":
+        assert spec.cells()[0].path == Path("c2/fedavg/s0")
+        assert len(spec.cells()) == 2 * 11 * 3
+
+
+def test_every_table_spec_has_its_fedmerge_bench_command_in_the_docs():
+    """Every published grid table names the command that reruns it: `fedmerge bench`, never
+    the removed sweep runner."""
+    text = (ROOT / "docs/benchmarks.md").read_text()
+    for spec in sorted((ROOT / "fedmerge/bench/specs").glob("*.toml")):
+        assert f"fedmerge bench fedmerge/bench/specs/{spec.name} --out " in text, spec.name
+    assert not re.search(r"python -m fedmerge\.bench\.sweep \S", text)
 
 
 @pytest.mark.parametrize(
@@ -187,12 +205,19 @@ NIID_PARTITIONS = {
 def test_presets_hold_niid_bench_settings():
     assert {"niid-bench", "quick"} <= set(preset_names())
     niid, quick = load_spec("niid-bench"), load_spec("quick")
+    assert niid.partitions == NIID_PARTITIONS
+    assert set(niid.datasets) == {"fashion-mnist", "mnist"}
+    # quick: Fashion-MNIST where FedAvg learns (IID and Dir(0.5), the partitions its accuracy
+    # targets are stated for); the skewed ones are the regimes-* presets'.
+    assert {k: quick.partitions[k] for k in quick.partitions} == {
+        k: NIID_PARTITIONS[k] for k in ("iid", "dir05")
+    }
+    assert set(quick.datasets) == {"fashion-mnist"}
     for spec in (niid, quick):
-        assert spec.partitions == NIID_PARTITIONS
         # Every strategy there is: a new strategy whose defaults do not run alone (it needs
         # e.g. a proxy slice) fails load_spec above until the presets give it its keys.
         assert list(spec.variants) == list(STRATEGIES)
-        assert set(spec.datasets) == {"fashion-mnist", "mnist"} and len(spec.seeds) == 3
+        assert len(spec.seeds) == 3
         assert "data-root" not in spec.base  # machine-specific: --data-root / env
     cfg = niid.config(niid.cells()[0], Path("."))
     settings = (cfg.model, cfg.num_clients, cfg.num_rounds, cfg.local_epochs, cfg.batch_size)
@@ -201,7 +226,8 @@ def test_presets_hold_niid_bench_settings():
     assert (cfg.max_train_samples, cfg.proxy_size) == (0, 0)  # the whole training split
     quick_cfg = quick.config(quick.cells()[0], Path("."))
     assert quick_cfg.num_rounds < cfg.num_rounds and quick_cfg.local_epochs < cfg.local_epochs
-    assert (quick_cfg.model, quick_cfg.lr, quick_cfg.batch_size) == ("cnn", 0.01, 64)
+    assert (quick_cfg.model, quick_cfg.momentum, quick_cfg.weight_decay) == ("cnn", 0.9, 1e-5)
+    assert (quick_cfg.lr, quick_cfg.batch_size) == (0.02, 32)  # tuned: see the preset's comment
 
 
 def test_the_fidelity_spec_runs_the_niid_bench_presets_fedavg_cells():
@@ -541,3 +567,170 @@ def test_a_long_cell_prints_its_rounds_and_jobs_share_the_cpus(capsys, monkeypat
     assert grid.cell_workers(cfg, jobs=8).workers == 1
     assert grid.cell_workers(cfg, jobs=16).workers == 1
     assert grid.cell_workers(cfg.replace(workers=3), jobs=2).workers == 3  # the spec's own
+
+
+# -- published results and plots in words (issue 15) ----------------------------------------------
+PUBLISHED = """
+[published]
+source = "A. Author (2022), Table 3, FedAvg"
+metric = "best-accuracy"
+[published.digits]
+c2 = { mean = 0.5, std = 0.05 }
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "expected"),
+    [
+        (('metric = "best-accuracy"', 'metric = "best"'), "[published]", "key 'metric'"),
+        (('source = "A. Author (2022), Table 3, FedAvg"', ""), "[published]", "key 'source'"),
+        (("mean = 0.5", "mean = 50"), "[published.digits]", "key 'c2': mean 50"),
+        (("std = 0.05", "std = -0.05"), "[published.digits]", "key 'c2': std -0.05"),
+        (("std = 0.05", "sd = 0.05"), "[published.digits]", "key 'c2'"),
+        (("c2 = {", "dir05 = {"), "[published.digits]", "'dir05' is not a partition"),
+        (("[published.digits]", "[published.mnist]"), "[published.mnist]", "not a dataset"),
+        (("[published.digits]\nc2 = { mean = 0.5, std = 0.05 }", ""), "[published]", "no results"),
+    ],
+)
+def test_published_errors_name_the_table_and_the_key(change, where, expected):
+    with pytest.raises(FedmergeError) as info:
+        parse_spec(TINY + PUBLISHED.replace(*change), "tiny.toml")
+    message = str(info.value)
+    assert message.startswith(f"tiny.toml {where}:") and expected in message, message
+
+
+def test_published_results_are_looked_up_by_dataset_label_or_name():
+    spec = parse_spec(TINY + PUBLISHED)
+    assert spec.published is not None and spec.published.metric == "best-accuracy"
+    assert spec.published_for("", "digits", "c2") == (0.5, 0.05)
+    assert spec.published_for("", "digits", "iid") is None
+    assert parse_spec(TINY).published is None
+    final = parse_spec(TINY + PUBLISHED.replace('metric = "best-accuracy"\n', ""))
+    assert final.published.metric == "final-accuracy"  # the default
+
+
+def test_the_niid_bench_preset_publishes_only_the_numbers_the_docs_quote():
+    """Its [published] values are the Flower baseline column of docs/benchmarks.md's fidelity
+    table (best round), nothing more."""
+    published = load_spec("niid-bench").published
+    assert published is not None and published.metric == "best-accuracy"
+    assert "niid_bench" in published.source and "FedAvg" in published.source
+    docs = (ROOT / "docs/benchmarks.md").read_text()
+    section = docs[docs.index("## NIID-Bench fidelity check") :]
+    quoted = {}
+    for label, name in (("Dir(0.5)", "dir05"), ("#C=2", "c2")):
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+        mean, std = re.findall(r"(\d+\.\d+) ± (\d+\.\d+)", row.split("|")[4])[0]
+        quoted[name] = (float(mean) / 100, float(std) / 100)
+    assert set(published.values) == {"fashion-mnist"}
+    ours = published.values["fashion-mnist"]
+    assert set(ours) == set(quoted)
+    for name, pair in quoted.items():
+        assert ours[name] == pytest.approx(pair), name
+
+
+def _fake_results(spec, out: Path) -> dict:
+    """Finished cells without training: seeded accuracy curves; returns them per cell."""
+    rng = np.random.default_rng(0)
+    curves = {}
+    for cell in spec.cells():
+        rounds = spec.config(cell, out).num_rounds
+        acc = np.sort(rng.uniform(0.1, 0.9, rounds + 1))
+        rows = [{"round": r, "test-accuracy": float(a), "test-loss": 1.0, "round-time": 0.1}
+                for r, a in enumerate(acc)]  # fmt: skip
+        (out / cell.path).mkdir(parents=True)
+        (out / cell.path / "metrics.json").write_text(json.dumps(rows))
+        curves[cell] = acc
+    return curves
+
+
+def test_report_names_partitions_in_words_and_draws_seed_ranges_and_published(
+    tmp_path, monkeypatch
+):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.container import ErrorbarContainer
+
+    from fedmerge.bench.grid_report import write_report
+
+    spec = parse_spec(TINY + PUBLISHED)
+    curves = _fake_results(spec, tmp_path)
+    figures: list = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep them open to read the artists
+    report = write_report(spec, tmp_path).read_text()
+    monkeypatch.undo()
+
+    # Tables: partitions in words; the published row only in the best-round table.
+    final = report[report.index("Final-round accuracy") : report.index("Best-round accuracy")]
+    best = report[report.index("Best-round accuracy") : report.index("minus fedavg's")]
+    assert "| variant | IID | #C=2 |" in final and "| variant | IID | #C=2 |" in best
+    published = "| *published: A. Author (2022), Table 3, FedAvg (not run)* |"
+    assert published not in final and f"{published} – | 50.00 ± 5.00 |" in best
+    assert "### digits, #C=2 (partition `c2`)" in report and '{"partition"' not in report
+    assert f"{published} – | – | 50.00 ± 5.00 |" in report  # detail table: best-acc column
+
+    # Plots: titles in words; the bands are the seeds' min..max; the published line at 0.5.
+    by_title = {fig.get_suptitle().splitlines()[0]: fig for fig in figures}
+    assert set(by_title) == {
+        "digits: test accuracy per round",
+        "digits: final round test accuracy",
+        "digits: best round test accuracy",
+    }
+    for fig in figures:
+        assert all("{" not in ax.get_title() for ax in fig.axes)
+    iid, c2 = by_title["digits: test accuracy per round"].axes
+    assert (iid.get_title(), c2.get_title()) == ("IID", "#C=2")
+    seeds = np.array([curves[Cell("", "c2", "fedprox", "", s)] for s in spec.seeds])
+    (line,) = [ln for ln in c2.lines if ln.get_label() == "fedprox"]
+    np.testing.assert_allclose(line.get_ydata(), seeds.mean(axis=0))
+    color = to_rgba(line.get_color())
+    (band,) = [c for c in c2.collections if np.allclose(c.get_facecolor()[0][:3], color[:3])]
+    vertices = band.get_paths()[0].vertices
+    for x in range(seeds.shape[1]):
+        ys = vertices[np.isclose(vertices[:, 0], x), 1]
+        assert (ys.min(), ys.max()) == pytest.approx((seeds[:, x].min(), seeds[:, x].max()))
+    (ref,) = [ln for ln in c2.lines if ln.get_label().startswith("published (not run)")]
+    np.testing.assert_allclose(ref.get_ydata(), [0.5, 0.5])
+    assert not [ln for ln in iid.lines if ln.get_label().startswith("published")]
+    # The published best round is drawn where best rounds are, not beside final rounds.
+    _, best_c2 = by_title["digits: best round test accuracy"].axes
+    _, final_c2 = by_title["digits: final round test accuracy"].axes
+    assert [ln.get_ydata()[0] for ln in best_c2.lines if ln.get_label().startswith("pub")] == [0.5]
+    assert not [ln for ln in final_c2.lines if ln.get_label().startswith("published")]
+    bars = {c.get_label(): c for c in best_c2.containers if isinstance(c, ErrorbarContainer)}
+    (segment,) = bars["fedprox"].lines[2][0].get_segments()
+    top = seeds.max(axis=1)  # the best round of each seed
+    std = top.std(ddof=1)
+    np.testing.assert_allclose(segment[:, 1], [top.mean() - std, top.mean() + std])
+    plt.close("all")
+
+
+def test_the_regimes_presets_hold_their_regimes():
+    """Issue 15's regimes: (a) independently initialised clients, (b) long local training on
+    Dir(0.5) with 16 clients, (c) WSA's lambda grid 0.1..10 over >= 30 rounds on #C=2 and
+    Dir(0.1); each with >= 3 seeds and FedAvg as the paired reference."""
+    init, local, wsa = (load_spec(f"regimes-{n}") for n in ("init", "local", "wsa"))
+    for spec in (init, local, wsa):
+        assert len(spec.seeds) >= 3 and "fedavg" in spec.variants
+    configs = {c.variant: init.config(c, Path(".")) for c in init.cells()}
+    assert configs["fedavg-shared"].client_init == "global"
+    assert {v for v, c in configs.items() if c.client_init == "independent"} == set(
+        init.variants
+    ) - {"fedavg-shared"}
+    assert {c.strategy for c in configs.values()} >= {"fedavg", "fedmatch", "fednpmerge"}
+    for cell in local.cells():
+        cfg = local.config(cell, Path("."))
+        assert (cfg.partition, cfg.partition_beta, cfg.num_clients) == ("dirichlet", 0.5, 16)
+        assert cfg.local_epochs >= 10
+    lambdas = set()
+    for cell in wsa.cells():
+        cfg = wsa.config(cell, Path("."))
+        assert cfg.num_rounds >= 30
+        if cfg.strategy == "fedwsa":
+            lambdas.add(cfg.wsa_lambda)
+    assert min(lambdas) == 0.1 and max(lambdas) == 10.0 and len(lambdas) >= 4
+    partitions = {
+        (p["partition"], p.get("partition-k"), p.get("partition-beta"))
+        for p in wsa.partitions.values()
+    }
+    assert partitions == {("label-quantity", 2, None), ("dirichlet", None, 0.1)}

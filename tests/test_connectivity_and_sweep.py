@@ -1,14 +1,16 @@
-"""Mode connectivity (interpolation, barriers, BN repair) and the sweep runner."""
+"""Mode connectivity (interpolation, barriers, BN repair), and the former sweep runner's specs and
+folders under ``fedmerge bench``."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
 
-from fedmerge.bench import sweep, wsa_overhead
+from fedmerge.bench import grid, sweep, wsa_overhead
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.experiments.connectivity import (
@@ -124,39 +126,114 @@ wsa-lambda = 1.0
 """
 
 
-def test_sweep_runs_resumes_and_reports(tmp_path):
+def test_a_sweep_spec_runs_resumes_and_reports_under_fedmerge_bench(tmp_path, capsys):
+    """The former sweep runner's spec (no dataset axis, no [grid]) under `fedmerge bench`: its
+    layout partition/variant/s<seed>, a resume that runs only the lost and cut-off cells."""
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text(TINY)
     out = tmp_path / "out"
-    assert sweep.main([str(spec_file), "--out", str(out)]) == 0
+    argv = [str(spec_file), "--out", str(out), "--jobs", "1", "--threads", "1"]
+    assert grid.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["dir"]) == {"fedavg", "fedwsa-l1.0"}
-    assert summary["dir"]["fedavg"]["seeds"] == 2
+    rows = {(r["partition"], r["variant"]): r for r in summary["rows"]}
+    assert set(rows) == {("dir", "fedavg"), ("dir", "fedwsa-l1.0")}
+    assert rows[("dir", "fedavg")]["seeds"] == 2
     report = (out / "report.md").read_text()
     assert "| fedavg |" in report and "fedwsa-l1.0" in report
-    assert (out / "dir.png").exists()
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/s*")) == [
+        "dir/fedavg/s0", "dir/fedavg/s1", "dir/fedwsa-l1.0/s0", "dir/fedwsa-l1.0/s1"
+    ]  # fmt: skip
 
-    # Interrupted: one cell lost, one cut off mid-run. Only those two run again.
+    # Interrupted: one cell lost, one cut off mid-run in place (as the sweep left them).
     keep = out / "dir" / "fedavg" / "s0" / "metrics.json"
     before = keep.read_bytes()
     shutil.rmtree(out / "dir" / "fedavg" / "s1")
     cut = out / "dir" / "fedwsa-l1.0" / "s0" / "metrics.json"
     cut.write_text(json.dumps(json.loads(cut.read_text())[:1]))
-    assert sweep.main([str(spec_file), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert grid.main(argv) == 0
+    assert "2 of 4 cells done; running 2" in capsys.readouterr().out
     assert keep.read_bytes() == before
-    again = json.loads((out / "summary.json").read_text())
-    assert again["dir"]["fedavg"]["final"] == summary["dir"]["fedavg"]["final"]  # deterministic
-    assert again["dir"]["fedwsa-l1.0"]["final"] == summary["dir"]["fedwsa-l1.0"]["final"]
+    again = {
+        (r["partition"], r["variant"]): r
+        for r in json.loads((out / "summary.json").read_text())["rows"]
+    }
+    for key in rows:  # deterministic: the cells run again give the same accuracies
+        assert again[key]["final-accuracy"] == rows[key]["final-accuracy"]
 
 
-def test_sweep_rejects_bad_specs(tmp_path, capsys):
+def _sweep_folder(out, metrics: dict[str, list[dict]]) -> None:
+    """A results folder as the former sweep runner left it: spec.toml and, per cell, only the
+    run's files (metrics.json; no done.json or partition.json)."""
+    out.mkdir()
+    spec = TINY.replace("num-rounds = 1", "num-rounds = 2").replace("[0, 1]", "[0, 1, 2]")
+    (out / "spec.toml").write_text(spec)
+    for cell, rows in metrics.items():
+        (out / cell).mkdir(parents=True)
+        (out / cell / "metrics.json").write_text(json.dumps(rows))
+
+
+def _rows(accuracies, spreads, loss=0.5):
+    """Rounds 0-2 of a run: test accuracy per round, scope spread of rounds 1-2 (None: absent)."""
+    rows = []
+    for r, acc in enumerate(accuracies):
+        row = {"round": r, "test-accuracy": acc, "test-loss": 2.3 if r == 0 else loss}
+        if r and spreads[r - 1] is not None:
+            row["scope-spread"] = spreads[r - 1]
+        rows.append(row)
+    return rows
+
+
+def test_report_rebuilds_a_sweep_folder_as_the_sweep_computed_it(tmp_path):
+    """`fedmerge bench --report --out DIR` (the sweep's --report-only) on a folder of the former
+    sweep runner: final and best accuracy, scope spread and diverged runs, mean and sample std
+    over the seeds as the sweep computed them; a cut-off or missing cell is left out."""
+    out = tmp_path / "sweep-out"
+    nan = float("nan")
+    _sweep_folder(
+        out,
+        {
+            "dir/fedavg/s0": _rows([0.1, 0.6, 0.5], [0.02, 0.01]),
+            "dir/fedavg/s1": _rows([0.1, 0.4, 0.7], [0.03, 0.03]),
+            "dir/fedavg/s2": _rows([0.1, 0.9], [0.01]),  # cut off after round 1
+            "dir/fedwsa-l1.0/s0": _rows([0.1, 0.8, 0.6], [0.01, 0.004]),
+            "dir/fedwsa-l1.0/s1": _rows([0.1, 0.3, 0.1], [0.05, nan], loss=nan),  # diverged
+        },
+    )
+    assert grid.main(["--report", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    avg, wsa = rows["fedavg"], rows["fedwsa-l1.0"]
+    assert avg["final-accuracy"] == pytest.approx([0.6, statistics.stdev([0.5, 0.7])])
+    assert avg["best-accuracy"] == pytest.approx([0.65, statistics.stdev([0.6, 0.7])])
+    assert avg["scope-spread"] == pytest.approx([0.02, statistics.stdev([0.01, 0.03])])
+    assert (avg["seeds"], avg["diverged"]) == (2, 0)
+    assert wsa["final-accuracy"] == pytest.approx([0.35, statistics.stdev([0.6, 0.1])])
+    assert wsa["best-accuracy"] == pytest.approx([0.55, statistics.stdev([0.8, 0.3])])
+    assert wsa["scope-spread"] == pytest.approx([0.004, 0.0])  # the diverged run's NaN left out
+    assert (wsa["seeds"], wsa["diverged"]) == (2, 1)
+    report = (out / "report.md").read_text()
+    assert "Cells: 4 of 6 finished; **2 missing**" in report
+    assert "| fedwsa-l1.0 | " in report and "35.00 ± 35.36" in report
+
+
+def test_the_sweep_runner_is_gone_and_names_its_replacement(capsys):
+    argv = ["specs/wsa.toml", "--out", "runs/wsa", "--jobs", "2", "--report-only"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("fedmerge bench specs/wsa.toml --out runs/wsa --jobs 2 --report")
+    assert not hasattr(sweep, "run_sweep") and not hasattr(sweep, "write_report")
+
+
+def test_a_bad_sweep_spec_stops_fedmerge_bench_before_anything_runs(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
+    out = tmp_path / "o"
     bad.write_text(TINY.replace('strategy = "fedavg"', 'strategy = "fedx"'))
-    assert sweep.main([str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "config key 'strategy'" in capsys.readouterr().err
+    assert grid.main([str(bad), "--out", str(out)]) == 2
+    assert "[variants.fedavg]: config key 'strategy'" in capsys.readouterr().err
     bad.write_text(TINY.replace("num-rounds = 1", "num-rounds = 0"))
-    assert sweep.main([str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "num-rounds" in capsys.readouterr().err
+    assert grid.main([str(bad), "--out", str(out)]) == 2
+    assert "[base]: config key 'num-rounds'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_wsa_overhead_bench_runs(capsys):

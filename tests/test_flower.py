@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -107,9 +108,14 @@ FMNIST = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "fedwsa", "fednpmerge"])
-def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_root, strategy):
+def test_flower_engine_gives_the_local_engine_accuracies(
+    tmp_path, shared_data_root, strategy, monkeypatch
+):
     # fedwsa: the target scope travels in the ConfigRecord through Flower's real runtime;
     # fednpmerge: the server aligns the clients (FedMatch) and learns on its proxy slice.
+    # The engine's scratch folder (the staged app its processes name) inside tmp_path: the
+    # check below sees this test's processes only, not those of a test running beside it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     rows = {}
     for engine in ("local", "flower"):
         cfg = RunConfig.from_mapping(
@@ -140,7 +146,7 @@ def test_flower_engine_gives_the_local_engine_accuracies(tmp_path, shared_data_r
     if strategy == "fedwsa":
         for a, b in zip(rows["local"][1:], rows["flower"][1:], strict=True):
             assert a["wsa-target-sigma"] == pytest.approx(b["wsa-target-sigma"], rel=1e-4)
-    assert not _processes_mentioning("fedmerge-flwr-")  # the SuperLink it started is gone
+    assert not _processes_mentioning(str(tmp_path))  # the SuperLink it started is gone
 
 
 @pytest.mark.slow

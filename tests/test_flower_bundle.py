@@ -132,12 +132,15 @@ def test_gitignore_lists_the_usual_environment_names():
 
 
 @pytest.mark.slow
-def test_flower_engine_runs_a_project_with_a_venv_inside(tmp_path):
+def test_flower_engine_runs_a_project_with_a_venv_inside(tmp_path, monkeypatch):
     # The reported bug end to end: a virtualenv named `venv` in the checkout (Flower's bundler
     # used to stop at its deep site-packages paths). Tens of seconds: Flower's engine (Ray).
     import shutil
+    import tempfile
 
     from fedmerge.engine.flower import _processes_mentioning
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the engine's scratch in tmp_path
     from fedmerge.results import read_metrics
     from fedmerge.runner import run
 
@@ -160,4 +163,4 @@ def test_flower_engine_runs_a_project_with_a_venv_inside(tmp_path):
     )
     run_dir = run(cfg, "flower", flower_options={"app_dir": app, "timeout": 600})
     assert [r["round"] for r in read_metrics(run_dir)] == [0, 1]
-    assert not _processes_mentioning("fedmerge-flwr-")
+    assert not _processes_mentioning(str(tmp_path))  # this test's processes only

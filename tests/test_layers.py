@@ -125,3 +125,45 @@ def test_no_import_circle_between_fedmerge_modules():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles
+
+
+#: The modules that hold the run-config's checks (issue 16: no validator imports a method).
+VALIDATORS = ("config", "config_values", "components", "options", "errors")
+#: Method modules: the code of the methods themselves.
+METHODS = ("fedmerge.matching", "fedmerge.merging", "fedmerge.npmerge", "fedmerge.scopes")
+
+
+def test_no_validator_imports_a_method_module():
+    """Every import of the validators counted, in functions too (the lazy ones did, before)."""
+    bad = {
+        name: sorted(t for t in _imports(PACKAGE / f"{name}.py") if t.startswith(METHODS))
+        for name in VALIDATORS
+    }
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_building_and_checking_every_key_loads_no_method_module():
+    """The same, at run time: a RunConfig with every method's keys set (and a bad one refused)
+    in a fresh interpreter leaves the method modules unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fedmerge.config import RunConfig\n"
+        "from fedmerge.errors import ConfigError\n"
+        "RunConfig(strategy='fedwsa', wsa_merge='matched', match_method='dual', "
+        "match_beta='auto', proxy_size=10, np_form='softmax', finetune_epochs=2)\n"
+        "for bad in ({'wsa_fusion': 'x'}, {'match_method': 'x'}, {'np_form': 'x'}):\n"
+        "    try:\n"
+        "        RunConfig(**bad)\n"
+        "    except ConfigError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise SystemExit(f'not refused: {bad}')\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({METHODS!r})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
-from fedmerge.training import SGD, _batches, evaluate, proximal_term, resolve_device, train
+from fedmerge.training import SGD, batches, evaluate, proximal_term, resolve_device, train
 
 
 def _data(n=70, seed=0):
@@ -59,9 +59,9 @@ def test_train_reports_steps_examples_and_lowers_the_loss():
 
 
 def test_final_batch_of_one_is_folded():
-    batches = _batches(33, 16, torch.Generator().manual_seed(0))
-    assert [len(b) for b in batches] == [16, 17]
-    assert sorted(torch.cat(batches).tolist()) == list(range(33))
+    drawn = batches(33, 16, torch.Generator().manual_seed(0))
+    assert [len(b) for b in drawn] == [16, 17]
+    assert sorted(torch.cat(drawn).tolist()) == list(range(33))
     x, y = _data(n=33)
     model = build_model("resnet20", (1, 8, 8), 10, seed=0)  # BatchNorm: a batch of 1 would fail
     assert train(model, x, y, epochs=1, batch_size=16, lr=0.01, seed=0).steps == 2

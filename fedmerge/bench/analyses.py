@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from ..cli_args import floats, overrides_last
 from ..command_config import command_config, warn_unused
 from ..config import RunConfig
 from ..errors import ConfigError, FedmergeError, unknown_name
@@ -126,14 +126,9 @@ def _write(out: Path, name: str, cfg: RunConfig, title: str, rows: list, md: str
     (out / f"{name}.md").write_text(md)
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(flag, text, "comma-separated numbers, e.g. 10,100") from None
-    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ConfigError(flag, text, "comma-separated numbers > 0")
-    return values
+def _factors(text: str) -> list[float]:
+    """The ``--factors`` of the scaling probe: numbers > 0."""
+    return floats(text, "--factors", positive=True, example="10,100", error=ConfigError)
 
 
 def _probes(text: str) -> list[str]:
@@ -241,7 +236,7 @@ def run_scaling(args: argparse.Namespace, cfg: RunConfig, out: Path, sets: list[
     from ..training import resolve_device
 
     data, device = load_data(DataSpec.of(cfg)), resolve_device(cfg.device)
-    factors = _floats(args.factors, "--factors")
+    factors = _factors(args.factors)
     rows = [
         row
         for models in sets
@@ -263,7 +258,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if "settings" in args:
         _settings(args.settings)
     if "factors" in args:
-        _floats(args.factors, "--factors")
+        _factors(args.factors)
     if "feature_head" in args and args.feature_head not in FEATURE_HEADS:
         raise unknown_name("--feature-head", args.feature_head, FEATURE_HEADS)
     if "independent_data" in args and args.independent_data not in INDEPENDENT_DATA:
@@ -369,9 +364,6 @@ def add_parsers(sub: Any) -> None:
     _add_probes(p.add_subparsers(dest="probe", required=True, metavar="PROBE"))
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*=")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedmerge.bench.analyses PROBE [key=value ...] [options]``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -379,12 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fedmerge analyse", description="Weight-averaging analyses (arXiv 2411.09263)."
     )
     _add_probes(parser.add_subparsers(dest="probe", required=True, metavar="PROBE"))
-    tokens = list(sys.argv[1:] if argv is None else argv)
     # key=value tokens may sit among the options: argparse wants positionals together.
-    ordered = [t for t in tokens if not _OVERRIDE.match(t)] + [
-        t for t in tokens if _OVERRIDE.match(t)
-    ]
-    args = parser.parse_args(ordered)
+    args = parser.parse_args(overrides_last(parser, sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except FedmergeError as exc:

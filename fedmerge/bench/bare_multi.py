@@ -141,7 +141,7 @@ def measure_bare_processes(
                 conn.send(None)
         for proc in procs:
             proc.join(5)
-            if proc.is_alive():
+            if proc.is_alive() and proc.pid is not None:  # alive: started, so it has a pid
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.join()
     return {"round_seconds": round_seconds, "slowest_loop_seconds": loop_seconds}

@@ -7,6 +7,9 @@
 The spec (a TOML file, or a preset: ``niid-bench``, ``quick``) is described in
 :mod:`fedmerge.bench.grid_spec`. Every cell is one local-engine simulation; every cell's
 run-config, strategy name, data files and partition are checked before the first cell starts.
+It is fedmerge's one grid runner: the former ``python -m fedmerge.bench.sweep`` wrote the same
+folders from the same specs, so the bench resumes them, and ``--report`` (the sweep's
+``--report-only``) rebuilds their report.
 
 The results folder (``--out``, default ``runs/bench-<spec name>``)::
 
@@ -14,7 +17,9 @@ The results folder (``--out``, default ``runs/bench-<spec name>``)::
     <cell path>/              a finished cell: config.json, metrics.json / .csv, accuracy.png,
                               partition.json (label counts per client), done.json
     <cell parent>/.s0.partial a cell in progress; removed and run again when the bench restarts
-    report.md, summary.json, results.csv, accuracy-<dataset>.png, partitions-<dataset>.png
+    report.md, summary.json, results.csv, accuracy-<dataset>.png (per round, seed bands),
+    final-accuracy-<dataset>.png and best-accuracy-<dataset>.png (per variant, mean ± std),
+    partitions-<dataset>.png
 
 Crash safety: a cell runs in its ``.partial`` folder and is renamed into place once its
 metrics, label counts and ``done.json`` are written, so a cell folder always holds a finished
@@ -432,8 +437,8 @@ def dry_run(spec: BenchSpec, out: Path, jobs: int | None) -> None:
         print(f"  {'to run' if cell in waiting else 'done  '}  {cell.label}")
     print(f"{spec.source}: {len(done) + len(todo)} cells ({shape}); {len(done)} done, "
           f"{len(todo)} to run; results in {out}")  # fmt: skip
-    seconds = [_cell_seconds(out / c.path) for c in done]
-    seconds = [s for s in seconds if s is not None]
+    measured = [_cell_seconds(out / c.path) for c in done]
+    seconds = [s for s in measured if s is not None]
     if todo and seconds:
         jobs = max(1, min(jobs or available_cpus(), len(todo)))
         estimate = sum(seconds) / len(seconds) * len(todo) / jobs

@@ -13,10 +13,20 @@ which. Files written into the results folder:
     The same rows, flat.
 ``report.md``
     Per dataset, final and best accuracy pivoted (variants x partitions), then one detailed
-    table per partition, and the plots.
-``accuracy-<dataset>.png``, ``partitions-<dataset>.png``
-    Mean test accuracy per round (one panel per partition, one line per variant, a band of
-    +- one std over seeds); per partition, the label counts per client (first seed).
+    table per partition, and the plots. Partitions are named in words (``#C=2``, ``Dir(0.5)``,
+    ``IID``: :func:`fedmerge.plots.partition_label`). A spec's ``[published]`` results appear
+    as a row marked "published (not run)" in the tables of the column they compare with.
+``accuracy-<dataset>.png``
+    Test accuracy per round, one panel per partition, one line per variant: the mean over the
+    seeds, with a translucent band from the seeds' min to their max.
+``final-accuracy-<dataset>.png``, ``best-accuracy-<dataset>.png``
+    Final-round and best-round accuracy, one panel per partition: per variant, the mean over
+    seeds with an error bar of +- the sample std, and each seed as a dot.
+``partitions-<dataset>.png``
+    Per partition, the label counts per client (first seed).
+
+Published results are drawn in the three accuracy plots as a dashed line at their mean with a
+band of +- their std (in the final/best chart of their own metric only).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import RunConfig
 from ..results import read_metrics
 from .grid_spec import BenchSpec, Cell
 
@@ -217,17 +228,79 @@ def _row_label(row: dict[str, Any]) -> str:
     return f"{row['variant']} [{row['combo']}]" if row["combo"] else row["variant"]
 
 
-def _pivot(rows: list[dict[str, Any]], partitions: list[str], key: str) -> list[str]:
+def partition_titles(spec: BenchSpec) -> dict[str, str]:
+    """Per partition of the spec, its name in words (``#C=2``, ``Dir(0.5)``, ``IID``) from its
+    keys over ``[base]`` and the run-config defaults; keys an axis other than the partitions
+    sets are left out (they differ between cells). The table name where that leaves nothing
+    to say, or where two partitions would read the same."""
+    from ..plots import partition_label
+
+    defaults = {
+        "partition": RunConfig.partition,
+        "partition-beta": RunConfig.partition_beta,
+        "partition-k": RunConfig.partition_k,
+        "partition-sigma": RunConfig.partition_sigma,
+    }
+    tables = [*spec.datasets.values(), *spec.combos.values(), *spec.variants.values()]
+    varied = {key for table in tables for key in table}
+    titles = {}
+    for name, table in spec.partitions.items():
+        keys = {**defaults, **spec.base, **table}
+        titles[name] = partition_label({k: v for k, v in keys.items() if k not in varied}, name)
+    seen = list(titles.values())
+    return {n: f"{t} ({n})" if seen.count(t) > 1 else t for n, t in titles.items()}
+
+
+def _published(
+    spec: BenchSpec, dataset: str, partitions: list[str]
+) -> dict[str, tuple[float, float | None]]:
+    """Per partition, the spec's published ``(mean, std)`` for this dataset (by its report
+    title, then by the dataset it trains on)."""
+    if spec.published is None:
+        return {}
+    cell = next(c for c in spec.cells() if dataset_title(spec, c) == dataset)
+    name = spec.dataset_name(cell)
+    values = {p: spec.published_for(dataset, name, p) for p in partitions}
+    return {p: v for p, v in values.items() if v is not None}
+
+
+def _published_label(spec: BenchSpec) -> str:
+    assert spec.published is not None
+    return f"*published: {spec.published.source} (not run)*"
+
+
+def _pct_or_dash(pair: tuple[float, float | None] | None) -> str:
+    if pair is None:
+        return "–"
+    mean, std = pair
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def _pivot(
+    rows: list[dict[str, Any]],
+    partitions: list[str],
+    key: str,
+    titles: dict[str, str] | None = None,
+    published: tuple[str, dict[str, tuple[float, float | None]]] | None = None,
+) -> list[str]:
+    """Variants x partitions of ``key``; ``published`` = (row label, per partition) adds the
+    published row under them."""
+    heads = [(titles or {}).get(p, p) for p in partitions]
     labels = list(dict.fromkeys(_row_label(r) for r in rows))
     cell = {(_row_label(r), r["partition"]): _pct(r[key]) for r in rows}
-    lines = ["| variant | " + " | ".join(partitions) + " |", "|---" * (len(partitions) + 1) + "|"]
+    lines = ["| variant | " + " | ".join(heads) + " |", "|---" * (len(partitions) + 1) + "|"]
     for label in labels:
         values = [cell.get((label, p), "missing") for p in partitions]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    if published and published[1]:
+        values = [_pct_or_dash(published[1].get(p)) for p in partitions]
+        lines.append(f"| {published[0]} | " + " | ".join(values) + " |")
     return lines
 
 
-def _paired(rows: list[dict[str, Any]], partitions: list[str]) -> list[str]:
+def _paired(
+    rows: list[dict[str, Any]], partitions: list[str], titles: dict[str, str] | None = None
+) -> list[str]:
     """The final accuracy minus the reference's, paired by seed: points, (ahead/paired seeds)."""
     reference = rows[0]["reference"]
     lines = [
@@ -243,7 +316,8 @@ def _paired(rows: list[dict[str, Any]], partitions: list[str]) -> list[str]:
             cell[(_row_label(r), r["partition"])] = (
                 f"{diff} ({r['ahead-of-reference']}/{r['paired-seeds']})"
             )
-    lines += ["| variant | " + " | ".join(partitions) + " |", "|---" * (len(partitions) + 1) + "|"]
+    heads = [(titles or {}).get(p, p) for p in partitions]
+    lines += ["| variant | " + " | ".join(heads) + " |", "|---" * (len(partitions) + 1) + "|"]
     for label in labels:
         values = [cell.get((label, p), "") for p in partitions]
         if any(values):
@@ -251,7 +325,12 @@ def _paired(rows: list[dict[str, Any]], partitions: list[str]) -> list[str]:
     return lines
 
 
-def _detail(rows: list[dict[str, Any]]) -> list[str]:
+def _detail(
+    rows: list[dict[str, Any]],
+    published: tuple[str, str, tuple[float, float | None]] | None = None,
+) -> list[str]:
+    """One partition's rows; ``published`` = (row label, metric, (mean, std)) adds the
+    published row, its value in the column of its metric."""
     target = next((r["target-accuracy"] for r in rows if r["target-accuracy"]), None)
     spread = any(r["scope-spread"] for r in rows)
     head = ["variant", "keys", "final acc", "best acc"]
@@ -267,11 +346,20 @@ def _detail(rows: list[dict[str, Any]]) -> list[str]:
         cols.append(str(r["diverged"]))
         cols += [_num(r["scope-spread"], 4)] if spread else []
         lines.append("| " + " | ".join(cols) + " |")
+    if published:
+        label, metric, pair = published
+        cols = [label, "–"]
+        cols += [
+            _pct_or_dash(pair if metric == m else None) for m in ("final-accuracy", "best-accuracy")
+        ]
+        cols += ["–"] * (len(head) - len(cols))
+        lines.append("| " + " | ".join(cols) + " |")
     return lines
 
 
 def _heatmaps(spec: BenchSpec, out: Path, cells: list[Cell]) -> dict[str, np.ndarray]:
     """Per partition (spec order), the label counts of its finished cell of lowest seed."""
+    titles = partition_titles(spec)
     counts: dict[str, np.ndarray] = {}
     for partition in spec.partitions:
         for cell in sorted((c for c in cells if c.partition == partition), key=lambda c: c.seed):
@@ -279,14 +367,79 @@ def _heatmaps(spec: BenchSpec, out: Path, cells: list[Cell]) -> dict[str, np.nda
                 record = json.loads((out / cell.path / _PARTITION_FILE).read_text())
             except (OSError, ValueError):
                 continue
-            counts[f"{partition} (seed {cell.seed})"] = np.array(record["counts"])
+            counts[f"{titles[partition]} (seed {cell.seed})"] = np.array(record["counts"])
             break
     return counts
 
 
+def _seed_curves(
+    spec: BenchSpec, runs: dict[Cell, list[dict[str, Any]]]
+) -> dict[tuple[str, str, str], list[list[float]]]:
+    """Per (dataset title, partition, row label), each finished seed's accuracy curve."""
+    curves: dict[tuple[str, str, str], list[list[float]]] = {}
+    for cell, rows in runs.items():
+        label = f"{cell.variant} [{cell.combo}]" if cell.combo else cell.variant
+        key = (dataset_title(spec, cell), cell.partition, label)
+        curves.setdefault(key, []).append([float(x["test-accuracy"]) for x in rows])
+    return curves
+
+
+def _accuracy_plots(
+    spec: BenchSpec,
+    out: Path,
+    dataset: str,
+    partitions: list[str],
+    titles: dict[str, str],
+    curves: dict[tuple[str, str, str], list[list[float]]],
+    published: dict[str, tuple[float, float | None]],
+) -> list[str]:
+    """Write a dataset's accuracy plots (per round, final round, best round: one panel per
+    partition, the published results drawn in) and return their report lines."""
+    from ..plots import Reference, dataset_label, plot_accuracy_panels, plot_accuracy_points
+
+    name = dataset_label(dataset)
+    per_round: dict[str, dict[str, list[list[float]]]] = {titles[p]: {} for p in partitions}
+    for (d, p, label), seed_curves in curves.items():
+        if d == dataset and p in partitions:
+            per_round[titles[p]][label] = seed_curves
+    metric = spec.published.metric if spec.published is not None else ""
+    refs = {}
+    if spec.published is not None:
+        words = {"final-accuracy": "final round", "best-accuracy": "best round"}[metric]
+        label = f"published (not run): {spec.published.source}, {words}, ± std"
+        refs = {titles[p]: Reference(m, s, label) for p, (m, s) in published.items()}
+    png = out / f"accuracy-{dataset}.png"
+    plot_accuracy_panels(per_round, png, f"{name}: test accuracy per round", refs)
+    lines = [
+        "",
+        f"![accuracy per round]({png.name})",
+        "",
+        "Lines: mean over the seeds; bands: the seeds' min to max."
+        + (" Dashed: published, not run (band: ± its std)." if refs else ""),
+    ]
+    for key, pick, words in (
+        ("final-accuracy", lambda c: c[-1], "final round"),
+        ("best-accuracy", max, "best round"),
+    ):
+        points = {}  # per panel and variant, each seed's accuracy of that round
+        for title, variants in per_round.items():
+            points[title] = {v: [pick(c) for c in cs] for v, cs in variants.items()}
+        png = out / f"{key}-{dataset}.png"
+        ylabel = f"{words} test accuracy"
+        shown = refs if metric == key else {}
+        plot_accuracy_points(points, png, f"{name}: {ylabel}", ylabel, shown)
+        lines += ["", f"![{words} accuracy]({png.name})"]
+    lines += [
+        "",
+        "Points: mean over the seeds; error bars: ± sample std; dots: the seeds."
+        + (" Dashed: published, not run (band: ± its std)." if refs else ""),
+    ]
+    return lines
+
+
 def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Path:
     """Write ``summary.json``, ``results.csv``, the plots and ``report.md``; returns the last."""
-    from ..plots import partition_heatmaps, plot_accuracy_panels
+    from ..plots import dataset_label, partition_heatmaps
 
     summary = summarize(spec, out, target)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -314,35 +467,35 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
     ]
     gone = set(missing)
     all_cells = [c for c in spec.cells() if c.label not in gone]
+    titles = partition_titles(spec)
+    curves = _seed_curves(spec, finished_runs(spec, out))
     for dataset in dict.fromkeys(r["dataset"] for r in summary["rows"]):
         rows = [r for r in summary["rows"] if r["dataset"] == dataset]
         partitions = list(dict.fromkeys(r["partition"] for r in rows))
+        published = _published(spec, dataset, partitions)
+        row_of = {}  # the published row, in the table of the metric it compares with
+        if published and spec.published is not None:
+            row_of[spec.published.metric] = (_published_label(spec), published)
         lines += ["", f"## {dataset}", "", "Final-round accuracy (%):", ""]
-        lines += _pivot(rows, partitions, "final-accuracy")
-        lines += ["", "Best-round accuracy (%):", "", *_pivot(rows, partitions, "best-accuracy")]
+        lines += _pivot(rows, partitions, "final-accuracy", titles, row_of.get("final-accuracy"))
+        lines += ["", "Best-round accuracy (%):", ""]
+        lines += _pivot(rows, partitions, "best-accuracy", titles, row_of.get("best-accuracy"))
         if any(r["paired-seeds"] for r in rows):
-            lines += ["", *_paired(rows, partitions)]
-        panels = {
-            p: {
-                _row_label(r): (r["accuracy-curve"], r["accuracy-curve-std"])
-                for r in rows
-                if r["partition"] == p
-            }
-            for p in partitions
-        }
-        png = out / f"accuracy-{dataset}.png"
-        plot_accuracy_panels(panels, png, f"{dataset}: mean test accuracy over seeds")
-        lines += ["", f"![accuracy per round]({png.name})"]
+            lines += ["", *_paired(rows, partitions, titles)]
+        lines += _accuracy_plots(spec, out, dataset, partitions, titles, curves, published)
         cells = [c for c in all_cells if dataset_title(spec, c) == dataset]
         counts = _heatmaps(spec, out, cells)
         if counts:
             png = out / f"partitions-{dataset}.png"
-            partition_heatmaps(counts, png, f"{dataset}: samples per client and class")
+            title = f"{dataset_label(dataset)}: samples per client and class"
+            partition_heatmaps(counts, png, title)
             lines += ["", f"![partitions]({png.name})"]
         for p in partitions:
-            keys = json.dumps(spec.partitions[p])
-            lines += ["", f"### {dataset}, {p} (`{keys}`)", ""]
-            lines += _detail([r for r in rows if r["partition"] == p])
+            lines += ["", f"### {dataset}, {titles[p]} (partition `{p}`)", ""]
+            mine = None
+            if p in published and spec.published is not None:
+                mine = (_published_label(spec), spec.published.metric, published[p])
+            lines += _detail([r for r in rows if r["partition"] == p], mine)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

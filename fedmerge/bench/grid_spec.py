@@ -12,11 +12,18 @@ A spec is a TOML file, or the name of a preset shipped in ``fedmerge/bench/prese
     [variants.NAME]                      # explicit variants: a strategy and its keys
     [strategy-keys.fedprox]              # keys of the variant `strategies` makes for fedprox
     [grid]                               # further axes: key = [values]; every combination runs
+    [published]                          # optional: published results drawn beside the runs
+    source = "who, where"                #   named in the plots and tables (never run here)
+    metric = "final-accuracy"            #   or "best-accuracy": the column they compare with
+    [published.DATASET]                  #   a dataset label or name: per partition table name,
+    c2 = { mean = 0.781, std = 0.025 }   #   accuracy as a fraction (std optional)
 
 Every cell is one (dataset, partition, variant, grid combination, seed). Its run-config is
 ``[base]`` overridden by the cell's dataset, partition, combination and variant keys; one key
 may come from ``[base]`` and one axis, never from two axes (the merge order never matters).
-A spec of ``python -m fedmerge.bench.sweep`` (seeds, base, partitions, variants) is a bench spec.
+The specs of the former sweep runner (``python -m fedmerge.bench.sweep``, removed: seeds,
+base, partitions, variants) are bench specs, and their folders the bench's (see
+:attr:`Cell.path`).
 """
 
 from __future__ import annotations
@@ -49,7 +56,10 @@ TOP_LEVEL_KEYS = (
     "variants",
     "strategy-keys",
     "grid",
+    "published",
 )
+#: The summary columns a ``[published]`` result can stand beside.
+PUBLISHED_METRICS = ("final-accuracy", "best-accuracy")
 #: Keys the bench sets itself for every cell: a spec table must not set them.
 RESERVED_KEYS = {
     "seed": "list the seeds in `seeds = [...]`",
@@ -77,14 +87,25 @@ class Cell:
     @property
     def path(self) -> Path:
         """The cell's folder relative to the results folder: ``[dataset/]partition/variant/
-        [combo/]s<seed>`` (the layout of ``fedmerge.bench.sweep`` when there is no dataset
-        axis and no grid)."""
+        [combo/]s<seed>``; without a dataset axis and a grid, ``partition/variant/s<seed>``,
+        the layout of the former sweep runner, whose folders the bench resumes and reports on)."""
         return Path(*[p for p in self.group if p], f"s{self.seed}")
 
     @property
     def label(self) -> str:
         """``dataset/partition/variant/s0``: how progress lines and the report name it."""
         return self.path.as_posix()
+
+
+@dataclass(frozen=True)
+class Published:
+    """Published results of a ``[published]`` table: compared with, never run."""
+
+    source: str
+    #: the summary column they stand beside (one of :data:`PUBLISHED_METRICS`)
+    metric: str
+    #: dataset label or name -> partition name -> (mean, std or None), as fractions
+    values: dict[str, dict[str, tuple[float, float | None]]]
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,8 @@ class BenchSpec:
     variant_tables: dict[str, str] = field(default_factory=dict)
     #: keys applied over every cell (``--data-root`` / ``FEDMERGE_DATA_ROOT``)
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: the ``[published]`` table, if any
+    published: Published | None = None
 
     def cells(self) -> list[Cell]:
         """Every cell, in run order (dataset, partition, variant, combination, seed)."""
@@ -147,6 +170,16 @@ class BenchSpec:
         if isinstance(target, dict):
             return target.get(dataset_label, target.get(dataset_name))
         return target
+
+    def published_for(
+        self, dataset_label: str, dataset_name: str, partition: str
+    ) -> tuple[float, float | None] | None:
+        """The published ``(mean, std)`` of a dataset (by label, then by name) and partition."""
+        if self.published is None:
+            return None
+        values = self.published.values
+        table = values.get(dataset_label, values.get(dataset_name, {}))
+        return table.get(partition)
 
     def replace_overrides(self, overrides: Mapping[str, Any]) -> BenchSpec:
         """A copy whose cells all take ``overrides`` (validated again)."""
@@ -262,8 +295,10 @@ def parse_spec(
         target_accuracy=_target(raw.get("target-accuracy"), source),
         variant_tables=variant_tables,
         overrides=dict(overrides or {}),
+        published=_published(raw.get("published"), source),
     )
     _check_axes_disjoint(spec)
+    _check_published(spec)
     spec.validate()
     return spec
 
@@ -396,6 +431,94 @@ def _target(value: Any, source: str) -> float | dict[str, float] | None:
     if isinstance(value, dict):
         return {str(k): check(v) for k, v in value.items()}
     return check(value)
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _published(value: Any, source: str) -> Published | None:
+    """The ``[published]`` table: ``source``, ``metric`` and one table per dataset of
+    ``PARTITION = { mean = A, std = S }`` (fractions; std optional)."""
+    if value is None:
+        return None
+    allowed = "`source`, `metric` and [published.DATASET] tables"
+    if not isinstance(value, dict):
+        raise _fail(source, "published", f"got {value!r}; allowed: a table of {allowed}")
+    text = value.get("source")
+    if not isinstance(text, str) or not text.strip():
+        raise _fail(
+            source,
+            "published",
+            f"key 'source': got {text!r}; allowed: a non-empty string "
+            "naming where the numbers come from",
+        )
+    metric = value.get("metric", "final-accuracy")
+    if metric not in PUBLISHED_METRICS:
+        raise _fail(
+            source,
+            "published",
+            f"key 'metric': got {metric!r}; allowed: {', '.join(map(repr, PUBLISHED_METRICS))}",
+        )
+    values: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for dataset, table in value.items():
+        if dataset in ("source", "metric"):
+            continue
+        where = f"published.{dataset}"
+        if not isinstance(table, dict) or not table:
+            raise _fail(source, "published", f"key {dataset!r}: got {table!r}; allowed: {allowed}")
+        values[dataset] = {}
+        for partition, entry in table.items():
+            if not isinstance(entry, dict) or "mean" not in entry or set(entry) - {"mean", "std"}:
+                raise _fail(
+                    source,
+                    where,
+                    f"key {partition!r}: got {entry!r}; allowed: "
+                    "{ mean = A, std = S } (std optional)",
+                )
+            mean, std = entry["mean"], entry.get("std")
+            if not _fraction(mean):
+                raise _fail(
+                    source,
+                    where,
+                    f"key {partition!r}: mean {mean!r}; allowed: an accuracy "
+                    "as a fraction in [0, 1] (88.1% is 0.881)",
+                )
+            if std is not None and not _fraction(std):
+                raise _fail(
+                    source,
+                    where,
+                    f"key {partition!r}: std {std!r}; allowed: a fraction in "
+                    "[0, 1] (2.5 points is 0.025)",
+                )
+            values[dataset][partition] = (float(mean), None if std is None else float(std))
+    if not values:
+        raise _fail(source, "published", f"no results: add {allowed}")
+    return Published(source=text.strip(), metric=metric, values=values)
+
+
+def _check_published(spec: BenchSpec) -> None:
+    """Published results must name a dataset and a partition of the grid."""
+    if spec.published is None:
+        return
+    datasets = {c.dataset for c in spec.cells() if c.dataset}
+    datasets |= {spec.dataset_name(c) for c in spec.cells()}
+    for dataset, table in spec.published.values.items():
+        if dataset not in datasets:
+            raise _fail(
+                spec.source,
+                f"published.{dataset}",
+                f"{dataset!r} is not a dataset of the grid "
+                f"(allowed: {', '.join(sorted(datasets))})",
+            )
+        for partition in table:
+            if partition not in spec.partitions:
+                raise _fail(
+                    spec.source,
+                    f"published.{dataset}",
+                    f"key {partition!r} is not a partition of the grid "
+                    f"(allowed: {', '.join(spec.partitions)})",
+                )
 
 
 def _check_axes_disjoint(spec: BenchSpec) -> None:

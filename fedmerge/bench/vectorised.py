@@ -93,7 +93,9 @@ def run_grid(models: list[str], clients: list[int], base: BenchSettings) -> list
     return results
 
 
-def profile_step(model_name: str, clients: int, batch_size: int, input_shape=(1, 28, 28)) -> str:
+def profile_step(
+    model_name: str, clients: int, batch_size: int, input_shape: tuple[int, ...] = (1, 28, 28)
+) -> str:
     """Top operators (CPU time) of training ``clients`` clients for a few steps, per-client
     loop against ``train_many``: where the vectorised path spends its time."""
     from torch.profiler import ProfilerActivity, profile
@@ -111,7 +113,13 @@ def profile_step(model_name: str, clients: int, batch_size: int, input_shape=(1,
     model = build_model(model_name, input_shape, 10, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     jobs = [ClientJob(state, x, y, seed=i) for i, (x, y) in enumerate(shards)]
-    kw = {"epochs": 1, "batch_size": batch_size, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5}
+    kw: dict[str, Any] = {
+        "epochs": 1,
+        "batch_size": batch_size,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-5,
+    }
     train_many(model, jobs[:2], **kw)  # warm-up
     lines = []
     for name, fn in (

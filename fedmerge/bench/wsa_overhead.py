@@ -19,7 +19,7 @@ import torch
 
 from ..models import build_model
 from ..scopes import WSARegularizer, scope_names, scope_of
-from ..training import proximal_term, resolve_device, train
+from ..training import Regularizer, proximal_term, resolve_device, train
 
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28), "vgg9": (3, 32, 32), "resnet20": (3, 32, 32)}
 
@@ -34,7 +34,7 @@ def time_steps(
     y = torch.randint(0, 10, (batch_size * steps,), generator=g)
     model = build_model(model_name, shape, 10, seed=0).to(device)
     state = model.state_dict()
-    regs = []
+    regs: list[Regularizer] = []
     if variant == "wsa":
         regs = [WSARegularizer(scope_of(state, scope_names(state)), 0.01, device=device)]
     elif variant == "fedprox":

@@ -113,7 +113,7 @@ class TrainingDefaults:
 
 
 #: fedmerge's settings for the small embedded and generated datasets (tuned on digits).
-SMALL_DATA_TRAINING = TrainingDefaults(0.05, 16, 2, "fedmerge")
+SMALL_DATA_TRAINING: TrainingDefaults = TrainingDefaults(0.05, 16, 2, "fedmerge")
 #: NIID-Bench's (Li et al., ICDE 2022, arXiv 2102.02079): SGD lr 0.01, batch 64, 10 local
 #: epochs (momentum 0.9 and weight decay 1e-5 are every dataset's defaults).
 NIID_BENCH_TRAINING = TrainingDefaults(0.01, 64, 10, "NIID-Bench")

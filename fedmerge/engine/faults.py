@@ -213,7 +213,10 @@ class FaultyClientApp:
     def fault_for(self, message: Message, context: Context) -> str | None:
         """The kind of fault that hits this instruction, if any."""
         config = next(iter(message.content.config_records.values()), None)
-        server_round = int(config.get("server-round", 0)) if config is not None else 0
+        value = config.get("server-round", 0) if config is not None else 0
+        if isinstance(value, list):
+            raise TypeError("config 'server-round': expected a number, got a list")
+        server_round = int(value)
         partition = int(context.node_config["partition-id"])
         message_type = message.metadata.message_type
         for fault in self.faults:

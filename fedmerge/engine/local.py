@@ -37,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 from uuid import uuid4
@@ -375,12 +375,12 @@ class LocalGrid(Grid):
         contexts = [self._contexts[m.metadata.dst_node_id] for m in messages]
         batch_train = self.batch_train
 
-        def train() -> list[Message] | None:
+        def train_batch() -> list[Message] | None:
             with _holding_client_lock(round_deadline) as held, _torch_threads(self.client_threads):
                 return batch_train(messages, contexts) if held else None
 
         try:
-            return self._on_client_thread(train)
+            return self._on_client_thread(train_batch)
         except Exception as exc:  # noqa: BLE001 - the per-node path reports per-node errors
             log.warning(
                 "batched training failed (%s: %s); calling the ClientApp per node",
@@ -399,14 +399,17 @@ class LocalGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid4().hex
             ids.append(msg.metadata.message_id)
-        no_limit = timeout is None or timeout >= threading.TIMEOUT_MAX
+        limit = None if timeout is None or timeout >= threading.TIMEOUT_MAX else max(timeout, 0.0)
+        replies: Sequence[Message | None]
         if self.pool is not None:
-            replies = self._deliver_by_pool(messages, None if no_limit else max(timeout, 0.0))
+            replies = self._deliver_by_pool(messages, limit)
         else:
             # How long this round waits for a call of an earlier round that outlived its deadline.
-            round_deadline = None if no_limit else time.monotonic() + max(timeout, 0.0)
-            replies = self._deliver_batch(messages, round_deadline)
-            if replies is None:
+            round_deadline = None if limit is None else time.monotonic() + limit
+            batch = self._deliver_batch(messages, round_deadline)
+            if batch is not None:
+                replies = batch
+            else:
                 replies = [self._deliver(msg, timeout, round_deadline) for msg in messages]
         for message_id, reply in zip(ids, replies, strict=True):
             if reply is not None:

@@ -266,7 +266,9 @@ class WorkerPool:
                     self._set_aside(worker, running, timeout)
         return results
 
-    def _collect(self, worker: _Worker, running: list[_Worker], results: list) -> None:
+    def _collect(
+        self, worker: _Worker, running: list[_Worker], results: list[Result | None]
+    ) -> None:
         try:
             if not worker.conn.poll():
                 raise EOFError
@@ -275,6 +277,7 @@ class WorkerPool:
             self._lost(worker, running)
             return
         index = worker.job
+        assert index is not None  # a running worker has a job
         running.remove(worker)
         worker.job, worker.nodes = None, []
         self._free.append(worker)

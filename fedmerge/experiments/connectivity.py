@@ -273,6 +273,7 @@ def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) 
         beta=_fixed_beta(cfg.match_beta, method),
         seed=cfg.seed,
         max_sweeps=cfg.match_max_sweeps,
+        sites="all" if method == "weight" else cfg.match_sites,  # read by data-based matchers
     )
     return aligned
 

@@ -11,6 +11,9 @@ outputs. Every merge is judged by its *joint* test accuracy over all classes, ne
 - the logit ensemble (mean of the two models' logits): the upper reference every weight-space
   merge is measured against (it runs both networks).
 
+The data-based matchers read the activation sites of run-config key ``match-sites`` (every
+site of a unit space, or only its last: :func:`fedmerge.matching.selected_sites`).
+
 "Merge-site data" is a small labelled slice of the training split drawn evenly from both halves
 (``merge_samples``): activation-based matchers and BatchNorm repair read its inputs; NP Merge
 and its control (SGD fine-tuning of the weight-matched average on the same slice) read its
@@ -49,7 +52,8 @@ State = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class MergeSite:
-    """Everything a merge method may use: the two models, the template, merge-site data."""
+    """Everything a merge method may use: the two models, the template, merge-site data, and
+    the activation sites the data-based matchers read (``match-sites``)."""
 
     model: nn.Module
     a: State
@@ -57,6 +61,7 @@ class MergeSite:
     x: Tensor
     y: Tensor
     seed: int
+    sites: str = "all"
 
     @property
     def spec(self) -> PermutationSpec:
@@ -100,6 +105,7 @@ def _aligned_average(site: MergeSite, matcher: str, beta: float = 0.5) -> State:
         inputs=site.x,
         beta=beta,
         seed=site.seed,
+        sites=site.sites,
     )
     return average([site.a, apply_permutations(spec, perms, site.b)], reference=site.a)
 
@@ -140,6 +146,7 @@ def _auto_beta_average(site: MergeSite) -> State:
         mode="global",
         bn_repair=True,
         seed=site.seed,
+        sites=site.sites,
     )
     log.info("beta=auto chose %g (losses %s)", choice.beta, choice.losses)
     return _aligned_average(site, "dual", choice.beta)
@@ -219,7 +226,13 @@ def one_shot_pair(
         merge_site_indices(data.y_train, data.num_classes, merge_samples, pair_seed)
     )
     site = MergeSite(
-        template, states[0], states[1], data.x_train[idx], data.y_train[idx], pair_seed
+        template,
+        states[0],
+        states[1],
+        data.x_train[idx],
+        data.y_train[idx],
+        pair_seed,
+        sites=cfg.match_sites,
     )
     x_test, y_test = data.x_test, data.y_test
     test_first, _ = class_halves(y_test, data.num_classes)
@@ -381,7 +394,7 @@ def np_merge_site(
     ``site.x``/``site.y`` is the labelled merge-site slice; ``options.holdout`` of it is held
     out for early stopping. ``device`` None picks CUDA when available.
     """
-    alignment = Alignment(site.spec, matcher=matcher, mode="global", beta=beta)
+    alignment = Alignment(site.spec, matcher=matcher, mode="global", beta=beta, sites=site.sites)
     return np_merge(
         [site.a, site.b],
         reference=site.a,

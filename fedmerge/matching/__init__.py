@@ -43,6 +43,14 @@ Choices and deviations (the specification is ``docs/methods.md``, section neuron
   sweep changes nothing (a fixed point). ``beta = 1`` starts from the identity (no data).
 - Correlations are accumulated in float64 with shifted sums (shift = first sample), so a
   constant (dead) unit has exactly zero variance; its correlation with every unit is 0.
+- Activation sites (``sites``, run-config key ``match-sites``): ``"all"`` stacks the samples
+  of every site of a permutation into one correlation (e.g. the stem and every block output
+  of a residual stream); ``"last"`` reads only the last declared site, which is the last in
+  forward order in every registry and inferred spec, as MuDSC's code reads one site per unit
+  space (its last consumer's input). On resnet20 this is MuDSC's site for every permutation;
+  on vit the residual stream reads the last block's output (all tokens, before the final
+  LayerNorm; MuDSC: the head's input, the normalised cls token) and the value space reads
+  ``attn.v``'s output (MuDSC: ``attn.proj``'s input, the attention-weighted values).
 - Activation similarity at a ReLU site (``Site.relu``) is the post-ReLU correlation plus
   ``1e-6`` times the pre-ReLU correlation. Neither paper does this: it only breaks the ties
   among units that are dead on every input (post-ReLU correlation 0 with everything), which
@@ -61,7 +69,7 @@ from torch import Tensor, nn
 
 from ..errors import unknown_name
 from ..permutations import Permutations, PermutationSpec, State
-from .activations import activation_matching
+from .activations import _check_sites, activation_matching, selected_sites
 from .correlation import pearson_correlation
 from .dual import _check_beta, _dual, dual_matching
 from .weights import _check_sweeps, weight_matching, weight_objective
@@ -72,6 +80,7 @@ __all__ = [
     "dual_matching",
     "match",
     "pearson_correlation",
+    "selected_sites",
     "weight_matching",
     "weight_objective",
 ]
@@ -107,6 +116,7 @@ def match(
     beta: float = 0.5,
     seed: int = 0,
     max_sweeps: int = 100,
+    sites: str = "all",
 ) -> Permutations:
     """Align ``other_state`` to ``reference_state`` with the matcher called ``name``.
 
@@ -129,6 +139,9 @@ def match(
         Seed of the visiting order (``weight``, ``dual``).
     max_sweeps : int, default 100
         Sweeps of the coordinate descent (``weight``, ``dual``).
+    sites : {"all", "last"}, default "all"
+        Activation sites read (``activation``, ``dual`` with ``beta < 1``): every site of a
+        permutation, or only its last (:func:`selected_sites`); checked for every matcher.
 
     Returns
     -------
@@ -139,13 +152,15 @@ def match(
     Raises
     ------
     ConfigError
-        Unknown ``name`` (key ``matcher``), or ``beta`` outside [0, 1] (key ``match-beta``).
+        Unknown ``name`` (key ``matcher``), ``beta`` outside [0, 1] (key ``match-beta``), or
+        unknown ``sites`` (key ``match-sites``).
     ValueError
         A data-based matcher without ``model`` or ``inputs``.
     """
     if name not in MATCHERS:
         raise unknown_name("matcher", name, MATCHERS)
     beta = _check_beta(beta)
+    _check_sites(sites)
     if name == "weight":
         return weight_matching(spec, reference_state, other_state, max_sweeps=max_sweeps, seed=seed)
     if name == "dual" and beta == 1.0:  # data-free: no model or inputs needed
@@ -167,7 +182,7 @@ def match(
         )
     reference, other = _loaded(model, reference_state), _loaded(model, other_state)
     if name == "activation":
-        return activation_matching(spec, reference, other, inputs)
+        return activation_matching(spec, reference, other, inputs, sites=sites)
     return dual_matching(
-        spec, reference, other, inputs, beta=beta, max_sweeps=max_sweeps, seed=seed
+        spec, reference, other, inputs, beta=beta, max_sweeps=max_sweeps, seed=seed, sites=sites
     )

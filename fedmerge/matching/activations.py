@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import unknown_name
+from ..options import MATCH_SITES
 from ..permutations import (
+    PermGroup,
     Permutations,
     PermutationSpec,
     Site,
@@ -40,6 +43,32 @@ def _evaluating(*models: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def selected_sites(group: PermGroup, sites: str = "all") -> tuple[Site, ...]:
+    """The activation sites of one permutation that the matchers read (``match-sites``).
+
+    ``"all"``: every site of ``group`` (their samples are stacked into one correlation).
+    ``"last"``: only the *last declared* site, ``group.sites[-1]``, as MuDSC's code reads one
+    site per unit space, its last consumer. Specs declare their sites in forward order
+    (the registry's hand-written specs and :func:`~fedmerge.spec_inference.infer_spec`'s
+    do: tested), so this is the site computed last in the forward pass: for a residual
+    stream the last block's output, for attention q/k the key projection. A spec whose sites
+    are not in forward order gets its last declared site, whatever its position.
+
+    Raises
+    ------
+    ConfigError
+        (key ``match-sites``) for a value other than ``"all"`` or ``"last"``.
+    """
+    _check_sites(sites)
+    return group.sites if sites == "all" else group.sites[-1:]
+
+
+def _check_sites(sites: str) -> str:
+    if sites not in MATCH_SITES:
+        raise unknown_name("match-sites", sites, MATCH_SITES)
+    return sites
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -87,8 +116,11 @@ def _activation_correlations(
     other: nn.Module,
     inputs: Tensor,
     batch_size: int,
+    sites: str = "all",
 ) -> dict[str, Tensor]:
-    """MuDSC ``S_act`` / Git Re-Basin's activation cost of every permutation (float64)."""
+    """MuDSC ``S_act`` / Git Re-Basin's activation cost of every permutation (float64), read
+    at the sites :func:`selected_sites` picks."""
+    chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
     no_sites = [name for name, group in spec.perms.items() if not group.sites]
     if no_sites:
         raise ValueError(f"permutations without activation sites: {no_sites}")
@@ -96,16 +128,16 @@ def _activation_correlations(
         raise ValueError("activation matching needs at least one input")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    owners = [(name, site) for name, group in spec.perms.items() for site in group.sites]
-    sites = [site for _, site in owners]
+    owners = [(name, site) for name in spec.perms for site in chosen[name]]
+    read = [site for _, site in owners]
     post = {name: _PearsonSums() for name in spec.perms}
     # Pre-ReLU correlations, only to tell apart units that are dead on every input.
-    pre = {n: _PearsonSums() for n, g in spec.perms.items() if any(s.relu for s in g.sites)}
+    pre = {n: _PearsonSums() for n in spec.perms if any(s.relu for s in chosen[n])}
     with torch.no_grad(), _evaluating(reference, other):
         for batch in inputs.split(batch_size):
             # One forward pass per model and batch records every site of every permutation.
-            ref_out = _record(reference, batch, sites)
-            other_out = _record(other, batch, sites)
+            ref_out = _record(reference, batch, read)
+            other_out = _record(other, batch, read)
             for (name, site), a, b in zip(owners, ref_out, other_out, strict=True):
                 size = spec.perms[name].size
                 a, b = _unit_samples(a, site, size), _unit_samples(b, site, size)
@@ -135,12 +167,14 @@ def activation_matching(
     inputs: Tensor,
     *,
     batch_size: int = 256,
+    sites: str = "all",
 ) -> Permutations:
     """Git Re-Basin activation matching: align ``other``'s units to ``reference``'s.
 
     Both models run in eval mode without gradients on the same ``inputs``; at every
     :class:`~fedmerge.permutations.Site` of a permutation the outputs are read (ReLU applied
-    when the site says so; every position or token is a sample; several sites stack samples).
+    when the site says so; every position or token is a sample; several sites stack samples,
+    or only the last site is read with ``sites="last"``).
     Each permutation (family, for tied groups) is the assignment maximising the Pearson
     correlation of matched units; layers are matched independently. At ReLU sites,
     ``1e-6`` times the pre-ReLU correlation breaks the ties among dead units.
@@ -156,12 +190,19 @@ def activation_matching(
         ``(N, *input_shape)``, moved batch by batch to each model's device.
     batch_size : int, default 256
         Inputs per forward pass.
+    sites : {"all", "last"}, default "all"
+        ``match-sites``: every site of a permutation, or only its last (:func:`selected_sites`).
 
     Returns
     -------
     dict of str to Tensor
         A ``torch.long`` CPU permutation for every name of ``spec.perms``.
+
+    Raises
+    ------
+    ConfigError
+        (key ``match-sites``) for an unknown ``sites``.
     """
     return _solve_independently(
-        spec, _activation_correlations(spec, reference, other, inputs, batch_size)
+        spec, _activation_correlations(spec, reference, other, inputs, batch_size, sites)
     )

@@ -15,7 +15,7 @@ from ..permutations import (
     State,
     identity_permutations,
 )
-from .activations import _activation_correlations, _solve_independently
+from .activations import _activation_correlations, _check_sites, _solve_independently
 from .assignment import _TOL, _families, _Memo, _sweep, _value
 from .weights import _check_sweeps, _Weights
 
@@ -86,16 +86,18 @@ def dual_matching(
     patience: int = 5,
     seed: int = 0,
     batch_size: int = 256,
+    sites: str = "all",
 ) -> Permutations:
     """MuDSC dual-space matching: align ``other``'s units to ``reference``'s.
 
     Similarity of reference unit i and other unit j is
     ``beta * S_weight[i, j] + (1 - beta) * S_act[i, j]``: ``S_act`` is the activation
-    correlation of :func:`activation_matching` (computed once), ``S_weight`` the Pearson
-    correlation of the units' weight vectors (each unit's slice of every tensor that touches
-    its permutation, the other permutations' current values applied to ``other``; recomputed
-    at every step). Coordinate descent over permutation families in random order, started from
-    the activation-only solution; the best permutations by total similarity are returned.
+    correlation of :func:`activation_matching` (computed once, at the ``sites`` it reads),
+    ``S_weight`` the Pearson correlation of the units' weight vectors (each unit's slice of
+    every tensor that touches its permutation, the other permutations' current values applied
+    to ``other``; recomputed at every step). Coordinate descent over permutation families in
+    random order, started from the activation-only solution; the best permutations by total
+    similarity are returned.
 
     Parameters
     ----------
@@ -115,6 +117,10 @@ def dual_matching(
         Seed of the visiting order.
     batch_size : int, default 256
         Inputs per forward pass.
+    sites : {"all", "last"}, default "all"
+        ``match-sites``: the activation sites ``S_act`` reads, every site of a permutation or
+        only its last (:func:`~fedmerge.matching.activations.selected_sites`); not read when
+        ``beta == 1``.
 
     Returns
     -------
@@ -124,19 +130,21 @@ def dual_matching(
     Raises
     ------
     ConfigError
-        (key ``match-beta``) when ``beta`` is not in [0, 1].
+        (key ``match-beta``) when ``beta`` is not in [0, 1]; (key ``match-sites``) for an
+        unknown ``sites``.
     ValueError
         When ``inputs`` is None and ``beta < 1``.
     """
     beta = _check_beta(beta)
     _check_sweeps(max_sweeps)
+    _check_sites(sites)
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
     if beta < 1.0 and inputs is None:
         raise ValueError("dual matching with beta < 1 needs inputs (activations on data)")
     s_act = None
     if beta < 1.0:
-        s_act = _activation_correlations(spec, reference, other, inputs, batch_size)
+        s_act = _activation_correlations(spec, reference, other, inputs, batch_size, sites)
         if beta == 0.0:
             return _solve_independently(spec, s_act)
     return _dual(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -141,14 +143,15 @@ class ResNet20(nn.Module):
         sizes = {stream: self.conv1.out_channels}
         sites: dict[str, list[Site]] = {stream: [Site("norm1", relu=True)]}
         for stage_index, stage in enumerate((self.layer1, self.layer2, self.layer3), start=1):
-            for block_index, block in enumerate(stage):
+            for block_index, block in enumerate(cast(Iterable[BasicBlock], stage)):
                 prefix = f"layer{stage_index}.{block_index}"
                 source = stream
                 if isinstance(block.shortcut, nn.Sequential):  # a new stream starts here
                     stream = f"P_layer{stage_index}_res"
                     shortcut = block.shortcut
-                    axes |= layer_axes(f"{prefix}.shortcut.conv", shortcut.conv, stream, source)
-                    axes |= layer_axes(f"{prefix}.shortcut.norm", shortcut.norm, stream)
+                    conv, norm = cast(nn.Module, shortcut.conv), cast(nn.Module, shortcut.norm)
+                    axes |= layer_axes(f"{prefix}.shortcut.conv", conv, stream, source)
+                    axes |= layer_axes(f"{prefix}.shortcut.norm", norm, stream)
                 inner = f"P_{prefix}_inner"
                 axes |= layer_axes(f"{prefix}.conv1", block.conv1, inner, source)
                 axes |= layer_axes(f"{prefix}.norm1", block.norm1, inner)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -168,7 +171,7 @@ class ViT(nn.Module):
         axes = layer_axes("patch", self.patch, res)
         axes |= {"cls": (None, None, Axis(res)), "pos": (None, None, Axis(res))}
         perms: dict[str, PermGroup] = {}
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(cast(Iterable[TransformerBlock], self.blocks)):
             prefix, name = f"blocks.{index}", f"P_block{index}"
             qk, vo, mlp = f"{name}_qk", f"{name}_vo", f"{name}_mlp"
             attn = f"{prefix}.attn"

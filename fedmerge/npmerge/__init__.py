@@ -114,6 +114,8 @@ class Alignment:
         ``match-beta``.
     max_sweeps : int
         ``match-max-sweeps``.
+    sites : {"all", "last"}
+        ``match-sites``.
     """
 
     spec: PermutationSpec
@@ -122,6 +124,7 @@ class Alignment:
     iterations: int = 1
     beta: float = 0.5
     max_sweeps: int = 100
+    sites: str = "all"
 
     def __post_init__(self) -> None:
         if self.mode not in REFERENCES:
@@ -153,6 +156,7 @@ class Alignment:
             beta=self.beta,
             seed=seed,
             max_sweeps=self.max_sweeps,
+            sites=self.sites,
         )
         moved.append(fraction)
         report.match_seconds += time.perf_counter() - start
@@ -186,6 +190,7 @@ def align_to_reference(
         inputs=inputs,
         seed=seed,
         max_sweeps=alignment.max_sweeps,
+        sites=alignment.sites,
         report=match_report,
     )
     report.match_seconds += match_report.seconds

@@ -170,7 +170,7 @@ def make_partition(
         fn = FlwrDatasetsPartitioner(scheme)
     else:
         raise unknown_name("partition", scheme, PARTITIONS)
-    if not _is_int(seed) or seed < 0:  # type: ignore[operator]
+    if not _is_int(seed) or seed < 0:
         raise ConfigError("seed", seed, "an integer >= 0")
     rng = np.random.default_rng(int(seed))
     parts = fn(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import TypeGuard
 
 import numpy as np
 
@@ -25,11 +26,13 @@ _FLWR_DATASETS_HINT = "pip install 'fedmerge[flwr-datasets]'"
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
+    """An integer, not a bool (NumPy integers too: the guard types them as ``int``)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[float]:
+    """A real number, not a bool (NumPy numbers too: the guard types them as ``float``)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -61,27 +64,27 @@ def _check_labels(labels: np.ndarray, num_classes: int | None = None) -> tuple[n
 
 
 def _check_num_clients(num_clients: object, num_samples: int) -> int:
-    if not _is_int(num_clients) or not 1 <= num_clients <= num_samples:  # type: ignore[operator]
+    if not _is_int(num_clients) or not 1 <= num_clients <= num_samples:
         raise ConfigError(
             "num-clients",
             num_clients,
             f"an integer from 1 to the number of training samples ({num_samples})",
         )
-    return int(num_clients)  # type: ignore[arg-type]
+    return int(num_clients)
 
 
 def _check_beta(beta: object) -> float:
-    if not _is_real(beta) or not np.isfinite(beta) or beta <= 0:  # type: ignore[arg-type,operator]
+    if not _is_real(beta) or not np.isfinite(beta) or beta <= 0:
         raise ConfigError(
             "partition-beta", beta, "a finite float > 0", hint="smaller beta = more skew"
         )
-    return float(beta)  # type: ignore[arg-type]
+    return float(beta)
 
 
 def _check_min_size(min_size: object, num_clients: int, num_samples: int) -> int:
-    if not _is_int(min_size) or min_size < 0:  # type: ignore[operator]
+    if not _is_int(min_size) or min_size < 0:
         raise ConfigError("partition-min-size", min_size, "an integer >= 0")
-    if min_size * num_clients > num_samples:  # type: ignore[operator]
+    if min_size * num_clients > num_samples:
         raise ConfigError(
             "partition-min-size",
             min_size,
@@ -89,7 +92,7 @@ def _check_min_size(min_size: object, num_clients: int, num_samples: int) -> int
             f"training samples ({num_samples})",
             hint="lower partition-min-size or num-clients",
         )
-    return int(min_size)  # type: ignore[arg-type]
+    return int(min_size)
 
 
 def _sorted_parts(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:

@@ -177,14 +177,16 @@ def label_quantity(
     """
     arr, n_cls = _check_labels(labels, num_classes)
     n_clients = _check_num_clients(num_clients, arr.size)
-    if not _is_int(k) or not 1 <= k <= n_cls:  # type: ignore[operator]
+    if not _is_int(k) or not 1 <= k <= n_cls:
         raise ConfigError("partition-k", k, f"an integer from 1 to the number of classes ({n_cls})")
     k = int(k)
     holders: list[list[int]] = [[] for _ in range(n_cls)]  # label -> clients holding it
     for i in range(n_clients):
         own = i % n_cls
         others = np.delete(np.arange(n_cls), own)
-        extra = rng.choice(others, size=k - 1, replace=False) if k > 1 else []
+        extra: np.ndarray | list[int] = (
+            rng.choice(others, size=k - 1, replace=False) if k > 1 else []
+        )
         for label in [own, *(int(e) for e in extra)]:
             holders[label].append(i)
 
