@@ -310,7 +310,7 @@ def _fraction_moved(perms: Mapping[str, Tensor]) -> float:
     return moved / total if total else 0.0
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The model's BatchNorm layers (the modules that keep running statistics)."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

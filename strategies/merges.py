@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -370,7 +371,11 @@ class FineTunedAverage:
         )
         self.options = FineTuneOptions.build(options)
         self.model, self.device = model, device
-        self.sgd = {"momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size}
+        self.sgd: dict[str, Any] = {
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "batch_size": batch_size,
+        }
         self.__name__ = "fedavg-ft"
 
     def __call__(

@@ -120,12 +120,20 @@ def merge_methods(
         "activation matching": lambda s: _aligned_average(s, "activation"),
     }
     for beta in betas:
-        methods[f"dual (MuDSC) beta={beta:g}"] = lambda s, b=beta: _aligned_average(s, "dual", b)
+
+        def dual_row(site: MergeSite, b: float = beta) -> State:
+            return _aligned_average(site, "dual", b)
+
+        methods[f"dual (MuDSC) beta={beta:g}"] = dual_row
     methods["dual (MuDSC) beta=auto"] = _auto_beta_average
     # Rows that also use the merge-site *labels*: NP Merge, and its fair control, SGD
     # fine-tuning of the weight-matched average on the same labelled slice.
     options = np_options if np_options is not None else NPOptions()
-    methods["NP Merge (weight-aligned)"] = lambda s: np_merge_site(s, options=options)
+
+    def np_row(site: MergeSite) -> State:
+        return np_merge_site(site, options=options)
+
+    methods["NP Merge (weight-aligned)"] = np_row
     methods["fine-tuned matched average"] = _fine_tuned_matched_average
     methods.update(EXTRA_METHODS)
     return methods

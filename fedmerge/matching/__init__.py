@@ -180,6 +180,7 @@ def match(
         raise ValueError(
             f"matcher {name!r} (beta={beta}) reads activations and needs " + " and ".join(missing)
         )
+    assert model is not None and inputs is not None  # checked just above
     reference, other = _loaded(model, reference_state), _loaded(model, other_state)
     if name == "activation":
         return activation_matching(spec, reference, other, inputs, sites=sites)

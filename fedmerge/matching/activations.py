@@ -96,7 +96,9 @@ def _record(model: nn.Module, batch: Tensor, sites: list[Site]) -> list[Tensor]:
             raise ValueError(f"activation site {site.module!r} is not a module of the model")
 
         def hook(_module: nn.Module, _args: object, output: object, k: int = k) -> None:
-            outputs[k] = (output[0] if isinstance(output, tuple) else output).detach()
+            value = output[0] if isinstance(output, tuple) else output
+            assert isinstance(value, Tensor), f"site {k}: a module output that is no tensor"
+            outputs[k] = value.detach()
 
         handles.append(modules[site.module].register_forward_hook(hook))
     try:

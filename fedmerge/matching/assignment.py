@@ -51,7 +51,7 @@ def _solve_family(spec: PermutationSpec, scores: Mapping[str, np.ndarray]) -> Pe
     if groups == 1:
         return {name: torch.from_numpy(_lap(s)[0]) for name, s in scores.items()}
     solutions = {name: _block_solutions(s, groups) for name, s in scores.items()}
-    block_cols, _ = _lap(sum(totals for _, totals in solutions.values()))
+    block_cols, _ = _lap(np.sum([totals for _, totals in solutions.values()], axis=0))
     out: Permutations = {}
     for name, (orders, _) in solutions.items():
         size = spec.perms[name].group_size

@@ -144,6 +144,7 @@ def dual_matching(
         raise ValueError("dual matching with beta < 1 needs inputs (activations on data)")
     s_act = None
     if beta < 1.0:
+        assert inputs is not None  # checked above
         s_act = _activation_correlations(spec, reference, other, inputs, batch_size, sites)
         if beta == 0.0:
             return _solve_independently(spec, s_act)

@@ -81,7 +81,11 @@ class _Weights:
 
     def inner(self, name: str, perms: Permutations) -> Tensor:
         """Git Re-Basin cost: ``C[i, j] = <ref unit i, other unit j>`` over every tensor."""
-        return sum(a @ b.T for a, b in self._pairs(name, perms))
+        costs = [a @ b.T for a, b in self._pairs(name, perms)]
+        if not costs:  # every tensor of the space left out of the score
+            size = self.spec.perms[name].size
+            return torch.zeros(size, size, dtype=torch.float64)
+        return torch.stack(costs).sum(0)
 
     def correlation(self, name: str, perms: Permutations) -> Tensor:
         """MuDSC ``S_weight``: Pearson correlation of the concatenated unit weight vectors."""

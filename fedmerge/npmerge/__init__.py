@@ -56,6 +56,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -281,8 +282,13 @@ def np_merge(
     x_dev, y_dev = x.to(device), y.to(device)
     repair = bn_repair and bool(batchnorm_layers(work))
     moved: list[float] = []
-    common = {"model": model, "inputs": x, "report": report, "moved": moved}
-    learn = {"options": options, "device": device, "reference": source, "report": report}
+    common: dict[str, Any] = {"model": model, "inputs": x, "report": report, "moved": moved}
+    learn: dict[str, Any] = {
+        "options": options,
+        "device": device,
+        "reference": source,
+        "report": report,
+    }
     aligned: list[dict[str, Tensor]] = []  # np-align=running aligns inside the chain
     if options.align == "reference":
         aligned = align_to_reference(
@@ -295,7 +301,7 @@ def np_merge(
         )
     else:
         order = sorted(range(len(states)), key=lambda k: -shares[k])  # stable: ties in order
-        merged = aligned[order[0]] if options.align == "reference" else states[order[0]]
+        merged = dict(aligned[order[0]] if options.align == "reference" else states[order[0]])
         start_state, total = merged, shares[order[0]]
         for step, k in enumerate(order[1:], start=1):
             if options.align == "reference":
