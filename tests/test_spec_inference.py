@@ -499,3 +499,12 @@ def test_model_spec_without_spec_or_example_input() -> None:
     with pytest.raises(TypeError, match=r"QuickstartNet declares no permutation_spec\(\)") as info:
         model_spec(QuickstartNet())
     assert "example input" in str(info.value)
+
+
+def test_a_reparametrised_weight_is_refused_by_name():
+    """weight_norm keeps `weight` out of the state (weight_g / weight_v, or parametrizations.*):
+    the layer cannot be followed, and the refusal names it (it was an AttributeError)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(SpecInferenceError, match=r"0\.weight is not a state entry"):
+        infer_spec(model, torch.randn(2, 4))
