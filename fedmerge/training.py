@@ -125,10 +125,6 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     return out
 
 
-# The old private name, still imported by npmerge/learning.py and tests/test_bench.py.
-_batches = batches
-
-
 def train(
     model: nn.Module,
     x: torch.Tensor,

@@ -16,7 +16,7 @@ from fedmerge.bench.throughput import (
     steps_per_epoch,
 )
 from fedmerge.errors import FedmergeError
-from fedmerge.training import _batches
+from fedmerge.training import batches
 
 
 def _positive(value) -> bool:
@@ -84,7 +84,7 @@ def test_unknown_engine_is_refused():
 
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 128, 129, 200])
 def test_steps_per_epoch_matches_training_batches(n):
-    assert steps_per_epoch(n, 64) == len(_batches(n, 64, torch.Generator().manual_seed(0)))
+    assert steps_per_epoch(n, 64) == len(batches(n, 64, torch.Generator().manual_seed(0)))
 
 
 def test_train_seconds_estimate_is_exact_for_step_proportional_times():

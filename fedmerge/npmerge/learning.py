@@ -17,7 +17,7 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
-from ..training import _batches
+from ..training import batches as training_batches
 from .fusion import _Adam, _Fusion, _nbytes
 from .options import _EVAL_BATCH, NPOptions, NPReport
 
@@ -101,7 +101,7 @@ class _Problem:
     ) -> tuple[int, int]:
         """One epoch of Adam steps over ``(x, y)``: (steps, bytes held at the first step)."""
         self.refresh_stats(x)
-        batches = _batches(len(y), self.options.batch_size, generator)
+        batches = training_batches(len(y), self.options.batch_size, generator)
         self.stale, counted = True, 0
         for idx in batches:
             idx = idx.to(x.device)
