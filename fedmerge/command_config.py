@@ -30,6 +30,9 @@ _CONFIG_FILE = _config_module.__file__
 #: Direct reads from these do not count: dataclasses (``replace``) and the methods dataclasses
 #: generate (``__eq__``, ``__hash__``, ``__repr__``: their code has no file).
 _MACHINERY = frozenset({dataclasses.__file__, "<string>"})
+#: RunConfig's properties (``hidden_sizes``): they hand a key's value to their caller, so a read
+#: made inside one is the caller's use of the key, not validation's.
+_VIEWS = frozenset(name for name, value in vars(RunConfig).items() if isinstance(value, property))
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -42,7 +45,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _not_a_use() -> bool:
-    """Whether the read being recorded comes from dataclass machinery or fedmerge.config."""
+    """Whether the read being recorded comes from dataclass machinery or fedmerge.config
+    (validation, ``to_mapping``; a read inside one of its properties is the caller's use)."""
     # 0: here, 1: _record, 2: __getattribute__, 3: the reader
     reader = sys._getframe(3)
     if reader.f_code.co_filename in _MACHINERY:
@@ -50,7 +54,7 @@ def _not_a_use() -> bool:
     frame: FrameType | None = reader
     while frame is not None:
         if frame.f_code.co_filename == _CONFIG_FILE:
-            return True
+            return frame.f_code.co_name not in _VIEWS
         frame = frame.f_back
     return False
 

@@ -38,6 +38,16 @@ def test_unused_command_line_keys_are_warned_about(caplog):
     assert "np-holdout" not in caplog.text and "dataset" not in caplog.text
 
 
+def test_a_key_read_through_a_config_property_counts_as_used(caplog):
+    # mlp-hidden is read through RunConfig.hidden_sizes, which lives in fedmerge.config
+    args = _args("mlp-hidden=32,16", "num-rounds=5")
+    cfg, read = command_config(args)
+    assert cfg.hidden_sizes == (32, 16)
+    with caplog.at_level(logging.WARNING, logger="fedmerge"):
+        assert warn_unused("merge-experiment", args, read) == ["num-rounds"]
+    assert "mlp-hidden" not in caplog.text
+
+
 def test_the_partitions_command_names_a_key_it_ignores(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fedmerge"):
         code = main(
