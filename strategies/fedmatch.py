@@ -90,12 +90,13 @@ class FedMatch(MergeStrategy):
         o = self.options
         log(
             INFO,
-            "\t└──> matching: %s | reference %s | iterations %d | beta %s | BN repair %s | "
-            "proxy %d samples",
+            "\t└──> matching: %s | reference %s | iterations %d | beta %s | sites %s | "
+            "BN repair %s | proxy %d samples",
             o.method,
             o.reference,
             o.iterations,
             o.beta,
+            o.sites,
             self.matched.repair,
             self.matched.proxy_size,
         )

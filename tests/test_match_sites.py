@@ -392,3 +392,14 @@ def test_connectivity_aligns_with_the_run_configs_sites():
         cfg = RunConfig.from_mapping({"match-sites": sites})
         aligned = _aligned(cfg, reference, a, b, "activation", x)
         assert all(torch.equal(aligned[k], undone[k]) for k in undone) is exact
+
+
+def test_fedmatch_summary_names_the_sites(monkeypatch):
+    import fedmerge.strategies.fedmatch as module
+
+    lines: list[str] = []
+    monkeypatch.setattr(module, "log", lambda level, msg, *args: lines.append(msg % args))
+    reference, _, _, x = planted_pair()
+    strategy = FedMatch(model=reference, proxy=x, options=_options("activation", "last"))
+    strategy.summary()
+    assert any("sites last" in line for line in lines), lines
