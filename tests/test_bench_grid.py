@@ -734,3 +734,63 @@ def test_the_regimes_presets_hold_their_regimes():
         for p in wsa.partitions.values()
     }
     assert partitions == {("label-quantity", 2, None), ("dirichlet", None, 0.1)}
+
+
+LABELLED = """
+seeds = [0, 1, 2]
+[base]
+dataset = "digits"
+num-clients = 3
+num-rounds = 2
+model = "mlp"
+mlp-hidden = "16"
+proxy-size = 50
+save-model = false
+[partitions.iid]
+partition = "iid"
+[variants.fedavg]
+strategy = "fedavg"
+[variants.ft]
+strategy = "fedavg-ft"
+[variants.np]
+strategy = "fednpmerge"
+[variants.dual-auto]
+strategy = "fedmatch"
+match-method = "dual"
+match-beta = "auto"
+[variants.dual-half]
+strategy = "fedmatch"
+match-method = "dual"
+match-beta = 0.5
+[variants.activation]
+strategy = "fedmatch"
+match-method = "activation"
+"""
+
+
+def test_label_using_variants_are_also_paired_with_fedavg_fine_tuned(tmp_path):
+    """The issue's second comparison: variants that learn from the server's labelled slice
+    (NP Merge, match-beta = auto) minus FedAvg fine-tuned on it, seed by seed; the others
+    (and FedAvg-ft itself) are not compared with it."""
+    from fedmerge.bench.grid_report import write_report
+
+    spec = parse_spec(LABELLED)
+    curves = _fake_results(spec, tmp_path)
+    report = write_report(spec, tmp_path).read_text()
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert {v for v, r in rows.items() if "labelled-reference" in r} == {"np", "dual-auto"}
+    for variant in ("np", "dual-auto"):
+        final = {v: [curves[Cell("", "iid", v, "", s)][-1] for s in spec.seeds] for v in rows}
+        diffs = [a - b for a, b in zip(final[variant], final["ft"], strict=True)]
+        row = rows[variant]
+        assert row["labelled-reference"] == "ft" and row["labelled-paired-seeds"] == 3
+        assert row["labelled-final-minus-reference"] == pytest.approx(
+            [np.mean(diffs), np.std(diffs, ddof=1)]
+        )
+        assert row["labelled-ahead-of-reference"] == sum(d > 0 for d in diffs)
+    table = report[report.index("minus ft's") :]
+    assert "learn from the server's labelled proxy slice" in table
+    body = [ln for ln in table.splitlines() if ln.startswith("| ") and "variant" not in ln]
+    assert [ln.split(" | ")[0][2:] for ln in body[:2]] == ["np", "dual-auto"]
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "labelled-final-minus-reference-mean" in header

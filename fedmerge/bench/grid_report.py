@@ -8,11 +8,16 @@ which. Files written into the results folder:
     One row per (dataset, partition, variant, grid combination): over the finished seeds,
     ``[mean, std]`` of final-round and best-round test accuracy, of the first round reaching
     the target accuracy (among the seeds that reach it), and of the wall seconds per round;
-    the mean accuracy curve and its std. ``null`` where there is nothing to average.
+    the mean accuracy curve and its std. ``null`` where there is nothing to average. The
+    final accuracy minus the reference variant's (``fedavg`` when the grid has it), paired by
+    seed; for the variants that learn from the server's labelled proxy slice (NP Merge,
+    ``match-beta = auto``), also minus the grid's ``fedavg-ft`` variant's (``labelled-*``
+    keys): the control that gets the same labelled samples.
 ``results.csv``
     The same rows, flat.
 ``report.md``
-    Per dataset, final and best accuracy pivoted (variants x partitions), then one detailed
+    Per dataset, final and best accuracy pivoted (variants x partitions), the paired
+    differences (to the reference, and the label-using variants' to FedAvg-ft), then one detailed
     table per partition, and the plots. Partitions are named in words (``#C=2``, ``Dir(0.5)``,
     ``IID``: :func:`fedmerge.plots.partition_label`). A spec's ``[published]`` results appear
     as a row marked "published (not run)" in the tables of the column they compare with.
@@ -44,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
+from ..options import MatchOptions
 from ..results import read_metrics
 from .grid_spec import BenchSpec, Cell
 
@@ -119,6 +125,31 @@ def summarize_group(
     }
 
 
+#: The control for labelled server data: FedAvg fine-tuned on the same labelled proxy slice.
+LABELLED_CONTROL = "fedavg-ft"
+
+
+def uses_server_labels(cfg: RunConfig) -> bool:
+    """Whether a cell learns from the server's labelled proxy slice: NP Merge's coefficients,
+    FedAvg-ft's fine-tuning, and the dual matcher's ``match-beta = auto`` choice (FedMatch, or
+    FedWSA with ``wsa-merge = matched``). Inputs alone (activation matching, BatchNorm
+    repair) do not count."""
+    if cfg.strategy in ("fednpmerge", LABELLED_CONTROL):
+        return True
+    matching = cfg.strategy == "fedmatch" or (
+        cfg.strategy == "fedwsa" and cfg.wsa_merge == "matched"
+    )
+    return matching and MatchOptions.from_config(cfg).auto_beta
+
+
+def labelled_control_variant(spec: BenchSpec) -> str | None:
+    """The grid's FedAvg-ft variant (by strategy, first one), or None."""
+    for variant, keys in spec.variants.items():
+        if keys.get("strategy") == LABELLED_CONTROL:
+            return variant
+    return None
+
+
 def reference_variant(spec: BenchSpec) -> str:
     """The variant every other is compared with, seed by seed: ``fedavg`` when the grid has
     it, else its first variant."""
@@ -167,7 +198,12 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
         name = spec.dataset_name(cells[0])
         goal = target if target is not None else spec.target_for(group[0], name)
         row = summarize_group(spec, out, cells, [runs[c] for c in cells], goal)
-        rows.append(row | paired_difference(cells, runs, reference_variant(spec)))
+        row |= paired_difference(cells, runs, reference_variant(spec))
+        control = labelled_control_variant(spec)
+        if control and group[2] != control and uses_server_labels(spec.config(cells[0], out)):
+            versus = paired_difference(cells, runs, control)
+            row |= {f"labelled-{k}": v for k, v in versus.items()}
+        rows.append(row)
     return {
         "source": spec.source,
         "seeds": list(spec.seeds),
@@ -183,13 +219,15 @@ CSV_COLUMNS = (
     "dataset", "partition", "variant", "combo", "strategy", "seeds", "final-accuracy",
     "best-accuracy", "target-accuracy", "rounds-to-target", "reached-target",
     "seconds-per-round", "diverged", "scope-spread", "reference", "final-minus-reference",
-    "paired-seeds", "ahead-of-reference",
+    "paired-seeds", "ahead-of-reference", "labelled-reference",
+    "labelled-final-minus-reference", "labelled-paired-seeds", "labelled-ahead-of-reference",
 )  # fmt: skip
 
 
 _PAIRS = (
     "final-accuracy",
     "final-minus-reference",
+    "labelled-final-minus-reference",
     "best-accuracy",
     "rounds-to-target",
     "seconds-per-round",
@@ -209,9 +247,9 @@ def write_csv(summary: dict[str, Any], path: Path) -> None:
         line: list[Any] = []
         for col in CSV_COLUMNS:
             if col in _PAIRS:
-                line += row[col] or ["", ""]
+                line += row.get(col) or ["", ""]
             else:
-                line.append("" if row[col] is None else row[col])
+                line.append("" if row.get(col) is None else row[col])
         writer.writerow(line)
     path.write_text(buf.getvalue())
 
@@ -299,23 +337,34 @@ def _pivot(
 
 
 def _paired(
-    rows: list[dict[str, Any]], partitions: list[str], titles: dict[str, str] | None = None
+    rows: list[dict[str, Any]],
+    partitions: list[str],
+    titles: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> list[str]:
-    """The final accuracy minus the reference's, paired by seed: points, (ahead/paired seeds)."""
-    reference = rows[0]["reference"]
+    """The final accuracy minus the reference's, paired by seed: points, (ahead/paired seeds).
+    ``prefix="labelled-"``: the label-using variants minus the labelled-data control."""
+    mine = [r for r in rows if r.get(f"{prefix}paired-seeds")]
+    reference = mine[0][f"{prefix}reference"]
+    which = (
+        f", for the variants that learn from the server's labelled proxy slice ({reference} "
+        "is FedAvg fine-tuned on the same samples)"
+        if prefix
+        else ""
+    )
     lines = [
-        f"Final-round accuracy minus {reference}'s on the same seed (points, mean ± std over the "
-        f"seeds both finished; in brackets: seeds ahead of {reference} / seeds paired):",
+        f"Final-round accuracy minus {reference}'s on the same seed{which} (points, mean ± std "
+        f"over the seeds both finished; in brackets: seeds ahead of {reference} / seeds "
+        "paired):",
         "",
     ]
-    labels = [lbl for lbl in dict.fromkeys(_row_label(r) for r in rows)]
+    labels = [lbl for lbl in dict.fromkeys(_row_label(r) for r in mine)]
     cell = {}
-    for r in rows:
-        if r["paired-seeds"]:
-            diff = _pct(r["final-minus-reference"])
-            cell[(_row_label(r), r["partition"])] = (
-                f"{diff} ({r['ahead-of-reference']}/{r['paired-seeds']})"
-            )
+    for r in mine:
+        diff = _pct(r[f"{prefix}final-minus-reference"])
+        cell[(_row_label(r), r["partition"])] = (
+            f"{diff} ({r[f'{prefix}ahead-of-reference']}/{r[f'{prefix}paired-seeds']})"
+        )
     heads = [(titles or {}).get(p, p) for p in partitions]
     lines += ["| variant | " + " | ".join(heads) + " |", "|---" * (len(partitions) + 1) + "|"]
     for label in labels:
@@ -482,6 +531,8 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
         lines += _pivot(rows, partitions, "best-accuracy", titles, row_of.get("best-accuracy"))
         if any(r["paired-seeds"] for r in rows):
             lines += ["", *_paired(rows, partitions, titles)]
+        if any(r.get("labelled-paired-seeds") for r in rows):
+            lines += ["", *_paired(rows, partitions, titles, prefix="labelled-")]
         lines += _accuracy_plots(spec, out, dataset, partitions, titles, curves, published)
         cells = [c for c in all_cells if dataset_title(spec, c) == dataset]
         counts = _heatmaps(spec, out, cells)
