@@ -139,6 +139,8 @@ def test_every_table_spec_has_its_fedmerge_bench_command_in_the_docs():
         (("seeds = [0, 1]", "seeds = [0, 0]"), "[seeds]"),
         (("seeds = [0, 1]", "seed = [0, 1]"), "did you mean seeds"),
         (("target-accuracy = 0.5", "target-accuracy = 50"), "[target-accuracy]"),
+        (("target-accuracy = 0.5", "last-rounds = 0"), "[last-rounds]"),
+        (("target-accuracy = 0.5", 'last-rounds = "5"'), "[last-rounds]"),
         (("[partitions.c2]", "[partitions.'c 2']"), "folder name"),
         (("[strategy-keys.fedprox]", "[grid]\nlr = 0.1\n[strategy-keys.fedprox]"), "[grid]"),
         (("[strategy-keys.fedprox]", "[grid]\nnum-clients = [3, 4]\n[x]"), "top-level key"),
@@ -788,8 +790,19 @@ def test_label_using_variants_are_also_paired_with_fedavg_fine_tuned(tmp_path):
             [np.mean(diffs), np.std(diffs, ddof=1)]
         )
         assert row["labelled-ahead-of-reference"] == sum(d > 0 for d in diffs)
+        # the same over the last rounds: the two trained rounds of this 2-round grid
+        last = {v: [curves[Cell("", "iid", v, "", s)][1:].mean() for s in spec.seeds] for v in rows}
+        last_diffs = [a - b for a, b in zip(last[variant], last["ft"], strict=True)]
+        assert row["labelled-last-rounds-minus-reference"] == pytest.approx(
+            [np.mean(last_diffs), np.std(last_diffs, ddof=1)]
+        )
+        assert row["last-rounds"] == 2
+        assert row["last-rounds-accuracy"] == pytest.approx(
+            [np.mean(last[variant]), np.std(last[variant], ddof=1)]
+        )
     table = report[report.index("minus ft's") :]
     assert "learn from the server's labelled proxy slice" in table
+    assert "Accuracy averaged over each seed's last 2 rounds minus ft's" in table
     body = [ln for ln in table.splitlines() if ln.startswith("| ") and "variant" not in ln]
     assert [ln.split(" | ")[0][2:] for ln in body[:2]] == ["np", "dual-auto"]
     header = (tmp_path / "results.csv").read_text().splitlines()[0]

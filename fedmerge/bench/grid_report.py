@@ -70,6 +70,13 @@ def rounds_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | Non
     return next((int(r["round"]) for r in rows if r["test-accuracy"] >= target), None)
 
 
+def last_rounds_accuracy(rows: list[dict[str, Any]], k: int) -> float:
+    """Mean test accuracy over the run's last ``k`` rounds (round 0, the initial model, never
+    counts; all rounds if the run has fewer)."""
+    trained = [r["test-accuracy"] for r in rows if r["round"] > 0] or [rows[-1]["test-accuracy"]]
+    return statistics.fmean(trained[-k:])
+
+
 def finished_runs(spec: BenchSpec, out: Path) -> dict[Cell, list[dict[str, Any]]]:
     """Per finished cell, its per-round metrics (cells in spec order)."""
     runs = {}
@@ -96,6 +103,7 @@ def summarize_group(
     first = cells[0]
     final = [r[-1]["test-accuracy"] for r in runs]
     best = [max(x["test-accuracy"] for x in r) for r in runs]
+    last = [last_rounds_accuracy(r, spec.last_rounds) for r in runs]
     reached = [rounds_to_target(r, target) for r in runs] if target is not None else []
     per_round = [statistics.fmean(x.get("round-time", math.nan) for x in r[1:]) for r in runs]
     per_eval = [statistics.fmean(x.get("eval-time", math.nan) for x in r) for r in runs]
@@ -112,6 +120,8 @@ def summarize_group(
         "seeds-expected": len(spec.seeds),
         "final-accuracy": _mean_std(final),
         "best-accuracy": _mean_std(best),
+        "last-rounds": min(spec.last_rounds, len(runs[0]) - 1),
+        "last-rounds-accuracy": _mean_std(last),
         "target-accuracy": target,
         "rounds-to-target": _mean_std([float(r) for r in reached if r is not None]),
         "reached-target": sum(r is not None for r in reached),
@@ -157,22 +167,29 @@ def reference_variant(spec: BenchSpec) -> str:
 
 
 def paired_difference(
-    cells: list[Cell], runs: dict[Cell, list[dict]], reference: str
+    cells: list[Cell], runs: dict[Cell, list[dict]], reference: str, last_rounds: int = 0
 ) -> dict[str, Any]:
     """Final accuracy minus the reference variant's, on the same dataset, partition, keys and
     seed, for the seeds where both finished: mean ± std of the differences, and on how many
-    seeds the variant is ahead. Pairing removes what a seed's partition and initialisation do
-    to every strategy alike, which the unpaired stds of two rows still contain."""
-    diffs = []
+    seeds the variant is ahead; with ``last_rounds``, the same for the mean accuracy of the
+    last ``last_rounds`` rounds (:func:`last_rounds_accuracy`). Pairing removes what a seed's
+    partition and initialisation do to every strategy alike, which the unpaired stds of two
+    rows still contain."""
+    diffs, last_diffs = [], []
     for cell in cells:
         other = replace(cell, variant=reference)
         if cell.variant != reference and cell in runs and other in runs:
             diffs.append(runs[cell][-1]["test-accuracy"] - runs[other][-1]["test-accuracy"])
+            if last_rounds:
+                mine, theirs = (last_rounds_accuracy(runs[c], last_rounds) for c in (cell, other))
+                last_diffs.append(mine - theirs)
     return {
         "reference": reference,
         "final-minus-reference": _mean_std(diffs),
         "paired-seeds": len(diffs),
         "ahead-of-reference": sum(d > 0 for d in diffs),
+        "last-rounds-minus-reference": _mean_std(last_diffs),
+        "last-rounds-ahead-of-reference": sum(d > 0 for d in last_diffs),
     }
 
 
@@ -198,10 +215,10 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
         name = spec.dataset_name(cells[0])
         goal = target if target is not None else spec.target_for(group[0], name)
         row = summarize_group(spec, out, cells, [runs[c] for c in cells], goal)
-        row |= paired_difference(cells, runs, reference_variant(spec))
+        row |= paired_difference(cells, runs, reference_variant(spec), spec.last_rounds)
         control = labelled_control_variant(spec)
         if control and group[2] != control and uses_server_labels(spec.config(cells[0], out)):
-            versus = paired_difference(cells, runs, control)
+            versus = paired_difference(cells, runs, control, spec.last_rounds)
             row |= {f"labelled-{k}": v for k, v in versus.items()}
         rows.append(row)
     return {
@@ -217,10 +234,13 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
 # -- files -------------------------------------------------------------------------------------
 CSV_COLUMNS = (
     "dataset", "partition", "variant", "combo", "strategy", "seeds", "final-accuracy",
-    "best-accuracy", "target-accuracy", "rounds-to-target", "reached-target",
+    "best-accuracy", "last-rounds", "last-rounds-accuracy", "target-accuracy",
+    "rounds-to-target", "reached-target",
     "seconds-per-round", "diverged", "scope-spread", "reference", "final-minus-reference",
     "paired-seeds", "ahead-of-reference", "labelled-reference",
     "labelled-final-minus-reference", "labelled-paired-seeds", "labelled-ahead-of-reference",
+    "last-rounds-minus-reference", "last-rounds-ahead-of-reference",
+    "labelled-last-rounds-minus-reference", "labelled-last-rounds-ahead-of-reference",
 )  # fmt: skip
 
 
@@ -228,6 +248,9 @@ _PAIRS = (
     "final-accuracy",
     "final-minus-reference",
     "labelled-final-minus-reference",
+    "last-rounds-accuracy",
+    "last-rounds-minus-reference",
+    "labelled-last-rounds-minus-reference",
     "best-accuracy",
     "rounds-to-target",
     "seconds-per-round",
@@ -341,29 +364,36 @@ def _paired(
     partitions: list[str],
     titles: dict[str, str] | None = None,
     prefix: str = "",
+    metric: str = "final",
 ) -> list[str]:
-    """The final accuracy minus the reference's, paired by seed: points, (ahead/paired seeds).
-    ``prefix="labelled-"``: the label-using variants minus the labelled-data control."""
+    """The final accuracy (``metric="last-rounds"``: the mean of the last rounds) minus the
+    reference's, paired by seed: points, (ahead/paired seeds). ``prefix="labelled-"``: the
+    label-using variants minus the labelled-data control."""
     mine = [r for r in rows if r.get(f"{prefix}paired-seeds")]
     reference = mine[0][f"{prefix}reference"]
     which = (
-        f", for the variants that learn from the server's labelled proxy slice ({reference} "
-        "is FedAvg fine-tuned on the same samples)"
+        f", for the variants that learn from the server's labelled proxy slice; {reference} "
+        "is FedAvg fine-tuned on the same samples"
         if prefix
         else ""
     )
+    what = (
+        "Final-round accuracy"
+        if metric == "final"
+        else f"Accuracy averaged over each seed's last {mine[0]['last-rounds']} rounds"
+    )
+    ahead = "ahead-of-reference" if metric == "final" else f"{metric}-ahead-of-reference"
     lines = [
-        f"Final-round accuracy minus {reference}'s on the same seed{which} (points, mean ± std "
-        f"over the seeds both finished; in brackets: seeds ahead of {reference} / seeds "
-        "paired):",
+        f"{what} minus {reference}'s on the same seed{which} (points, mean ± std over the "
+        f"seeds both finished; in brackets: seeds ahead of {reference} / seeds paired):",
         "",
     ]
     labels = [lbl for lbl in dict.fromkeys(_row_label(r) for r in mine)]
     cell = {}
     for r in mine:
-        diff = _pct(r[f"{prefix}final-minus-reference"])
+        diff = _pct(r[f"{prefix}{metric}-minus-reference"])
         cell[(_row_label(r), r["partition"])] = (
-            f"{diff} ({r[f'{prefix}ahead-of-reference']}/{r[f'{prefix}paired-seeds']})"
+            f"{diff} ({r[f'{prefix}{ahead}']}/{r[f'{prefix}paired-seeds']})"
         )
     heads = [(titles or {}).get(p, p) for p in partitions]
     lines += ["| variant | " + " | ".join(heads) + " |", "|---" * (len(partitions) + 1) + "|"]
@@ -529,10 +559,13 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
         lines += _pivot(rows, partitions, "final-accuracy", titles, row_of.get("final-accuracy"))
         lines += ["", "Best-round accuracy (%):", ""]
         lines += _pivot(rows, partitions, "best-accuracy", titles, row_of.get("best-accuracy"))
-        if any(r["paired-seeds"] for r in rows):
-            lines += ["", *_paired(rows, partitions, titles)]
-        if any(r.get("labelled-paired-seeds") for r in rows):
-            lines += ["", *_paired(rows, partitions, titles, prefix="labelled-")]
+        k = rows[0]["last-rounds"]
+        lines += ["", f"Accuracy averaged over each seed's last {k} rounds (%):", ""]
+        lines += _pivot(rows, partitions, "last-rounds-accuracy", titles)
+        for prefix in ("", "labelled-"):
+            if any(r.get(f"{prefix}paired-seeds") for r in rows):
+                for metric in ("final", "last-rounds"):
+                    lines += ["", *_paired(rows, partitions, titles, prefix, metric)]
         lines += _accuracy_plots(spec, out, dataset, partitions, titles, curves, published)
         cells = [c for c in all_cells if dataset_title(spec, c) == dataset]
         counts = _heatmaps(spec, out, cells)

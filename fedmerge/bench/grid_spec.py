@@ -5,6 +5,7 @@ A spec is a TOML file, or the name of a preset shipped in ``fedmerge/bench/prese
     description = "what it compares"     # optional; printed in the report
     seeds = [0, 1, 2]
     target-accuracy = 0.8                # optional: rounds to reach it (or {mnist = 0.97, ...})
+    last-rounds = 5                      # optional (default 5): the report's "last rounds" mean
     datasets = ["mnist", "fashion-mnist"]  # optional axis (or [datasets.NAME] tables of keys)
     strategies = "all"                   # optional: one variant per registered strategy, or a list
     [base]                               # run-config keys shared by every cell
@@ -49,6 +50,7 @@ TOP_LEVEL_KEYS = (
     "description",
     "seeds",
     "target-accuracy",
+    "last-rounds",
     "datasets",
     "strategies",
     "base",
@@ -122,6 +124,9 @@ class BenchSpec:
     combos: dict[str, dict[str, Any]]
     description: str = ""
     target_accuracy: float | dict[str, float] | None = None
+    #: the report averages each seed's accuracy over its last this-many rounds (fewer if the
+    #: run has fewer): steadier than the final round where accuracy swings from round to round
+    last_rounds: int = 5
     #: where each variant's keys come from (``variants.NAME`` or ``strategy-keys.NAME``)
     variant_tables: dict[str, str] = field(default_factory=dict)
     #: keys applied over every cell (``--data-root`` / ``FEDMERGE_DATA_ROOT``)
@@ -293,6 +298,7 @@ def parse_spec(
         combos=_combos(raw.get("grid", {}), source),
         description=str(raw.get("description", "")),
         target_accuracy=_target(raw.get("target-accuracy"), source),
+        last_rounds=_last_rounds(raw.get("last-rounds", 5), source),
         variant_tables=variant_tables,
         overrides=dict(overrides or {}),
         published=_published(raw.get("published"), source),
@@ -418,6 +424,12 @@ def _combos(grid: Any, source: str) -> dict[str, dict[str, Any]]:
         label = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
         combos[_check_name(label, "grid", source)] = dict(zip(keys, values, strict=True))
     return combos
+
+
+def _last_rounds(value: Any, source: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _fail(source, "last-rounds", f"got {value!r}; allowed: an integer >= 1")
 
 
 def _target(value: Any, source: str) -> float | dict[str, float] | None:
