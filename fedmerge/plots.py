@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from types import ModuleType
 
-def _pyplot():
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -163,19 +169,19 @@ class Reference(NamedTuple):
     label: str
 
 
-def _variant_colors(plt: Any, variants: Sequence[str]) -> dict[str, Any]:
+def _variant_colors(plt: ModuleType, variants: Sequence[str]) -> dict[str, Any]:
     """Distinct colours for up to 20 variants (tab20: the dark shades first)."""
     colors = plt.get_cmap("tab20").colors
     return {v: colors[(2 * i) % 20 + (2 * i) // 20 % 2] for i, v in enumerate(variants)}
 
 
-def _draw_reference(ax: Any, ref: Reference) -> None:
+def _draw_reference(ax: Axes, ref: Reference) -> None:
     ax.axhline(ref.mean, color="black", ls="--", lw=1.0, label=ref.label, zorder=1)
     if ref.std:
         ax.axhspan(ref.mean - ref.std, ref.mean + ref.std, color="black", alpha=0.1, lw=0)
 
 
-def _figure_legend(fig: Any, axes: Sequence[Any]) -> None:
+def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
     legend: dict[str, Any] = {}  # one entry per label, whichever panel it appears in
     for ax in axes:
         legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
@@ -189,7 +195,7 @@ def _figure_legend(fig: Any, axes: Sequence[Any]) -> None:
         )
 
 
-def _panel_grid(plt: Any, n: int, width: float, height: float) -> tuple[Any, list[Any]]:
+def _panel_grid(plt: ModuleType, n: int, width: float, height: float) -> tuple[Figure, list[Axes]]:
     """A figure of ``n`` panels, at most 3 per row; unused panels hidden."""
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -315,7 +321,7 @@ def partition_heatmaps(panels: Mapping[str, np.ndarray], path: Path, title: str)
             for i in range(n_clients):
                 for j in range(n_classes):
                     shade = "black" if counts[i, j] > 0.6 * peak else "white"
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=5,
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=5,
                             color=shade)  # fmt: skip
         fig.colorbar(im, ax=ax, label="samples")
         ax.set_title(name, fontsize=9)

@@ -16,6 +16,7 @@ under ``fedmerge run``, ``flwr run`` and a real SuperLink like any other.
 from __future__ import annotations
 
 from logging import INFO
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.supercore import log
@@ -26,6 +27,10 @@ from fedmerge.proxy import ProxyLike
 
 from .base import MergeStrategy
 from .merges import MatchedMerge
+
+if TYPE_CHECKING:
+    from fedmerge.config import RunConfig
+    from fedmerge.proxy import Proxy
 
 
 class FedMatch(MergeStrategy):
@@ -70,7 +75,7 @@ class FedMatch(MergeStrategy):
         options: MatchOptions | None = None,
         example_input: torch.Tensor | None = None,
         seed: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         changes, rest = MatchOptions.split(kwargs)
         merge = MatchedMerge(
@@ -102,7 +107,7 @@ class FedMatch(MergeStrategy):
         )
 
 
-def run_proxy(cfg):
+def run_proxy(cfg: RunConfig) -> tuple[nn.Module, Proxy | None]:
     """The run's model template and proxy data (cached per process) from a RunConfig."""
     from fedmerge.federation import DataSpec, load_data, make_model
     from fedmerge.proxy import Proxy
@@ -112,7 +117,7 @@ def run_proxy(cfg):
     return make_model(cfg, data, seed=cfg.seed), proxy
 
 
-def fedmatch_options(cfg) -> dict:
+def fedmatch_options(cfg: RunConfig) -> dict[str, Any]:
     """FedMatch's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
     model, proxy = run_proxy(cfg)
     return {
@@ -123,7 +128,7 @@ def fedmatch_options(cfg) -> dict:
     }
 
 
-def matched_merge(cfg) -> MatchedMerge:
+def matched_merge(cfg: RunConfig) -> MatchedMerge:
     """FedWSA's ``merge=`` for ``wsa-merge=matched``: FedMatch's merge with the ``match-*`` keys."""
     model, proxy = run_proxy(cfg)
     return MatchedMerge(model, MatchOptions.from_config(cfg), proxy)

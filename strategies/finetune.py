@@ -11,6 +11,8 @@ broadcasts the result. Round metrics name the proxy size and the fine-tuning tim
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
@@ -20,6 +22,9 @@ from fedmerge.proxy import ProxyLike
 from .base import MergeStrategy
 from .fedmatch import run_proxy
 from .merges import FineTunedAverage, RepairedAverage
+
+if TYPE_CHECKING:
+    from fedmerge.config import RunConfig
 
 
 class FedAvgFineTuned(MergeStrategy):
@@ -54,7 +59,7 @@ class FedAvgFineTuned(MergeStrategy):
         batch_size: int = 64,
         device: torch.device | str = "cpu",
         seed: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         changes, rest = FineTuneOptions.split(kwargs)
         merge = FineTunedAverage(
@@ -84,11 +89,11 @@ class FedAvgRepaired(MergeStrategy):
         FedAvg's.
     """
 
-    def __init__(self, *, model: nn.Module, proxy: ProxyLike, seed: int = 0, **kwargs) -> None:
+    def __init__(self, *, model: nn.Module, proxy: ProxyLike, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(merge=RepairedAverage(model, proxy), seed=seed, **kwargs)
 
 
-def finetune_options(cfg) -> dict:
+def finetune_options(cfg: RunConfig) -> dict[str, Any]:
     """FedAvgFineTuned's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
     from fedmerge.training import resolve_device
 

@@ -19,6 +19,7 @@ proxy slice of the aligned weighted average, i.e. FedMatch's merge, and of the l
 from __future__ import annotations
 
 from logging import INFO
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.supercore import log
@@ -31,6 +32,9 @@ from fedmerge.proxy import ProxyLike
 from .base import MergeStrategy
 from .fedmatch import run_proxy
 from .merges import NPMerge
+
+if TYPE_CHECKING:
+    from fedmerge.config import RunConfig
 
 
 class FedNPMerge(MergeStrategy):
@@ -72,7 +76,7 @@ class FedNPMerge(MergeStrategy):
         device: torch.device | str = "cpu",
         example_input: torch.Tensor | None = None,
         seed: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         match_changes, rest = MatchOptions.split(kwargs)
         np_changes, rest = NPOptions.split(rest)
@@ -117,7 +121,7 @@ class FedNPMerge(MergeStrategy):
         )
 
 
-def fednpmerge_options(cfg) -> dict:
+def fednpmerge_options(cfg: RunConfig) -> dict[str, Any]:
     """FedNPMerge's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
     from fedmerge.training import resolve_device
 

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +87,7 @@ SCALING_COLUMNS: tuple[Column, ...] = (
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _cell(row: dict, key: str, fmt: str) -> str:
+def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -95,7 +95,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def tables(
-    title: str, columns: Sequence[Column], rows: Sequence[dict], model: str
+    title: str, columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], model: str
 ) -> tuple[Table, str]:
     """The rows as a rich table and as a Markdown table (with the title above it)."""
     cols = [(h.format(model=model), k.format(model=model), f) for h, k, f in columns]
@@ -120,7 +120,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write(out: Path, name: str, cfg: RunConfig, title: str, rows: list, md: str, **extra) -> None:
+def _write(
+    out: Path,
+    name: str,
+    cfg: RunConfig,
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    md: str,
+    **extra: Any,
+) -> None:
     payload = {"config": cfg.to_mapping(), "title": title, "rows": rows, **extra}
     (out / f"{name}.json").write_text(json.dumps(_finite(payload), indent=2))
     (out / f"{name}.md").write_text(md)
@@ -295,7 +303,7 @@ def _command(default: Sequence[str]) -> Callable[[argparse.Namespace], int]:
 
 
 # -- argument parsing ------------------------------------------------------------------------
-def _add_probes(sub: Any) -> None:
+def _add_probes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the four probe sub-commands to a sub-parsers action."""
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -358,7 +366,7 @@ REPAIR_HELP = (
 )
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``analyse PROBE`` to the ``fedmerge`` command's sub-parsers."""
     p = sub.add_parser("analyse", help="weight-averaging analyses (arXiv 2411.09263)")
     _add_probes(p.add_subparsers(dest="probe", required=True, metavar="PROBE"))

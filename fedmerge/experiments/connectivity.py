@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from torch import nn
 from ..merging import has_batchnorm, reset_batchnorm_stats
 from ..scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
 from ..training import evaluate, train
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ def scope_gap(a: State, b: State, names: Sequence[str]) -> float:
 
 
 def connectivity_experiment(
-    cfg,  # RunConfig (not imported at module level: keeps this module light)
+    cfg: RunConfig,  # not imported at run time: keeps this module light
     *,
     lambdas: Sequence[float],
     epochs: int,
@@ -158,7 +162,7 @@ def connectivity_experiment(
     split: str = "same",
     points: int = 11,
     match_method: str | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Train model pairs from two seeds for each ``wsa-lambda``; measure the path between them.
 
     ``split = "same"``: both models see the whole training split; ``"partition"``: model A gets
@@ -209,7 +213,7 @@ def connectivity_experiment(
         b = {k: v.detach().cpu().clone() for k, v in model_b.state_dict().items()}
         names = scope_names(a, cfg.wsa_layers)
 
-        def path_to(end: State, a=a, model_a=model_a) -> PathResult:
+        def path_to(end: State, a: State = a, model_a: nn.Module = model_a) -> PathResult:
             return evaluate_path(
                 model_a,
                 a,
@@ -258,7 +262,9 @@ def connectivity_experiment(
     return results
 
 
-def _aligned(cfg, template: nn.Module, a: State, b: State, method: str, inputs) -> State:
+def _aligned(
+    cfg: RunConfig, template: nn.Module, a: State, b: State, method: str, inputs: torch.Tensor
+) -> State:
     """``b`` with its hidden units permuted to match ``a``'s (same function as ``b``)."""
     from ..merging import align_one
     from ..models import model_spec

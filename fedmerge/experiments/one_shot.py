@@ -31,8 +31,9 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from ..models import model_spec
 from ..npmerge import Alignment, NPOptions, np_merge
 from ..permutations import PermutationSpec, apply_permutations
 from ..training import evaluate, resolve_device, train
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +192,14 @@ def _loaded(template: nn.Module, state: State, device: torch.device) -> nn.Modul
 
 
 def one_shot_pair(
-    cfg,  # RunConfig (imported lazily, as in connectivity.py)
+    cfg: RunConfig,  # imported for type checking only, as in connectivity.py
     *,
     pair_seed: int,
     epochs: int,
     betas: Sequence[float],
     merge_samples: int,
     model_factory: Callable[[int], nn.Module] | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Train one pair (seeds ``2s``, ``2s+1``) and score every merge; one row per method.
 
     ``model_factory(seed)`` builds each model (default: the run-config's ``model``); a user's
@@ -245,7 +249,7 @@ def one_shot_pair(
     x_test, y_test = data.x_test, data.y_test
     test_first, _ = class_halves(y_test, data.num_classes)
 
-    def score(name: str, state: State, seconds: float) -> dict:
+    def score(name: str, state: State, seconds: float) -> dict[str, Any]:
         model = _loaded(template, state, device)
         _, acc = evaluate(model, x_test, y_test, batch_size=cfg.eval_batch_size, device=device)
         _, acc_a = evaluate(
@@ -338,7 +342,7 @@ def user_model_factory(ref: str) -> Callable[[int], nn.Module]:
     return factory
 
 
-def summarise(rows: Sequence[dict]) -> list[dict]:
+def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over pairs per method, and the share of the average-to-ensemble gap closed."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
@@ -365,16 +369,16 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
 
 
 def one_shot_experiment(
-    cfg,
+    cfg: RunConfig,
     *,
     pairs: Sequence[int] = (0, 1, 2),
     epochs: int = 5,
     betas: Sequence[float] = (0.25, 0.5, 0.75),
     merge_samples: int = 1000,
     model_factory: Callable[[int], nn.Module] | None = None,
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every pair; returns (per-pair rows, summary rows)."""
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for pair in pairs:
         rows.extend(
             one_shot_pair(

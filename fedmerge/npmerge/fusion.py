@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def fuse(states: Sequence[State], logits: Mapping[str, Tensor], *, form: str) ->
     return out
 
 
-def _nbytes(tensors) -> int:
+def _nbytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -119,7 +119,11 @@ class _Adam:
     2 CPU cores), most of a small merge's wall time (tests check the update step by step)."""
 
     def __init__(
-        self, params: Sequence[Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8
+        self,
+        params: Sequence[Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
     ) -> None:
         self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
