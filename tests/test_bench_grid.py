@@ -141,6 +141,8 @@ def test_every_table_spec_has_its_fedmerge_bench_command_in_the_docs():
         (("target-accuracy = 0.5", "target-accuracy = 50"), "[target-accuracy]"),
         (("target-accuracy = 0.5", "last-rounds = 0"), "[last-rounds]"),
         (("target-accuracy = 0.5", 'last-rounds = "5"'), "[last-rounds]"),
+        (("target-accuracy = 0.5", "report-rounds = [0]"), "[report-rounds]"),
+        (("target-accuracy = 0.5", "report-rounds = 1"), "[report-rounds]"),
         (("[partitions.c2]", "[partitions.'c 2']"), "folder name"),
         (("[strategy-keys.fedprox]", "[grid]\nlr = 0.1\n[strategy-keys.fedprox]"), "[grid]"),
         (("[strategy-keys.fedprox]", "[grid]\nnum-clients = [3, 4]\n[x]"), "top-level key"),
@@ -740,6 +742,7 @@ def test_the_regimes_presets_hold_their_regimes():
 
 LABELLED = """
 seeds = [0, 1, 2]
+report-rounds = [1, 7]
 [base]
 dataset = "digits"
 num-clients = 3
@@ -797,13 +800,26 @@ def test_label_using_variants_are_also_paired_with_fedavg_fine_tuned(tmp_path):
             [np.mean(last_diffs), np.std(last_diffs, ddof=1)]
         )
         assert row["last-rounds"] == 2
+        first = {v: [curves[Cell("", "iid", v, "", s)][1] for s in spec.seeds] for v in rows}
+        first_diffs = [a - b for a, b in zip(first[variant], first["fedavg"], strict=True)]
+        assert row["round-1-accuracy"] == pytest.approx(
+            [np.mean(first[variant]), np.std(first[variant], ddof=1)]
+        )
+        assert row["round-1-minus-reference"] == pytest.approx(
+            [np.mean(first_diffs), np.std(first_diffs, ddof=1)]
+        )
+        assert row["round-1-ahead-of-reference"] == sum(d > 0 for d in first_diffs)
+        assert row["round-7-accuracy"] is None  # a 2-round grid has no round 7
         assert row["last-rounds-accuracy"] == pytest.approx(
             [np.mean(last[variant]), np.std(last[variant], ddof=1)]
         )
     table = report[report.index("minus ft's") :]
     assert "learn from the server's labelled proxy slice" in table
     assert "Accuracy averaged over each seed's last 2 rounds minus ft's" in table
+    assert "Accuracy after round 1 minus ft's" in table
+    assert "Accuracy after round 1 (%):" in report
     body = [ln for ln in table.splitlines() if ln.startswith("| ") and "variant" not in ln]
     assert [ln.split(" | ")[0][2:] for ln in body[:2]] == ["np", "dual-auto"]
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
     assert "labelled-final-minus-reference-mean" in header
+    assert "round-1-accuracy-mean" in header and "labelled-round-1-minus-reference-std" in header

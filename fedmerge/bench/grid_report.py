@@ -41,8 +41,9 @@ import io
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,10 @@ def summarize_group(
         "best-accuracy": _mean_std(best),
         "last-rounds": min(spec.last_rounds, len(runs[0]) - 1),
         "last-rounds-accuracy": _mean_std(last),
+        **{
+            f"round-{n}-accuracy": _mean_std([round_accuracy(r, n) for r in runs])
+            for n in spec.report_rounds
+        },
         "target-accuracy": target,
         "rounds-to-target": _mean_std([float(r) for r in reached if r is not None]),
         "reached-target": sum(r is not None for r in reached),
@@ -166,31 +171,59 @@ def reference_variant(spec: BenchSpec) -> str:
     return "fedavg" if "fedavg" in spec.variants else next(iter(spec.variants))
 
 
+Metric = Callable[[list[dict[str, Any]]], "float | None"]
+
+
+def seed_metrics(spec: BenchSpec) -> dict[str, Metric]:
+    """The per-seed accuracies the report compares between variants, by name: ``final``
+    (last round), ``last-rounds`` (:func:`last_rounds_accuracy`) and ``round-R`` for each
+    of the spec's ``report-rounds`` (None where a run has no round R)."""
+    metrics: dict[str, Metric] = {
+        "final": lambda rows: rows[-1]["test-accuracy"],
+        "last-rounds": lambda rows: last_rounds_accuracy(rows, spec.last_rounds),
+    }
+    for r in spec.report_rounds:
+        metrics[f"round-{r}"] = partial(round_accuracy, number=r)
+    return metrics
+
+
+def round_accuracy(rows: list[dict[str, Any]], number: int) -> float | None:
+    """Test accuracy after round ``number`` (None if the run has no such round)."""
+    return next((float(r["test-accuracy"]) for r in rows if r["round"] == number), None)
+
+
+def ahead_key(metric: str) -> str:
+    """``ahead-of-reference`` for ``final`` (the historic name), else ``METRIC-ahead-...``."""
+    return "ahead-of-reference" if metric == "final" else f"{metric}-ahead-of-reference"
+
+
 def paired_difference(
-    cells: list[Cell], runs: dict[Cell, list[dict]], reference: str, last_rounds: int = 0
+    cells: list[Cell],
+    runs: dict[Cell, list[dict]],
+    reference: str,
+    metrics: Mapping[str, Metric] | None = None,
 ) -> dict[str, Any]:
-    """Final accuracy minus the reference variant's, on the same dataset, partition, keys and
-    seed, for the seeds where both finished: mean ± std of the differences, and on how many
-    seeds the variant is ahead; with ``last_rounds``, the same for the mean accuracy of the
-    last ``last_rounds`` rounds (:func:`last_rounds_accuracy`). Pairing removes what a seed's
-    partition and initialisation do to every strategy alike, which the unpaired stds of two
-    rows still contain."""
-    diffs, last_diffs = [], []
+    """Each metric (default: the final accuracy) minus the reference variant's, on the same
+    dataset, partition, keys and seed, for the seeds where both finished: mean ± std of the
+    differences (``METRIC-minus-reference``), and on how many seeds the variant is ahead
+    (:func:`ahead_key`). Pairing removes what a seed's partition and initialisation do to
+    every strategy alike, which the unpaired stds of two rows still contain."""
+    metrics = metrics or {"final": lambda rows: rows[-1]["test-accuracy"]}
+    diffs: dict[str, list[float]] = {name: [] for name in metrics}
+    paired = 0
     for cell in cells:
         other = replace(cell, variant=reference)
         if cell.variant != reference and cell in runs and other in runs:
-            diffs.append(runs[cell][-1]["test-accuracy"] - runs[other][-1]["test-accuracy"])
-            if last_rounds:
-                mine, theirs = (last_rounds_accuracy(runs[c], last_rounds) for c in (cell, other))
-                last_diffs.append(mine - theirs)
-    return {
-        "reference": reference,
-        "final-minus-reference": _mean_std(diffs),
-        "paired-seeds": len(diffs),
-        "ahead-of-reference": sum(d > 0 for d in diffs),
-        "last-rounds-minus-reference": _mean_std(last_diffs),
-        "last-rounds-ahead-of-reference": sum(d > 0 for d in last_diffs),
-    }
+            paired += 1
+            for name, of in metrics.items():
+                mine, theirs = of(runs[cell]), of(runs[other])
+                if mine is not None and theirs is not None:
+                    diffs[name].append(mine - theirs)
+    row: dict[str, Any] = {"reference": reference, "paired-seeds": paired}
+    for name, values in diffs.items():
+        row[f"{name}-minus-reference"] = _mean_std(values)
+        row[ahead_key(name)] = sum(d > 0 for d in values)
+    return row
 
 
 def _seconds(folder: Path) -> float | None:
@@ -215,10 +248,11 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
         name = spec.dataset_name(cells[0])
         goal = target if target is not None else spec.target_for(group[0], name)
         row = summarize_group(spec, out, cells, [runs[c] for c in cells], goal)
-        row |= paired_difference(cells, runs, reference_variant(spec), spec.last_rounds)
+        metrics = seed_metrics(spec)
+        row |= paired_difference(cells, runs, reference_variant(spec), metrics)
         control = labelled_control_variant(spec)
         if control and group[2] != control and uses_server_labels(spec.config(cells[0], out)):
-            versus = paired_difference(cells, runs, control, spec.last_rounds)
+            versus = paired_difference(cells, runs, control, metrics)
             row |= {f"labelled-{k}": v for k, v in versus.items()}
         rows.append(row)
     return {
@@ -258,18 +292,27 @@ _PAIRS = (
 )
 
 
+def _round_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``report-rounds`` keys of the rows (``round-R-...``, ``labelled-round-R-...``)."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(("round-", "labelled-round-")))
+    return list(keys)
+
+
 def write_csv(summary: dict[str, Any], path: Path) -> None:
     """The rows of ``summary`` as CSV; ``[mean, std]`` pairs become two columns."""
+    rounds = _round_columns(summary["rows"])
+    columns = [*CSV_COLUMNS, *rounds]
+    pairs = set(_PAIRS) | {c for c in rounds if c.endswith(("-accuracy", "-minus-reference"))}
     header: list[str] = []
-    for col in CSV_COLUMNS:
-        header += [f"{col}-mean", f"{col}-std"] if col in _PAIRS else [col]
+    for col in columns:
+        header += [f"{col}-mean", f"{col}-std"] if col in pairs else [col]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for row in summary["rows"]:
         line: list[Any] = []
-        for col in CSV_COLUMNS:
-            if col in _PAIRS:
+        for col in columns:
+            if col in pairs:
                 line += row.get(col) or ["", ""]
             else:
                 line.append("" if row.get(col) is None else row[col])
@@ -366,9 +409,9 @@ def _paired(
     prefix: str = "",
     metric: str = "final",
 ) -> list[str]:
-    """The final accuracy (``metric="last-rounds"``: the mean of the last rounds) minus the
-    reference's, paired by seed: points, (ahead/paired seeds). ``prefix="labelled-"``: the
-    label-using variants minus the labelled-data control."""
+    """A metric of :func:`seed_metrics` (the final accuracy, the mean of the last rounds, one
+    round's) minus the reference's, paired by seed: points, (ahead/paired seeds).
+    ``prefix="labelled-"``: the label-using variants minus the labelled-data control."""
     mine = [r for r in rows if r.get(f"{prefix}paired-seeds")]
     reference = mine[0][f"{prefix}reference"]
     which = (
@@ -377,12 +420,11 @@ def _paired(
         if prefix
         else ""
     )
-    what = (
-        "Final-round accuracy"
-        if metric == "final"
-        else f"Accuracy averaged over each seed's last {mine[0]['last-rounds']} rounds"
-    )
-    ahead = "ahead-of-reference" if metric == "final" else f"{metric}-ahead-of-reference"
+    what = {
+        "final": "Final-round accuracy",
+        "last-rounds": f"Accuracy averaged over each seed's last {mine[0]['last-rounds']} rounds",
+    }.get(metric) or f"Accuracy after round {metric.removeprefix('round-')}"
+    ahead = ahead_key(metric)
     lines = [
         f"{what} minus {reference}'s on the same seed{which} (points, mean ± std over the "
         f"seeds both finished; in brackets: seeds ahead of {reference} / seeds paired):",
@@ -562,9 +604,12 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
         k = rows[0]["last-rounds"]
         lines += ["", f"Accuracy averaged over each seed's last {k} rounds (%):", ""]
         lines += _pivot(rows, partitions, "last-rounds-accuracy", titles)
+        for n in spec.report_rounds:
+            lines += ["", f"Accuracy after round {n} (%):", ""]
+            lines += _pivot(rows, partitions, f"round-{n}-accuracy", titles)
         for prefix in ("", "labelled-"):
             if any(r.get(f"{prefix}paired-seeds") for r in rows):
-                for metric in ("final", "last-rounds"):
+                for metric in seed_metrics(spec):
                     lines += ["", *_paired(rows, partitions, titles, prefix, metric)]
         lines += _accuracy_plots(spec, out, dataset, partitions, titles, curves, published)
         cells = [c for c in all_cells if dataset_title(spec, c) == dataset]

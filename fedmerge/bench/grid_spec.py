@@ -6,6 +6,7 @@ A spec is a TOML file, or the name of a preset shipped in ``fedmerge/bench/prese
     seeds = [0, 1, 2]
     target-accuracy = 0.8                # optional: rounds to reach it (or {mnist = 0.97, ...})
     last-rounds = 5                      # optional (default 5): the report's "last rounds" mean
+    report-rounds = [1]                  # optional: also report the accuracy after these rounds
     datasets = ["mnist", "fashion-mnist"]  # optional axis (or [datasets.NAME] tables of keys)
     strategies = "all"                   # optional: one variant per registered strategy, or a list
     [base]                               # run-config keys shared by every cell
@@ -51,6 +52,7 @@ TOP_LEVEL_KEYS = (
     "seeds",
     "target-accuracy",
     "last-rounds",
+    "report-rounds",
     "datasets",
     "strategies",
     "base",
@@ -127,6 +129,9 @@ class BenchSpec:
     #: the report averages each seed's accuracy over its last this-many rounds (fewer if the
     #: run has fewer): steadier than the final round where accuracy swings from round to round
     last_rounds: int = 5
+    #: rounds whose accuracy the report gives too, pivoted and paired (e.g. round 1: the first
+    #: merge, where independently initialised clients differ most)
+    report_rounds: tuple[int, ...] = ()
     #: where each variant's keys come from (``variants.NAME`` or ``strategy-keys.NAME``)
     variant_tables: dict[str, str] = field(default_factory=dict)
     #: keys applied over every cell (``--data-root`` / ``FEDMERGE_DATA_ROOT``)
@@ -299,6 +304,7 @@ def parse_spec(
         description=str(raw.get("description", "")),
         target_accuracy=_target(raw.get("target-accuracy"), source),
         last_rounds=_last_rounds(raw.get("last-rounds", 5), source),
+        report_rounds=_report_rounds(raw.get("report-rounds", []), source),
         variant_tables=variant_tables,
         overrides=dict(overrides or {}),
         published=_published(raw.get("published"), source),
@@ -430,6 +436,14 @@ def _last_rounds(value: Any, source: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise _fail(source, "last-rounds", f"got {value!r}; allowed: an integer >= 1")
+
+
+def _report_rounds(value: Any, source: str) -> tuple[int, ...]:
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    ):
+        return tuple(dict.fromkeys(value))
+    raise _fail(source, "report-rounds", f"got {value!r}; allowed: a list of integers >= 1")
 
 
 def _target(value: Any, source: str) -> float | dict[str, float] | None:
