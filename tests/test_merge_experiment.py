@@ -93,6 +93,13 @@ def test_one_shot_table_on_a_user_model_without_a_spec(user_file, tmp_path, caps
     assert all(0 <= v <= 1 for v in acc.values())
     # Each end model knows half of the classes; the ensemble knows both.
     assert acc["model A"] < 0.6 and acc["model B"] < 0.6 and acc["logit ensemble"] > 0.7
+    # Per-half accuracies: model A knows the first classes only, model B the others.
+    rows = {r["method"]: r for r in result["rows"]}
+    a, b = rows["model A"], rows["model B"]
+    assert a["accuracy-first-half"] > 0.7 > 0.2 > a["accuracy-second-half"]
+    assert b["accuracy-second-half"] > 0.7 > 0.2 > b["accuracy-first-half"]
+    mixed = (a["accuracy-first-half"] + a["accuracy-second-half"]) / 2
+    assert abs(a["accuracy"] - mixed) < 0.05  # digits' test halves are about equal in size
     assert "user_model.py:Small" in result["title"]
     assert {r["model"] for r in result["rows"]} == {"Small"}  # the user's model was trained
     assert "weight matching" in capsys.readouterr().out

@@ -44,7 +44,7 @@ from ..merging import average, repair_batchnorm
 from ..models import model_spec
 from ..npmerge import Alignment, NPOptions, np_merge
 from ..permutations import PermutationSpec, apply_permutations
-from ..training import evaluate, resolve_device, train
+from ..training import resolve_device, train
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -185,6 +185,18 @@ def _ensemble_accuracy(
     return correct / len(y)
 
 
+@torch.no_grad()
+def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+    """Per-sample hits (bool, on the CPU) of an eval-mode ``model`` on ``(x, y)``."""
+    device = next(model.parameters()).device
+    hits = [
+        model(x[start : start + batch_size].to(device)).argmax(1).cpu()
+        == y[start : start + batch_size]
+        for start in range(0, len(y), batch_size)
+    ]
+    return torch.cat(hits)
+
+
 def _loaded(template: nn.Module, state: State, device: torch.device) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(state)
@@ -250,22 +262,11 @@ def one_shot_pair(
     test_first, _ = class_halves(y_test, data.num_classes)
 
     def score(name: str, state: State, seconds: float) -> dict[str, Any]:
-        model = _loaded(template, state, device)
-        _, acc = evaluate(model, x_test, y_test, batch_size=cfg.eval_batch_size, device=device)
-        _, acc_a = evaluate(
-            model,
-            x_test[test_first],
-            y_test[test_first],
-            batch_size=cfg.eval_batch_size,
-            device=device,
-        )
-        _, acc_b = evaluate(
-            model,
-            x_test[~test_first],
-            y_test[~test_first],
-            batch_size=cfg.eval_batch_size,
-            device=device,
-        )
+        # One pass over the test set; the per-half accuracies come from the same predictions.
+        hits = _correct(_loaded(template, state, device), x_test, y_test, cfg.eval_batch_size)
+        acc = float(hits.float().mean())
+        acc_a = float(hits[test_first].float().mean())
+        acc_b = float(hits[~test_first].float().mean())
         return {
             "method": name,
             "model": type(template).__name__,

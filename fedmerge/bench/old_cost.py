@@ -1,0 +1,75 @@
+"""The one-shot merge experiment with extra rows scored by the pre-issue-15 matching cost.
+
+    python -m fedmerge.bench.old_cost [fedmerge merge-experiment arguments]
+
+Until issue 15, BatchNorm running means and variances counted in the weight-space matching
+cost (Git Re-Basin's, MuDSC's ``S_weight``) as if they were weights. This runs
+``fedmerge merge-experiment`` with the same arguments and adds, on the *same* trained pairs,
+the weight-matching, dual (every ``--betas`` value) and ``beta=auto`` rows with that old cost
+(``fedmerge.matching.weights.scored`` counting every entry while the row merges), labelled
+``(old cost)``. A before/after table from one run: the models are trained once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+from ..experiments import one_shot
+from ..experiments.one_shot import MergeSite, State
+from ..matching import weights
+
+OLD = " (old cost)"
+
+
+@contextlib.contextmanager
+def old_cost() -> Iterator[None]:
+    """Score every permuted entry (running statistics included) inside the block."""
+    current = weights.scored
+    weights.scored = lambda tensor: True
+    try:
+        yield
+    finally:
+        weights.scored = current
+
+
+def _with_old_cost(method: Callable[[MergeSite], State]) -> Callable[[MergeSite], State]:
+    def run(site: MergeSite) -> State:
+        with old_cost():
+            return method(site)
+
+    return run
+
+
+def old_cost_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], State]]:
+    """The rows whose merge reads the weight-space cost, each run with the old cost."""
+    rows = one_shot.merge_methods(betas)
+    names = ["weight matching", *(f"dual (MuDSC) beta={b:g}" for b in betas)]
+    names.append("dual (MuDSC) beta=auto")
+    return {name + OLD: _with_old_cost(rows[name]) for name in names}
+
+
+def _betas(argv: Sequence[str]) -> list[float]:
+    from ..cli import build_parser
+    from ..cli_args import floats
+
+    args = build_parser().parse_args(["merge-experiment", *argv])
+    return floats(args.betas, "--betas")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..cli import main as cli_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = old_cost_rows(_betas(argv))
+    one_shot.EXTRA_METHODS.update(extra)
+    try:
+        return cli_main(["merge-experiment", *argv])
+    finally:
+        for name in extra:
+            one_shot.EXTRA_METHODS.pop(name, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
