@@ -172,17 +172,22 @@ def _fine_tuned_matched_average(site: MergeSite) -> State:
     return _cpu(model.state_dict())
 
 
-@torch.no_grad()
+class _LogitMean(nn.Module):
+    """The logit ensemble of two models, as one model."""
+
+    def __init__(self, a: nn.Module, b: nn.Module) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.a(x) + self.b(x)) / 2
+
+
 def _ensemble_accuracy(
     model: nn.Module, a: State, b: State, x: Tensor, y: Tensor, device: torch.device
 ) -> float:
-    model_a, model_b = _loaded(model, a, device), _loaded(model, b, device)
-    correct = 0
-    for start in range(0, len(y), 1024):
-        xb = x[start : start + 1024].to(device)
-        logits = (model_a(xb) + model_b(xb)) / 2
-        correct += int((logits.argmax(1).cpu() == y[start : start + 1024]).sum())
-    return correct / len(y)
+    ensemble = _LogitMean(_loaded(model, a, device), _loaded(model, b, device))
+    return float(_correct(ensemble, x, y, 1024).double().mean())
 
 
 @torch.no_grad()
@@ -264,9 +269,9 @@ def one_shot_pair(
     def score(name: str, state: State, seconds: float) -> dict[str, Any]:
         # One pass over the test set; the per-half accuracies come from the same predictions.
         hits = _correct(_loaded(template, state, device), x_test, y_test, cfg.eval_batch_size)
-        acc = float(hits.float().mean())
-        acc_a = float(hits[test_first].float().mean())
-        acc_b = float(hits[~test_first].float().mean())
+        acc = float(hits.double().mean())
+        acc_a = float(hits[test_first].double().mean())
+        acc_b = float(hits[~test_first].double().mean())
         return {
             "method": name,
             "model": type(template).__name__,
