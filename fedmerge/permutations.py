@@ -22,6 +22,11 @@ have their own within-head orders but must move heads together.
 An axis that holds every unit several times in a row (the first linear layer after flattening
 a ``(C, H, W)`` feature map holds channel ``c`` at columns ``c*H*W .. (c+1)*H*W - 1``) is
 declared as :class:`Axis` with ``repeat = H*W``.
+
+An axis that holds several unit spaces side by side (the input channels of a layer after
+``torch.cat`` of two feature maps, the gate rows of an LSTM's weights, the packed q/k/v rows
+of ``nn.MultiheadAttention``'s ``in_proj_weight``) is declared as :class:`Concat`: its parts are
+laid end to end, each an :class:`Axis` or a run of entries that no permutation moves.
 """
 
 from __future__ import annotations
@@ -34,15 +39,20 @@ from torch import Tensor, nn
 
 __all__ = [
     "Axis",
+    "AxisEntry",
+    "Concat",
     "PermGroup",
     "PermutationSpec",
     "Site",
+    "Slot",
     "apply_permutations",
     "axis_index",
     "block_order",
     "check_permutations",
     "check_spec",
     "compose",
+    "entry_index",
+    "entry_parts",
     "identity_permutations",
     "invert",
     "is_valid_permutation",
@@ -61,6 +71,34 @@ class Axis:
 
     perm: str
     repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Concat:
+    """An axis that holds several runs of entries side by side (a direct sum of unit spaces).
+
+    Each part is an :class:`Axis` (every unit of a permutation, each ``repeat`` times in a
+    row) or an ``int`` (that many entries that no permutation moves). A permutation may stand
+    in several parts: an LSTM's ``weight_ih`` rows are ``Concat((Axis("P"),) * 4)``, its four
+    gates over the same hidden units.
+    """
+
+    parts: tuple[Axis | int, ...]
+
+
+#: What a spec says of one tensor axis: one permutation, several side by side, or none.
+AxisEntry = Axis | Concat | None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place a permutation indexes: ``size * repeat`` entries of ``tensor``'s axis ``dim``
+    starting at ``offset``."""
+
+    tensor: str
+    dim: int
+    offset: int
+    repeat: int
 
 
 @dataclass(frozen=True)
@@ -128,20 +166,24 @@ class PermutationSpec:
     """
 
     perms: dict[str, PermGroup]
-    axes: dict[str, tuple[Axis | None, ...]]
-    _touching: dict[str, tuple[tuple[str, int], ...]] = field(
+    axes: dict[str, tuple[AxisEntry, ...]]
+    _slots: dict[str, tuple[Slot, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
-        touching: dict[str, list[tuple[str, int]]] = {name: [] for name in self.perms}
+        slots: dict[str, list[Slot]] = {name: [] for name in self.perms}
         for tensor, axes in self.axes.items():
-            for dim, axis in enumerate(axes):
-                if axis is None:
-                    continue
-                if axis.perm not in self.perms:
-                    raise ValueError(f"{tensor} axis {dim} names unknown permutation {axis.perm}")
-                touching[axis.perm].append((tensor, dim))
+            for dim, entry in enumerate(axes):
+                parts = entry.parts if isinstance(entry, Concat) else (entry,)
+                for part in parts:
+                    if isinstance(part, Axis) and part.perm not in self.perms:
+                        raise ValueError(
+                            f"{tensor} axis {dim} names unknown permutation {part.perm}"
+                        )
+                for axis, offset, _ in entry_parts(self, entry):
+                    if axis is not None:
+                        slots[axis.perm].append(Slot(tensor, dim, offset, axis.repeat))
         for name, group in self.perms.items():
             if group.size < 1 or group.num_groups < 1 or group.size % group.num_groups:
                 raise ValueError(f"permutation {name}: {group.num_groups} groups of {group.size}")
@@ -152,13 +194,17 @@ class PermutationSpec:
                         f"permutation {name} is tied to {group.tied_to}, which must exist and "
                         f"have the same number of groups ({group.num_groups})"
                     )
-            if not touching[name]:
+            if not slots[name]:
                 raise ValueError(f"permutation {name} indexes no tensor axis")
-        object.__setattr__(self, "_touching", {k: tuple(v) for k, v in touching.items()})
+        object.__setattr__(self, "_slots", {k: tuple(v) for k, v in slots.items()})
 
     def touching(self, perm: str) -> tuple[tuple[str, int], ...]:
-        """Every ``(tensor, dim)`` indexed by ``perm``."""
-        return self._touching[perm]
+        """Every ``(tensor, dim)`` indexed by ``perm`` (once each, in spec order)."""
+        return tuple(dict.fromkeys((s.tensor, s.dim) for s in self._slots[perm]))
+
+    def slots(self, perm: str) -> tuple[Slot, ...]:
+        """Every place ``perm`` indexes, one per part of a :class:`Concat` axis."""
+        return self._slots[perm]
 
     def block_order_root(self, perm: str) -> str:
         """The permutation whose block order ``perm`` follows (itself when not tied)."""
@@ -171,8 +217,53 @@ class PermutationSpec:
         return perm
 
 
+def entry_parts(
+    spec: PermutationSpec, entry: AxisEntry
+) -> list[tuple[Axis | None, int, int | None]]:
+    """``(axis or None, offset, length)`` of every part of one axis entry, in order.
+
+    A plain :class:`Axis` is one part at offset 0; ``None`` is one part of unknown length
+    (``None``) that no permutation moves; an ``int`` part of a :class:`Concat` is ``None``
+    with that length.
+    """
+    if entry is None:
+        return [(None, 0, None)]
+    parts = entry.parts if isinstance(entry, Concat) else (entry,)
+    out: list[tuple[Axis | None, int, int | None]] = []
+    offset = 0
+    for part in parts:
+        if isinstance(part, Axis):
+            length = spec.perms[part.perm].size * part.repeat if part.perm in spec.perms else 0
+            out.append((part, offset, length))
+        else:
+            length = part
+            out.append((None, offset, length))
+        offset += length
+    return out
+
+
+def entry_index(
+    spec: PermutationSpec,
+    entry: AxisEntry,
+    perms: Mapping[str, Tensor],
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """The gather index that applies ``perms`` along one axis, or None when none moves it."""
+    parts = entry_parts(spec, entry)
+    if all(axis is None or axis.perm not in perms for axis, _, _ in parts):
+        return None
+    pieces = []
+    for axis, offset, length in parts:
+        assert length is not None  # a part of unknown length has no permutation (above)
+        if axis is not None and axis.perm in perms:
+            pieces.append(axis_index(perms[axis.perm].to(device), axis.repeat) + offset)
+        else:
+            pieces.append(torch.arange(offset, offset + length, device=device))
+    return torch.cat(pieces)
+
+
 def spec_from_axes(
-    axes: Mapping[str, Iterable[str | Axis | None]], perms: Mapping[str, PermGroup]
+    axes: Mapping[str, Iterable[str | AxisEntry]], perms: Mapping[str, PermGroup]
 ) -> PermutationSpec:
     """Build a spec, accepting a bare permutation name for ``Axis(name)``."""
     norm = {
@@ -199,12 +290,20 @@ def check_spec(spec: PermutationSpec, state: State) -> None:
         shape = tuple(state[tensor].shape)
         if len(axes) != len(shape):
             raise ValueError(f"{tensor}: spec has {len(axes)} axes, tensor has shape {shape}")
-        for dim, axis in enumerate(axes):
-            if axis is not None and shape[dim] != spec.perms[axis.perm].size * axis.repeat:
+        for dim, entry in enumerate(axes):
+            if isinstance(entry, Axis) and shape[dim] != spec.perms[entry.perm].size * entry.repeat:
                 raise ValueError(
-                    f"{tensor} axis {dim} has {shape[dim]} entries; permutation {axis.perm} "
-                    f"has {spec.perms[axis.perm].size} units x repeat {axis.repeat}"
+                    f"{tensor} axis {dim} has {shape[dim]} entries; permutation {entry.perm} "
+                    f"has {spec.perms[entry.perm].size} units x repeat {entry.repeat}"
                 )
+            if isinstance(entry, Concat):
+                parts = entry_parts(spec, entry)
+                total = sum(length or 0 for _, _, length in parts)
+                if total != shape[dim]:
+                    raise ValueError(
+                        f"{tensor} axis {dim} has {shape[dim]} entries; its concatenated parts "
+                        f"{entry.parts} have {total}"
+                    )
 
 
 def axis_index(perm: Tensor, repeat: int) -> Tensor:
@@ -234,12 +333,10 @@ def apply_permutations(spec: PermutationSpec, perms: Mapping[str, Tensor], state
     """
     out = {}
     for tensor, value in state.items():
-        axes = spec.axes[tensor]
-        for dim, axis in enumerate(axes):
-            if axis is None or axis.perm not in perms:
-                continue
-            index = axis_index(perms[axis.perm].to(value.device), axis.repeat)
-            value = value.index_select(dim, index)
+        for dim, entry in enumerate(spec.axes[tensor]):
+            index = entry_index(spec, entry, perms, value.device)
+            if index is not None:
+                value = value.index_select(dim, index)
         out[tensor] = value.clone() if value is state[tensor] else value
     return out
 

@@ -49,7 +49,7 @@ class FedMatch(MergeStrategy):
         ``reference``, ``iterations``, ``beta``, ``bn_repair``, ``max_sweeps``) change them.
     example_input : Tensor, optional
         A batch of inputs to infer the spec from when the model has no ``permutation_spec()``
-        (default: the first proxy input).
+        (default: the first two proxy inputs).
     seed : int
         Seed of the matchers' visiting order (plus the round number).
     **kwargs
@@ -63,7 +63,7 @@ class FedMatch(MergeStrategy):
 
     Examples
     --------
-    >>> strategy = FedMatch(model=Net(), example_input=torch.zeros(1, 3, 32, 32),
+    >>> strategy = FedMatch(model=Net(), example_input=torch.randn(2, 3, 32, 32),
     ...                     method="weight", fraction_train=0.5)  # doctest: +SKIP
     """
 

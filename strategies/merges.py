@@ -76,9 +76,10 @@ def fedavg_average(states: Sequence[State], weights: Sequence[float]) -> dict[st
 
 
 def _spec(model: nn.Module, proxy: Proxy | None, example_input: Tensor | None) -> PermutationSpec:
-    """The model's own spec, or one inferred from an example input (or the first proxy input)."""
+    """The model's own spec, or one inferred from an example input (or the first two proxy
+    inputs: a batch of 2 lets the inference's check see how samples flow)."""
     if example_input is None and proxy is not None:
-        example_input = proxy.x[:1]
+        example_input = proxy.x[:2]
     return model_spec(model, example_input)
 
 
@@ -127,7 +128,7 @@ class MatchedMerge:
     ----------
     model : torch.nn.Module
         Template of the architecture (any model: its ``permutation_spec()`` if it has one,
-        otherwise a spec inferred from ``example_input`` or the first proxy input; see
+        otherwise a spec inferred from ``example_input`` or the first two proxy inputs; see
         :func:`fedmerge.models.model_spec`). Not modified.
     options : MatchOptions
         The ``match-*`` options.

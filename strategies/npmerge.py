@@ -53,7 +53,7 @@ class FedNPMerge(MergeStrategy):
     device : torch.device or str
         Where the coefficients are learned.
     example_input : Tensor, optional
-        For spec inference (default: the first proxy input).
+        For spec inference (default: the first two proxy inputs).
     seed : int
         Seeds alignment and learning (plus the round number).
     **kwargs

@@ -22,6 +22,7 @@ from fedmerge.matching import activation_matching, weight_matching
 from fedmerge.models import build_model, model_spec
 from fedmerge.permutations import (
     Axis,
+    Concat,
     PermGroup,
     PermutationSpec,
     apply_permutations,
@@ -213,6 +214,10 @@ def _close(a: Tensor, b: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Permutations whose units no module outputs (the heads inside nn.MultiheadAttention).
+SITELESS = (".qk", ".v")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_spec_is_valid_and_every_permutation_has_a_site(case: str) -> None:
     model, x = _prepared(case)
@@ -222,7 +227,7 @@ def test_spec_is_valid_and_every_permutation_has_a_site(case: str) -> None:
     modules = dict(model.named_modules())
     for name, group in spec.perms.items():
         assert name.startswith("P_")
-        assert group.sites, f"{name} has no activation site"
+        assert group.sites or name.endswith(SITELESS), f"{name} has no activation site"
         assert all(site.module in modules for site in group.sites)
 
 
@@ -251,13 +256,27 @@ def test_permuting_part_of_a_space_changes_outputs(case: str) -> None:
     for name, perm in perms.items():
         if torch.equal(perm, torch.arange(len(perm))):
             continue
-        tensor, dim = max(spec.touching(name), key=lambda td: state[td[0]].numel())
-        axes = {k: (None,) * v.ndim for k, v in state.items()}
-        axes[tensor] = tuple(a if d == dim else None for d, a in enumerate(spec.axes[tensor]))
-        group = dataclasses.replace(spec.perms[name], tied_to=None)
-        one_axis = PermutationSpec({name: group}, axes)
+        slot = max(spec.slots(name), key=lambda s: state[s.tensor].numel())
+        one_axis = _one_place(spec, name, slot, state)
         changed = apply_permutations(one_axis, {name: perm}, state)
-        assert not _close(_outputs(model, changed, x), reference), (name, tensor, dim)
+        assert not _close(_outputs(model, changed, x), reference), (name, slot)
+
+
+def _one_place(spec: PermutationSpec, name: str, slot, state: dict) -> PermutationSpec:
+    """A spec in which ``name`` indexes only ``slot`` (one part of one axis)."""
+    axes: dict = {k: (None,) * v.ndim for k, v in state.items()}
+    size = spec.perms[name].size
+    length = state[slot.tensor].shape[slot.dim]
+    parts: list = [slot.offset] if slot.offset else []
+    parts.append(Axis(name, slot.repeat))
+    rest = length - slot.offset - size * slot.repeat
+    parts += [rest] if rest else []
+    entry = parts[0] if len(parts) == 1 else Concat(tuple(parts))
+    axes[slot.tensor] = tuple(
+        entry if d == slot.dim else None for d in range(state[slot.tensor].ndim)
+    )
+    group = dataclasses.replace(spec.perms[name], tied_to=None)
+    return PermutationSpec({name: group}, axes)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -276,9 +295,14 @@ def test_weight_matching_recovers_a_planted_permutation(case: str) -> None:
     "case", ["quickstart", "vit", "resnet20-batch", "multihead-attention", "custom-layer"]
 )
 def test_activation_matching_uses_the_inferred_sites(case: str) -> None:
+    """Planted permutations are found at the sites; units without a site (the heads inside
+    nn.MultiheadAttention) are left in place, so none is planted there."""
     model, x = _prepared(case)
     spec, state = _spec(case, model, x), model.state_dict()
     planted = random_permutations(spec, torch.Generator().manual_seed(6))
+    planted = {
+        k: p if spec.perms[k].sites else torch.arange(len(p)) for k, p in planted.items()
+    }
     other = copy.deepcopy(model)
     other.load_state_dict(apply_permutations(spec, planted, state))
     inputs = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(7)).double()
@@ -296,10 +320,9 @@ def test_activation_matching_uses_the_inferred_sites(case: str) -> None:
 def _structure(spec: PermutationSpec) -> tuple[dict, set]:
     """Permutations as sets of (tensor, dim, repeat) with (size, num_groups); tie families."""
     members: dict[str, set] = {name: set() for name in spec.perms}
-    for tensor, axes in spec.axes.items():
-        for dim, axis in enumerate(axes):
-            if axis is not None:
-                members[axis.perm].add((tensor, dim, axis.repeat))
+    for name in spec.perms:
+        for slot in spec.slots(name):
+            members[name].add((slot.tensor, slot.dim, slot.offset, slot.repeat))
     keys = {name: frozenset(m) for name, m in members.items()}
     spaces = {keys[n]: (g.size, g.num_groups) for n, g in spec.perms.items()}
     families: dict[str, set] = {}
@@ -332,14 +355,19 @@ def test_names_follow_the_first_producing_layer() -> None:
     assert spec.axes["fc1.weight"] == (Axis("P_fc1"), Axis("P_conv2", 25))
 
 
-def test_multihead_attention_permutes_embedding_axes_only() -> None:
+def test_multihead_attention_permutes_its_heads_and_the_embedding() -> None:
+    """Packed in-projection: rows are q and k (one space) and v, grouped by head, one head
+    order; the out-projection's columns are v's units."""
     model, x = _prepared("multihead-attention")
     spec = _spec("multihead-attention", model, x)
     stream = spec.axes["embed.weight"][0]
     assert stream is not None
-    assert spec.axes["attn.in_proj_weight"] == (None, stream)
-    assert spec.axes["attn.in_proj_bias"] == (None,)
-    assert spec.axes["attn.out_proj.weight"] == (stream, None)
+    qk, v = Axis("P_attn.qk"), Axis("P_attn.v")
+    assert spec.axes["attn.in_proj_weight"] == (Concat((qk, qk, v)), stream)
+    assert spec.axes["attn.in_proj_bias"] == (Concat((qk, qk, v)),)
+    assert spec.axes["attn.out_proj.weight"] == (stream, v)
+    assert spec.perms["P_attn.qk"].num_groups == spec.perms["P_attn.v"].num_groups == 4
+    assert spec.perms["P_attn.v"].tied_to == "P_attn.qk"
     assert spec.axes["norm.weight"] == spec.axes["fc2.bias"] == (stream,)
     assert spec.axes["head.weight"] == (None, stream)
 
@@ -378,15 +406,6 @@ class ControlFlow(nn.Module):
         return self.fc2(h)
 
 
-class ChannelCat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Conv2d(8, 2, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c(torch.cat([self.a(x), self.b(x)], dim=1)).mean(dim=(2, 3))
-
-
 class Spectral(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -396,35 +415,51 @@ class Spectral(nn.Module):
         return self.fc2(torch.fft.fft(self.fc1(x)).real)
 
 
-class GroupedConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.b(self.a(x)).flatten(1)
-
-
-class SliceFeatures(nn.Module):
+class StridedSlice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.fc1(x)[:, :4])
+        return self.fc2(self.fc1(x)[:, ::2])
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's shuffle: two halves concatenated, then interleaved channel by channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.a(x), self.b(x)], dim=1)
+        n, c, height, width = h.shape
+        h = h.view(n, 2, c // 2, height, width).transpose(1, 2).contiguous()
+        return self.c(h.view(n, c, height, width)).mean(dim=(2, 3))
+
+
+class ProjectedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.rnn = nn.Linear(3, 6), nn.LSTM(6, 8, proj_size=4, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(self.fc(x))[0].sum(-1)
 
 
 @pytest.mark.parametrize(
-    ("model", "shape", "target"),
+    ("model", "shape", "target", "reason"),
     [
-        (ChannelCat(), (3, 8, 8), torch.cat),
-        (Spectral(), (4,), torch.fft.fft),
-        (GroupedConv(), (3, 8, 8), "b"),
-        (SliceFeatures(), (4,), "getitem"),
+        (Spectral(), (4,), torch.fft.fft, "unsupported operation"),
+        (StridedSlice(), (4,), "getitem", "strided"),
+        (ChannelShuffle(), (3, 4, 4), "contiguous", "channel shuffle"),
+        (ProjectedLSTM(), (5, 3), "rnn", "proj_size"),
     ],
-    ids=["cat-channels", "fft", "grouped-conv", "slice-features"],
+    ids=["fft", "strided-slice", "channel-shuffle", "lstm-proj-size"],
 )
-def test_refuses_operations_it_cannot_place(model: nn.Module, shape: tuple, target) -> None:
+def test_refuses_operations_it_cannot_place(
+    model: nn.Module, shape: tuple, target, reason: str
+) -> None:
     node = next(
         n
         for n in fx.symbolic_trace(model).graph.nodes
@@ -435,6 +470,7 @@ def test_refuses_operations_it_cannot_place(model: nn.Module, shape: tuple, targ
     message = str(info.value)
     assert f"fx node {node.name!r}" in message
     assert node.op in message
+    assert reason in message
     assert "permutation_spec()" in message and "fedmerge.permutations" in message
     assert isinstance(info.value, TypeError)
 

@@ -69,8 +69,8 @@ class MergeSite:
 
     @property
     def spec(self) -> PermutationSpec:
-        """The template's permutation spec: its own, or inferred from one merge-site input."""
-        return model_spec(self.model, self.x[:1])
+        """The template's permutation spec: its own, or inferred from two merge-site inputs."""
+        return model_spec(self.model, self.x[:2])
 
 
 #: Extra one-shot rows: name -> ``fn(site) -> merged state`` (NP Merge registers here).
@@ -220,7 +220,7 @@ def one_shot_pair(
     """Train one pair (seeds ``2s``, ``2s+1``) and score every merge; one row per method.
 
     ``model_factory(seed)`` builds each model (default: the run-config's ``model``); a user's
-    model without ``permutation_spec()`` gets a spec inferred from a merge-site input.
+    model without ``permutation_spec()`` gets a spec inferred from two merge-site inputs.
     """
     from ..federation import DataSpec, load_data, make_model
 

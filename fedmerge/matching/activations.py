@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import unknown_name
+from ..spec_inference.check import python_attention
 from ..options import MATCH_SITES
 from ..permutations import (
     PermGroup,
@@ -19,6 +21,8 @@ from ..permutations import (
 )
 from .assignment import _families, _solve_family
 from .correlation import _PearsonSums
+
+logger = logging.getLogger(__name__)
 
 # Weight of the pre-ReLU correlation added to the post-ReLU one at ReLU sites. Dead units
 # (zero on every input) correlate 0 with everything after the ReLU, so the assignment among them
@@ -124,8 +128,15 @@ def _activation_correlations(
     at the sites :func:`selected_sites` picks."""
     chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
     no_sites = [name for name, group in spec.perms.items() if not group.sites]
-    if no_sites:
+    if no_sites and len(no_sites) == len(spec.perms):
         raise ValueError(f"permutations without activation sites: {no_sites}")
+    if no_sites:
+        logger.warning(
+            "permutations without activation sites (%s): their activation similarity is 0, "
+            "so activation matching leaves them in place and dual matching scores them by "
+            "their weights alone",
+            ", ".join(no_sites),
+        )
     if len(inputs) == 0:
         raise ValueError("activation matching needs at least one input")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -135,7 +146,7 @@ def _activation_correlations(
     post = {name: _PearsonSums() for name in spec.perms}
     # Pre-ReLU correlations, only to tell apart units that are dead on every input.
     pre = {n: _PearsonSums() for n in spec.perms if any(s.relu for s in chosen[n])}
-    with torch.no_grad(), _evaluating(reference, other):
+    with torch.no_grad(), _evaluating(reference, other), python_attention():
         for batch in inputs.split(batch_size):
             # One forward pass per model and batch records every site of every permutation.
             ref_out = _record(reference, batch, read)
@@ -148,10 +159,17 @@ def _activation_correlations(
                 if site.relu:
                     a, b = F.relu(a), F.relu(b)
                 post[name].update(a, b)
-    scores = {name: sums.correlation() for name, sums in post.items()}
+    scores = {
+        name: sums.correlation() if chosen[name] else _zeros(spec.perms[name].size)
+        for name, sums in post.items()
+    }
     for name, sums in pre.items():
         scores[name] += _TIE_BREAK * sums.correlation()
     return scores
+
+
+def _zeros(size: int) -> Tensor:
+    return torch.zeros(size, size, dtype=torch.float64)
 
 
 def _solve_independently(spec: PermutationSpec, scores: Mapping[str, Tensor]) -> Permutations:
@@ -205,6 +223,10 @@ def activation_matching(
     ConfigError
         (key ``match-sites``) for an unknown ``sites``.
     """
-    return _solve_independently(
+    perms = _solve_independently(
         spec, _activation_correlations(spec, reference, other, inputs, batch_size, sites)
     )
+    for family in _families(spec):
+        if not any(spec.perms[name].sites for name in family):
+            perms.update({name: torch.arange(spec.perms[name].size) for name in family})
+    return perms

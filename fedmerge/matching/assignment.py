@@ -13,6 +13,7 @@ from torch import Tensor
 from ..permutations import (
     Permutations,
     PermutationSpec,
+    entry_parts,
 )
 
 # Relative improvement below which an assignment counts as no better (float64 rounding of sums
@@ -79,8 +80,10 @@ class _Memo:
             reads = {
                 axis.perm
                 for tensor, dim in spec.touching(name)
-                for other, axis in enumerate(spec.axes[tensor])
-                if axis is not None and other != dim
+                for other, entry in enumerate(spec.axes[tensor])
+                if other != dim
+                for axis, _, _ in entry_parts(spec, entry)
+                if axis is not None
             }
             self.reads[name] = tuple(sorted(reads))
         self.memo: dict[str, tuple[list[Tensor], np.ndarray]] = {}

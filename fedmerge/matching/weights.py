@@ -13,8 +13,8 @@ from ..permutations import (
     Permutations,
     PermutationSpec,
     State,
-    axis_index,
     check_spec,
+    entry_index,
     identity_permutations,
     is_valid_permutation,
 )
@@ -38,9 +38,9 @@ def _permuted_except(
     spec: PermutationSpec, perms: Permutations, tensor: str, value: Tensor, skip: int
 ) -> Tensor:
     """``value`` with every permutation of ``perms`` applied except along axis ``skip``."""
-    for dim, axis in enumerate(spec.axes[tensor]):
-        if axis is not None and dim != skip and axis.perm in perms:
-            index = axis_index(perms[axis.perm].to(value.device), axis.repeat)
+    for dim, entry in enumerate(spec.axes[tensor]):
+        index = None if dim == skip else entry_index(spec, entry, perms, value.device)
+        if index is not None:
             value = value.index_select(dim, index)
     return value
 
@@ -71,13 +71,17 @@ class _Weights:
         self.other = {t: other[t].detach().to(self.ref[t].device, torch.float64) for t in touched}
 
     def _pairs(self, name: str, perms: Permutations) -> Iterator[tuple[Tensor, Tensor]]:
-        """Unit rows ``(ref, other with the other axes permuted)`` of each tensor of ``name``."""
+        """Unit rows ``(ref, other with the other axes permuted)`` of each place of ``name``
+        (one per part of a concatenated axis)."""
         size = self.spec.perms[name].size
-        for tensor, dim in self.spec.touching(name):
-            if tensor not in self.ref:  # not scored
+        for slot in self.spec.slots(name):
+            if slot.tensor not in self.ref:  # not scored
                 continue
+            tensor, dim, length = slot.tensor, slot.dim, size * slot.repeat
             other = _permuted_except(self.spec, perms, tensor, self.other[tensor], dim)
-            yield _unit_rows(self.ref[tensor], dim, size), _unit_rows(other, dim, size)
+            ref = self.ref[tensor].narrow(dim, slot.offset, length)
+            other = other.narrow(dim, slot.offset, length)
+            yield _unit_rows(ref, dim, size), _unit_rows(other, dim, size)
 
     def inner(self, name: str, perms: Permutations) -> Tensor:
         """Git Re-Basin cost: ``C[i, j] = <ref unit i, other unit j>`` over every tensor."""

@@ -23,7 +23,8 @@ from quickstart_fedmerge.task import Net, load_proxy, load_test, test
 
 app = ServerApp()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-EXAMPLE_INPUT = torch.zeros(1, 1, 28, 28)  # lets fedmerge trace Net's structure
+# Two random samples let fedmerge trace Net's structure and check what it found.
+EXAMPLE_INPUT = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 def make_strategy(cfg: dict, proxy) -> FedAvg:

@@ -1,262 +1,23 @@
-"""Infer a model's permutation spec from its code, by tracing it with :mod:`torch.fx`.
-
-:func:`infer_spec` traces ``forward`` symbolically (:func:`torch.fx.symbolic_trace`; the
-built-in ``torch.nn`` layers stay leaves), runs the graph once on an example input to learn
-every intermediate shape (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then follows how
-hidden units flow through the graph. The result is a
-:class:`~fedmerge.permutations.PermutationSpec` such as a hand-written ``permutation_spec()``
-method would return.
-
-How it works
-------------
-Every axis of every floating-point state entry (parameters and buffers) that a traced
-operation reads starts as its own *unit space*. Every intermediate tensor records, per axis,
-which space indexes it (possibly with each unit repeated ``r`` times in a row, after a flatten),
-or nothing. Operations join spaces (union-find):
-
-- ``Linear`` / ``Conv1d-3d`` (``groups=1``) / ``F.linear`` / ``F.conv*d``: the weight's input
-  axis joins the input's feature axis; the output's feature axis is the weight's output axis
-  (and the bias). ``Embedding``: the output's last axis is the weight's embedding axis.
-- ``BatchNorm*`` (weight, bias *and* running statistics), ``GroupNorm`` (the space becomes
-  grouped, ``num_groups`` blocks), ``LayerNorm`` (weight and bias broadcast over the
-  normalised axes), element-wise activations and dropout (modules, functions and tensor
-  methods), softmax, pooling over spatial axes, ``Identity``: the feature axis keeps its space.
-- Element-wise ``+ - * /`` (and other broadcasting element-wise ops) join the spaces of the
-  aligned axes: a residual add puts the shortcut and the branch on one stream. A parameter read
-  with ``get_attr`` (a cls token, a position embedding) joins the stream on the axis it is
-  added on; an axis that meets an axis no permutation may touch becomes *fixed*.
-- ``flatten`` / ``view`` / ``reshape`` of ``(N, C, H, W)`` to ``(N, C*H*W)`` give the merged
-  axis the channel space with ``repeat = H*W``; ``unflatten(-1, (heads, d))`` splits a space
-  into head blocks and units within a head, which makes it grouped (``num_groups = heads``).
-- ``matmul`` joins the contracted axes (``q @ k.transpose(-2, -1)``: q and k share one
-  permutation); batch axes that index the heads of two different spaces (``weights @ v``) tie
-  their block orders (``tied_to``).
-- ``cat`` along an axis without units joins the other axes; reductions (``sum``, ``mean``...)
-  drop their axes (they are invariant to any reordering).
-- The model's inputs are never permuted, and every space that reaches the model's output is
-  fixed. Fixed spaces (and everything joined with them) are not permutations of the spec.
-
-Multi-head attention as the ``torch.nn.MultiheadAttention`` leaf: only the embedding axes are
-permuted (the input columns of ``in_proj_weight`` or ``q/k/v_proj_weight`` with the inputs'
-spaces, the rows of ``out_proj`` as a new space, usually joined with the residual stream).
-The heads' own q/k and v units stay fixed: ``in_proj_weight`` packs q, k and v in one
-``(3E, E)`` tensor, whose row axis would need three permutations side by side, which the
-:class:`~fedmerge.permutations.Axis` format cannot express. Write attention with separate
-``q``, ``k``, ``v`` linear layers (as the registry's ``vit``) to have its heads permuted.
-
-Anything the inference cannot prove correct raises :class:`SpecInferenceError` naming the fx
-node: an operation it does not know applied to a tensor with permuted axes, ``cat`` along a
-unit axis, slicing or indexing a unit axis, grouped convolutions, reshapes that interleave
-units with other axes, and models ``torch.fx`` cannot trace (data-dependent control flow).
-Such models need a hand-written spec: a ``permutation_spec()`` method returning a
-:class:`~fedmerge.permutations.PermutationSpec` (see :mod:`fedmerge.permutations` and the
-registry models in :mod:`fedmerge.models`).
-
-Permutations are named ``P_<name>`` after the first layer (in graph order) that produces their
-units, e.g. ``P_conv1``, ``P_blocks.0.attn.q``; a parameter read directly (``P_cls``) when no
-layer produces them. Activation sites are the outputs of the leaf layers that hold the units
-on axis 1 (``(N, C, ...)``) or -1 (``(N, T, D)``), the last one of a chain such as conv ->
-norm -> activation module, with ``relu=True`` when the only user of the output is a ReLU;
-modules called more than once are never sites. A permutation without such a layer gets the
-outputs of once-called non-leaf modules that hold its units (an ``nn.Linear`` subclass that
-fx traces down to ``F.linear``); one with neither has no site (weight matching still works,
-activation matching refuses it).
-"""
+"""The graph walk of :func:`~fedmerge.spec_inference.infer_spec`: one handler per kind of
+operation, each joining, fixing or composing the unit spaces of its inputs and output."""
 
 from __future__ import annotations
 
 import builtins
 import math
 import operator
-import os
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.fx.proxy import TraceError
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
-from .permutations import Axis, PermGroup, PermutationSpec, Site, check_spec
-
-__all__ = ["SpecInferenceError", "infer_spec"]
-
-#: How to get a spec when inference refuses (the end of every SpecInferenceError message).
-HAND_WRITTEN_HINT = (
-    "Write the spec by hand instead: give the model a permutation_spec() method that returns "
-    "a fedmerge.permutations.PermutationSpec (see the fedmerge.permutations docstring, "
-    "docs/methods.md 'Permutation specs' and the registry models in fedmerge/models)"
-)
-
-
-class SpecInferenceError(TypeError):
-    """The permutation spec of a model cannot be inferred; the message names the fx node."""
-
-
-class _Refusal(Exception):
-    """Raised inside a node's handler; the caller adds the node to the message."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Axis annotations and unit spaces
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Full:
-    """The axis holds every unit of ``space``, each ``repeat`` times in a row."""
-
-    space: int
-    repeat: int = 1
-
-
-@dataclass(frozen=True)
-class _Block:
-    """The axis indexes the blocks (heads) of a grouped ``space``."""
-
-    space: int
-
-
-@dataclass(frozen=True)
-class _Within:
-    """The axis indexes the units inside one block of a grouped ``space``."""
-
-    space: int
-
-
-_Ann = _Full | _Block | _Within | None
-
-
-@dataclass(frozen=True)
-class _T:
-    """A traced tensor: its shape and, per axis, the space that indexes it (or None)."""
-
-    ann: tuple[_Ann, ...]
-    shape: tuple[int, ...]
-
-    @property
-    def spaced(self) -> bool:
-        """Whether some axis is indexed by a unit space."""
-        return any(a is not None for a in self.ann)
-
-
-class _Spaces:
-    """Union-find over unit spaces; a space may be another one with every unit repeated."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.factor: list[int] = []  # units of a space = units of its parent x factor
-        self.size: list[int] = []
-        self.fixed: list[bool] = []
-        self.tie: list[int] = []  # union-find of block orders (joined spaces and ties)
-        self.groups: list[tuple[int, int, fx.Node]] = []  # (space, num_groups, node)
-
-    def new(self, size: int) -> int:
-        """A fresh space of ``size`` units."""
-        index = len(self.parent)
-        self.parent.append(index)
-        self.factor.append(1)
-        self.size.append(size)
-        self.fixed.append(False)
-        self.tie.append(index)
-        return index
-
-    def find(self, space: int) -> tuple[int, int]:
-        """``(root, f)``: ``space`` is ``root`` with every unit repeated ``f`` times."""
-        path = []
-        while self.parent[space] != space:
-            path.append(space)
-            space = self.parent[space]
-        total = 1
-        for node in reversed(path):  # nearest to the root first
-            total *= self.factor[node]
-            self.factor[node], self.parent[node] = total, space
-        return space, (self.factor[path[0]] if path else 1)
-
-    def tie_find(self, space: int) -> int:
-        """Representative of the block-order family of ``space``."""
-        while self.tie[space] != space:
-            self.tie[space] = self.tie[self.tie[space]]
-            space = self.tie[space]
-        return space
-
-    def tie_union(self, a: int, b: int) -> None:
-        """Make two spaces share their block order."""
-        a, b = self.tie_find(a), self.tie_find(b)
-        if a != b:
-            self.tie[max(a, b)] = min(a, b)
-
-    def attach(self, child: int, root: int, factor: int) -> None:
-        """Make root ``child`` equal to root ``root`` with every unit repeated ``factor``."""
-        self.parent[child], self.factor[child] = root, factor
-        self.fixed[root] = self.fixed[root] or self.fixed[child]
-        self.tie_union(child, root)
-
-    def norm(self, ann: _Ann) -> _Ann:
-        """``ann`` expressed on the root of its space."""
-        if ann is None:
-            return None
-        root, factor = self.find(ann.space)
-        if isinstance(ann, _Full):
-            return _Full(root, ann.repeat * factor)
-        if factor != 1:
-            raise _Refusal("a head-grouped unit axis is also repeated; its layout is unknown")
-        return type(ann)(root)
-
-    def fix(self, ann: _Ann) -> None:
-        """Mark the space of ``ann`` as not permutable."""
-        if ann is not None:
-            self.fixed[self.find(ann.space)[0]] = True
-
-    def join(self, a: _Full, b: _Full) -> _Full:
-        """Two normalised full axes of equal length hold the same units in the same order."""
-        if a.space == b.space:
-            if a.repeat != b.repeat:
-                raise _Refusal("one space meets itself with two different repeat factors")
-            return a
-        if a.repeat == b.repeat:
-            root, child = sorted((a.space, b.space))
-            self.attach(child, root, 1)
-            return _Full(root, a.repeat)
-        big, small = (a, b) if a.repeat > b.repeat else (b, a)
-        if big.repeat % small.repeat:
-            raise _Refusal(f"repeat factors {a.repeat} and {b.repeat} are incompatible")
-        self.attach(small.space, big.space, big.repeat // small.repeat)
-        return big
-
-    def union(self, a: int, b: int) -> int:
-        """Join two root spaces of equal size."""
-        if a == b:
-            return a
-        if self.size[a] != self.size[b]:
-            raise _Refusal(f"head-grouped spaces of {self.size[a]} and {self.size[b]} units meet")
-        root, child = sorted((a, b))
-        self.attach(child, root, 1)
-        return root
-
-    def meet(self, a: _Ann, b: _Ann) -> _Ann:
-        """Two axes that must be reordered alike (aligned in an element-wise op or contracted)."""
-        a, b = self.norm(a), self.norm(b)
-        if a is None or b is None:
-            self.fix(a)
-            self.fix(b)
-            return None
-        if isinstance(a, _Full) and isinstance(b, _Full):
-            return self.join(a, b)
-        if isinstance(a, _Within) and isinstance(b, _Within):
-            return _Within(self.union(a.space, b.space))
-        if isinstance(a, _Block) and isinstance(b, _Block):
-            self.tie_union(a.space, b.space)
-            return a
-        self.fix(a)  # e.g. a per-head parameter added to head-grouped scores
-        self.fix(b)
-        return None
-
+from ..permutations import Axis, AxisEntry, Concat, PermGroup, PermutationSpec, Site
+from .errors import HAND_WRITTEN_HINT, SpecInferenceError
+from .spaces import _T, _Ann, _Block, _Full, _Refusal, _Spaces, _Within
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers on values, arguments and shapes
@@ -395,7 +156,8 @@ _UNARY_FUNCTIONS |= {getattr(torch, n) for n in _TORCH_UNARY.split()}
 _UNARY_FUNCTIONS |= {operator.neg, operator.pos}
 _UNARY_METHODS = set(
     (
-        _TORCH_UNARY + " contiguous clone detach float double half to type type_as cpu cuda "
+        _TORCH_UNARY
+        + " clamp_min clamp_max contiguous clone detach float double half to type type_as cpu cuda "
         "relu_ sigmoid_ tanh_ clamp_ exp_"
     ).split()
 )
@@ -428,6 +190,26 @@ _POOL_FUNCTIONS = {
 }
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
+_SPLIT_FUNCTIONS = {torch.chunk: "chunk", torch.split: "split", torch.tensor_split: "tensor_split"}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+#: Functions (wrapped as fx leaves by their libraries) that scale whole samples and keep
+#: every axis: torchvision's stochastic depth (the identity in eval mode).
+_PER_SAMPLE_FUNCTIONS = {"torchvision.ops.stochastic_depth.stochastic_depth"}
+
+
+def _qualified(target: object) -> str:
+    """``module.name`` of a function target (empty for anything else)."""
+    module, name = getattr(target, "__module__", None), getattr(target, "__name__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else ""
+# Element-wise ops along one axis (``dim``): equivariant to reordering that axis, but not to
+# head blocks reordered differently inside (see ``_Walk.across_blocks``).
+_BLOCK_SENSITIVE_FUNCTIONS: set[Callable] = {
+    F.softmax,
+    F.log_softmax,
+    F.normalize,
+    torch.softmax,
+    torch.log_softmax,
+}
 
 _ACTIVATION_MODULES = tuple(
     getattr(nn, n)
@@ -459,8 +241,9 @@ _RELUS = ({F.relu, torch.relu}, {"relu", "relu_"}, nn.ReLU)
 # ---------------------------------------------------------------------------------------------
 
 
-class _Inference:
-    """Walks a traced, shape-propagated graph and collects the unit spaces."""
+class _Walk:
+    """Walks a traced, shape-propagated graph and collects the unit spaces (the generic
+    operations; the layer rules are in :mod:`.layers`)."""
 
     def __init__(self, model: nn.Module, graph_module: fx.GraphModule) -> None:
         self.model, self.gm = model, graph_module
@@ -472,6 +255,8 @@ class _Inference:
         self.labels: dict[int, tuple[str, bool]] = {}  # space -> (layer name, is producer)
         self.values: dict[fx.Node, Any] = {}
         self.sites: list[tuple[fx.Node, int, int]] = []  # (node, axis, space)
+        # Sites inside a leaf layer the rules model: module name, axis, relu, by sites index.
+        self.inner_sites: dict[int, tuple[str, int, bool]] = {}
         self.calls = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
         self.current: fx.Node | None = None  # the node being walked (for group constraints)
 
@@ -588,8 +373,21 @@ class _Inference:
         owner = target.rpartition(".")[0] or target  # "l.weight" -> "l"
         return self.param(name, owner, tuple(range(ndim)))
 
+    def non_tensor(self, node: fx.Node) -> bool:
+        """Python values (shape arithmetic such as ``n_h * n_w``, ``torch._assert``) made
+        from no permuted tensor: they hold no units."""
+        if node.meta.get("tensor_meta") is not None:
+            return False
+        return not any(t.spaced for t in _tensors(self.value((node.args, node.kwargs))))
+
     def op_call_function(self, node: fx.Node) -> Any:
         target = node.target
+        if self.non_tensor(node) and target is not operator.getitem:
+            return None
+        if target in (torch.clamp, torch.clip) or target in _BLOCK_SENSITIVE_FUNCTIONS:
+            return self.keep(node)
+        if _qualified(target) in _PER_SAMPLE_FUNCTIONS:
+            return self.keep(node)
         if target in _UNARY_FUNCTIONS:
             return self.keep(node)
         if target in _BROADCAST_FUNCTIONS:
@@ -604,6 +402,10 @@ class _Inference:
             return self.matmul(node)
         if target in _CAT_FUNCTIONS:
             return self.cat(node)
+        if target is torch.stack:
+            return self.stack(node)
+        if target in _SPLIT_FUNCTIONS:
+            return self.split_op(node, _SPLIT_FUNCTIONS[target])
         if target in _POOL_FUNCTIONS:
             return self.pool(node, self.tensor(node.args[0]), _POOL_FUNCTIONS[target])
         if target in _CONV_FUNCTIONS:
@@ -621,6 +423,10 @@ class _Inference:
 
     def op_call_method(self, node: fx.Node) -> Any:
         name = node.target
+        if name in _NON_TENSOR_METHODS:
+            return self.plain(node)
+        if self.non_tensor(node):
+            return None
         if name in _UNARY_METHODS:
             return self.keep(node)
         if name in _BROADCAST_METHODS:
@@ -633,48 +439,21 @@ class _Inference:
             return self.reduce(node)
         if name in ("matmul", "bmm"):
             return self.matmul(node)
+        if name in _SPLIT_METHODS:
+            return self.split_op(node, cast(str, name))
         if name in _EXPAND_METHODS:
             return self.expand(node)
-        if name in _NON_TENSOR_METHODS:
-            return self.plain(node)
         return self.unknown(node)
-
-    def op_call_module(self, node: fx.Node) -> Any:
-        prefix = _qualname(node)
-        module = self.gm.get_submodule(prefix)
-        if isinstance(module, nn.Linear):
-            weight = self.required_param(prefix, "weight", (0,))
-            bias = self.module_param(prefix, "bias")
-            out = self.linear(node, self.tensor(node.args[0]), weight, bias)
-        elif isinstance(module, nn.modules.conv._ConvNd) and type(module) in _CONV_MODULES:
-            out = self.module_conv(node, module, prefix)
-        elif isinstance(module, nn.Embedding):
-            out = self.embedding(node, prefix)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            out = self.batch_norm(node, prefix)
-        elif isinstance(module, nn.GroupNorm):
-            out = self.group_norm(node, module, prefix)
-        elif isinstance(module, nn.LayerNorm):
-            scale, shift = self.module_param(prefix, "weight"), self.module_param(prefix, "bias")
-            x = self.tensor(node.args[0])
-            out = self.layer_norm(x, len(module.normalized_shape), scale, shift)
-        elif isinstance(module, _KEEP_MODULES):
-            out = self.keep(node)
-        elif type(module) in _POOL_MODULES:
-            out = self.pool(node, self.tensor(node.args[0]), _POOL_MODULES[type(module)])
-        elif isinstance(module, nn.Flatten | nn.Unflatten):
-            out = self.reshape(node)
-        elif isinstance(module, nn.MultiheadAttention):
-            out = self.attention(node, module, prefix)
-        else:
-            out = self.unknown(node)
-        self.note_site(node, module, out)
-        return out
 
     # ---- generic handlers -----------------------------------------------------------------
 
     def unknown(self, node: fx.Node) -> Any:
-        """An operation without rules: allowed only when no input has a unit axis."""
+        """An operation without rules: allowed only when no input has a unit axis.
+
+        A layer without rules keeps every axis of its own state entries fixed: when one of
+        them is tied to a layer that is followed (an ``EmbeddingBag`` sharing its weight with
+        the output ``Linear``), the tie must not let that layer's units move.
+        """
         inputs = self.value((node.args, node.kwargs))
         if any(t.spaced for t in _tensors(inputs)):
             what = "layer type" if node.op == "call_module" else "operation"
@@ -682,15 +461,53 @@ class _Inference:
                 f"unsupported {what} applied to a tensor whose axes may hold permutable units "
                 "(or to a parameter), so its effect on a permutation cannot be proved"
             )
+        if node.op == "call_module":
+            self.fix_state(_qualname(node))
         return self.plain(node)
 
+    def fix_state(self, prefix: str) -> None:
+        """Fix every axis of every state entry below module ``prefix``."""
+        for name in self.state:
+            if name.startswith(f"{prefix}.") and self.state[name].is_floating_point():
+                for ann in self.param(name, prefix).ann:
+                    self.spaces.fix(ann)
+
     def keep(self, node: fx.Node) -> _T:
-        """Element-wise ops on one tensor (activations, dropout, softmax, casts)."""
+        """Element-wise ops on one tensor (activations, dropout, softmax, casts, clamp).
+
+        Tensor arguments besides the input (``clamp``'s ``min``/``max`` given as tensors, a
+        per-unit bound in a buffer) broadcast against it: their unit axes join the input's.
+        An op along one axis (``softmax(dim)``, ``normalize(dim)``) over the heads of a
+        grouped space whose within-head axis stays is :meth:`across_blocks`.
+        """
         x = self.tensor(node.args[0])
         shape = self.out_shape(node)
         if shape != x.shape:
             raise _Refusal(f"expected a shape-preserving op, got {x.shape} -> {shape}")
+        others = list(_tensors(self.value((node.args[1:], node.kwargs))))
+        if others:
+            return self.broadcast([x, *others], shape)
+        dim = _arg(node, 1, "dim", None)
+        if node.target in _BLOCK_SENSITIVE_FUNCTIONS or node.target in ("softmax", "log_softmax"):
+            dim = _arg(node, 2, "dim", None) if node.target is F.normalize else dim
+            if isinstance(dim, int):
+                self.across_blocks(x, {_dim(dim, len(x.shape))})
         return _T(tuple(self.spaces.norm(a) for a in x.ann), shape)
+
+    def across_blocks(self, x: _T, dims: set[int]) -> None:
+        """An op that mixes the head blocks of a grouped space along axes ``dims`` while the
+        within-head axis stays: the heads may order their units differently (every grouped
+        permutation may), so entry ``j`` of one head no longer meets entry ``j`` of another.
+        The space is fixed (no permutation of it is a symmetry the spec could express)."""
+        kept = {
+            self.spaces.find(a.space)[0]
+            for d, a in enumerate(x.ann)
+            if d not in dims and isinstance(a, _Within)
+        }
+        for d in dims:
+            a = x.ann[d]
+            if isinstance(a, _Block) and self.spaces.find(a.space)[0] in kept:
+                self.spaces.fix(a)
 
     def elementwise(self, node: fx.Node) -> _T:
         values = list(_tensors(self.value((node.args, node.kwargs))))
@@ -763,6 +580,7 @@ class _Inference:
         else:
             dims = [dims] if isinstance(dims, int) else list(dims)
             reduced = {_dim(d, len(x.shape)) for d in dims}
+        self.across_blocks(x, reduced)
         if len(shape) == len(x.shape):  # keepdim
             ann = tuple(None if d in reduced else a for d, a in enumerate(x.ann))
         else:
@@ -787,22 +605,76 @@ class _Inference:
         return _T(ann, shape)
 
     def cat(self, node: fx.Node) -> _T:
+        """``torch.cat``: the other axes join; along ``dim``, a part that holds units makes the
+        axis their direct sum (a composite space: each part keeps its own permutation, at
+        its offset), and a part without units is a run no permutation moves."""
         parts = [self.tensor(t) for t in _arg(node, 0, "tensors")]
         shape = self.out_shape(node)
         dim = _dim(_arg(node, 1, "dim", 0), len(shape))
-        if any(self.spaces.norm(p.ann[dim]) is not None for p in parts):
-            raise _Refusal(
-                f"concatenation along axis {dim}, which holds permutable units: the units of "
-                "the parts would need permutations at offsets, which is not supported"
-            )
+        parts = [p for p in parts if len(p.shape) == len(shape) and p.shape[dim] != 0]
+        ann = self.join_axes(parts, len(shape), skip=dim)
+        along = [self.spaces.norm(p.ann[dim]) for p in parts]
+        if all(a is None for a in along):
+            return _T(tuple(ann), shape)
+        pieces: list[tuple[int, int]] = []
+        for part, a in zip(parts, along, strict=True):
+            if isinstance(a, _Full):
+                pieces.append((a.space, a.repeat))
+            elif a is None:
+                pieces.append((self.spaces.new(part.shape[dim], fixed=True), 1))
+            else:
+                raise _Refusal(f"concatenation along axis {dim}, which holds attention heads")
+        ann[dim] = _Full(self.spaces.concat(pieces))
+        return _T(tuple(ann), shape)
+
+    def join_axes(self, parts: list[_T], ndim: int, skip: int | None = None) -> list[_Ann]:
+        """Axis ``d`` of every part holds the same units (cat and stack), except ``skip``."""
         ann: list[_Ann] = []
-        for d in range(len(shape)):
-            found = [p.ann[d] for p in parts] if d != dim else [None]
+        for d in range(ndim):
+            found = [p.ann[d] for p in parts] if d != skip else [None]
             result = self.spaces.norm(found[0])
             for other in found[1:]:
                 result = self.spaces.meet(result, other)
             ann.append(result)
-        return _T(tuple(ann), shape)
+        return ann
+
+    def stack(self, node: fx.Node) -> _T:
+        """``torch.stack``: the parts' axes join; the new axis holds no units."""
+        parts = [self.tensor(t) for t in _arg(node, 0, "tensors")]
+        shape = self.out_shape(node)
+        dim = _dim(_arg(node, 1, "dim", 0), len(shape))
+        ann = self.join_axes(parts, len(shape) - 1)
+        return _T((*ann[:dim], None, *ann[dim:]), shape)
+
+    def split_op(self, node: fx.Node, name: str) -> tuple[_T, ...]:
+        """``chunk`` / ``split`` / ``tensor_split``: pieces of one axis; on a unit axis the
+        space becomes the direct sum of the pieces (cut at their boundaries)."""
+        x = self.tensor(node.args[0])
+        metas = node.meta.get("tensor_meta")
+        if not isinstance(metas, list | tuple) or not all(
+            isinstance(m, TensorMetadata) for m in metas
+        ):
+            raise _Refusal(f"cannot read the pieces of {name}")
+        shapes = [tuple(m.shape) for m in metas]
+        changed = [d for d in range(len(x.shape)) if any(s[d] != x.shape[d] for s in shapes)]
+        if len(changed) > 1:
+            raise _Refusal(f"cannot tell which axis {name} splits")
+        if not changed:
+            return tuple(_T(tuple(self.spaces.norm(a) for a in x.ann), s) for s in shapes)
+        dim = changed[0]
+        a = self.spaces.norm(x.ann[dim])
+        lengths = [s[dim] for s in shapes]
+        pieces: list[_Ann] = [None] * len(shapes)
+        if isinstance(a, _Full):
+            nonzero = [n for n in lengths if n]
+            split = iter(self.spaces.split(a, nonzero))
+            pieces = [next(split) if n else None for n in lengths]
+        elif a is not None:
+            raise _Refusal(f"{name} along axis {dim}, which holds attention heads")
+        return tuple(
+            _T((*x.ann[:dim], piece, *x.ann[dim + 1 :]), s)
+            for piece, s in zip(pieces, shapes, strict=True)
+        )
 
     def getitem(self, node: fx.Node) -> Any:
         base, index = self.value(node.args[0]), node.args[1]
@@ -832,15 +704,29 @@ class _Inference:
                 continue
             a = self.spaces.norm(x.ann[d])
             whole = isinstance(i, slice) and _whole(i, x.shape[d])
-            if a is not None and not whole:
+            if isinstance(a, _Full) and isinstance(i, slice) and not whole:
+                a = self.slice_units(a, i, x.shape[d])
+            elif a is not None and not whole:
                 raise _Refusal(f"indexing or slicing axis {d}, which holds permutable units")
             if isinstance(i, slice):
-                ann.append(a if whole else None)
+                ann.append(a if isinstance(a, _Full) or whole else None)
             d += 1
         ann.extend(x.ann[d:])
         if len(ann) != len(shape):
             raise _Refusal("cannot follow this indexing")
         return _T(tuple(ann), shape)
+
+    def slice_units(self, a: _Full, index: slice, size: int) -> _Full:
+        """A contiguous slice of a unit axis: the space is cut there, the slice is a piece."""
+        bounds = (index.start, index.stop, index.step)
+        if not all(isinstance(v, int | None) for v in bounds):
+            raise _Refusal("a slice of a unit axis with bounds that are not plain integers")
+        start, stop, step = index.indices(size)
+        if step != 1 or stop <= start:
+            raise _Refusal("a strided, reversed or empty slice of an axis with permutable units")
+        lengths = [n for n in (start, stop - start, size - stop) if n]
+        pieces = self.spaces.split(a, lengths)
+        return pieces[1 if start else 0]
 
     def attribute(self, node: fx.Node) -> Any:
         x, name = self.value(node.args[0]), node.args[1]
@@ -856,36 +742,52 @@ class _Inference:
 
     # ---- layers ---------------------------------------------------------------------------
 
-    def linear(self, node: fx.Node, x: _T, weight: _T, bias: _T | None) -> _T:
-        """``x @ weight.T + bias`` over the last axis."""
+    def linear(self, node: fx.Node | None, x: _T, weight: _T, bias: _T | None) -> _T:
+        """``x @ weight.T + bias`` over the last axis (``node`` None: inside a layer rule)."""
         if len(weight.shape) != 2:
             raise _Refusal("linear weight must be 2-D")
         self.spaces.meet(weight.ann[1], x.ann[-1])
         out = self.spaces.norm(weight.ann[0])
         if bias is not None:
             out = self.spaces.meet(out, bias.ann[0])
-        return _T((*x.ann[:-1], out), self.out_shape(node))
+        shape = (*x.shape[:-1], weight.shape[0]) if node is None else self.out_shape(node)
+        return _T((*x.ann[:-1], out), shape)
 
     def conv(self, node: fx.Node, x: _T, weight: _T, bias: _T | None, k: int, groups: int) -> _T:
-        """Convolution: channels like a linear layer, spatial axes mixed (never permuted)."""
-        if groups != 1:
-            raise _Refusal(f"grouped convolution (groups={groups}) is not supported")
+        """Convolution: channels like a linear layer, spatial axes mixed (never permuted).
+
+        Grouped: a depthwise convolution (one input channel per group) computes output
+        channel ``o`` from input channel ``o // m`` alone (``m`` outputs per input), so its
+        outputs are the input's units, each ``m`` times. Groups of several input channels
+        read entry ``j`` of their own group through column ``j`` of the weight, which no
+        single permutation of that axis can follow when groups reorder their channels
+        differently: the input channels stay in place and each output group is its own
+        space (its channels may be reordered among themselves).
+        """
         channel = len(x.shape) - k - 1
         if channel < 0 or any(a is not None for a in x.ann[channel + 1 :]):
             raise _Refusal("a convolution over axes that hold permutable units")
         for ann in weight.ann[2:]:
             self.spaces.fix(ann)  # kernel positions
-        self.spaces.meet(weight.ann[1], x.ann[channel])
+        rows = weight.shape[0]
+        if groups == 1:
+            self.spaces.meet(weight.ann[1], x.ann[channel])
+        elif weight.shape[1] == 1:  # depthwise (times a channel multiplier)
+            source = self.spaces.norm(x.ann[channel])
+            per_input = rows // groups
+            if isinstance(source, _Full):
+                source = _Full(source.space, source.repeat * per_input)
+            self.spaces.meet(weight.ann[0], source)
+        else:
+            self.spaces.fix(x.ann[channel])
+            self.spaces.fix(weight.ann[1])
+            out_rows = self.spaces.norm(weight.ann[0])
+            if isinstance(out_rows, _Full):
+                self.spaces.split(out_rows, [rows // groups] * groups)
         out = self.spaces.norm(weight.ann[0])
         if bias is not None:
             out = self.spaces.meet(out, bias.ann[0])
         return _T((*x.ann[:channel], out) + (None,) * k, self.out_shape(node))
-
-    def module_conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, prefix: str) -> _T:
-        weight = self.required_param(prefix, "weight", (0,))
-        bias = self.module_param(prefix, "bias")
-        k = _CONV_MODULES[type(module)]
-        return self.conv(node, self.tensor(node.args[0]), weight, bias, k, module.groups)
 
     def f_conv(self, node: fx.Node, k: int) -> _T:
         x, weight = self.tensor(node.args[0]), self.tensor(_arg(node, 1, "weight"))
@@ -893,34 +795,12 @@ class _Inference:
         groups = _arg(node, 6, "groups", 1)
         return self.conv(node, x, weight, bias, k, groups)
 
-    def embedding(self, node: fx.Node, prefix: str) -> _T:
-        x, weight = self.tensor(node.args[0]), self.required_param(prefix, "weight", (1,))
-        if x.spaced:
-            raise _Refusal("embedding indices have permutable axes")
-        self.spaces.fix(weight.ann[0])  # rows are looked up by index
-        return _T((*x.ann, self.spaces.norm(weight.ann[1])), self.out_shape(node))
-
     def channel_params(self, x: _T, dim: int, params: list[_T]) -> _T:
         """Per-channel vectors on axis ``dim`` of ``x`` (norm affines, running statistics)."""
         ann = self.spaces.norm(x.ann[dim])
         for p in params:
             ann = self.spaces.meet(ann, p.ann[0])
         return _T((*x.ann[:dim], ann, *x.ann[dim + 1 :]), x.shape)
-
-    def batch_norm(self, node: fx.Node, prefix: str) -> _T:
-        entries = ("weight", "bias", "running_mean", "running_var")
-        params = [p for e in entries if (p := self.module_param(prefix, e)) is not None]
-        return self.channel_params(self.tensor(node.args[0]), 1, params)
-
-    def group_norm(self, node: fx.Node, module: nn.GroupNorm, prefix: str) -> _T:
-        x = self.tensor(node.args[0])
-        ann = self.spaces.norm(x.ann[1])
-        if module.num_groups > 1 and ann is not None:
-            if not isinstance(ann, _Full) or self.spaces.size[ann.space] % module.num_groups:
-                raise _Refusal("GroupNorm groups do not align with the permutable channels")
-            self.spaces.groups.append((ann.space, module.num_groups, node))
-        params = [p for e in ("weight", "bias") if (p := self.module_param(prefix, e))]
-        return self.channel_params(x, 1, params)
 
     def layer_norm(self, x: _T, k: int, weight: _T | None, bias: _T | None) -> _T:
         """Normalisation over the last ``k`` axes (commutes with reordering them)."""
@@ -944,33 +824,14 @@ class _Inference:
             raise _Refusal("pooling over axes that hold permutable units")
         return _T(x.ann[: channel + 1] + (None,) * k, shape)
 
-    def attention(self, node: fx.Node, module: nn.MultiheadAttention, prefix: str) -> Any:
-        """``nn.MultiheadAttention``: only the embedding axes (see the module docstring)."""
-        inputs = [self.tensor(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value"))]
-        masks = [v for k, v in node.kwargs.items() if k.endswith("mask")] + list(node.args[3:])
-        if any(t.spaced for t in _tensors(self.value(masks))):
-            raise _Refusal("attention masks with permutable axes")
-        projections = ("in_proj_weight",) * 3 if module._qkv_same_embed_dim else ("q", "k", "v")
-        for x, entry in zip(inputs, projections, strict=True):
-            name = entry if entry == "in_proj_weight" else f"{entry}_proj_weight"
-            self.spaces.meet(self.required_param(prefix, name).ann[1], x.ann[-1])
-        for entry in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            if (weight := self.module_param(prefix, entry)) is not None:
-                self.spaces.fix(weight.ann[0])  # the heads' q, k, v units: packed
-        for entry in ("in_proj_bias", "bias_k", "bias_v"):
-            for ann in getattr(self.module_param(prefix, entry), "ann", ()):
-                self.spaces.fix(ann)
-        out_proj = self.required_param(f"{prefix}.out_proj", "weight", (0,))
-        out_bias = self.module_param(f"{prefix}.out_proj", "bias")
-        out = self.spaces.norm(out_proj.ann[0])
-        if out_bias is not None:
-            out = self.spaces.meet(out, out_bias.ann[0])
-        self.spaces.fix(out_proj.ann[1])  # the heads' v units: packed, not expressible
-        meta = node.meta["tensor_meta"]  # ShapeProp's (output, weights) pair
-        query = inputs[0]
-        return (_T((*query.ann[:-1], out), tuple(meta[0].shape)), _plain(meta[1]))
-
     # ---- activation sites -----------------------------------------------------------------
+
+    def inner_site(self, node: fx.Node, name: str, axis: int, relu: bool, ann: _Ann) -> None:
+        """A site at the output of submodule ``name`` that the leaf at ``node`` calls."""
+        ann = self.spaces.norm(ann)
+        if isinstance(ann, _Full) and ann.repeat == 1:
+            self.inner_sites[len(self.sites)] = (name, axis, relu)
+            self.sites.append((node, axis, ann.space))
 
     def note_site(self, node: fx.Node, module: nn.Module, out: Any) -> None:
         """Remember leaf outputs whose axis 1 or -1 holds a space (once-called modules only)."""
@@ -1027,13 +888,19 @@ class _Inference:
         """Sites by root space (named by module ``paths`` when given, else the node target)."""
         by_node: dict[fx.Node, set[int]] = {}
         resolved = []
-        for node, axis, space in candidates:
+        inner = self.inner_sites if paths is None else {}
+        for index, (node, axis, space) in enumerate(candidates):
             root, factor = self.spaces.find(space)
             if factor == 1:
-                resolved.append((node, axis, root))
-                by_node.setdefault(node, set()).add(root)
+                resolved.append((index, node, axis, root))
+                if index not in inner:
+                    by_node.setdefault(node, set()).add(root)
         out: dict[int, list[Site]] = {}
-        for node, axis, root in resolved:
+        for index, node, axis, root in resolved:
+            if index in inner:
+                name, axis, relu = inner[index]
+                out.setdefault(root, []).append(Site(name, axis, relu))
+                continue
             users = list(node.users)
             if len(users) == 1 and root in by_node.get(users[0], ()):
                 continue
@@ -1046,7 +913,7 @@ class _Inference:
 
     def spec(self) -> PermutationSpec:
         sp = self.spaces
-        roots = sorted({sp.find(s)[0] for s in self.slots.values()})
+        roots = sorted({leaf for s in self.slots.values() for leaf in sp.leaves(s)})
         families: dict[int, list[int]] = {}
         for root in roots:
             families.setdefault(sp.tie_find(root), []).append(root)
@@ -1071,24 +938,38 @@ class _Inference:
             perms[names[root]] = PermGroup(
                 sp.size[root], groups[root], tied, tuple(sites.get(root, ()))
             )
-        axes: dict[str, tuple[Axis | None, ...]] = {}
+        axes: dict[str, tuple[AxisEntry, ...]] = {}
         for name, tensor in self.state.items():
-            dims: list[Axis | None] = []
+            dims: list[AxisEntry] = []
             for dim in range(tensor.ndim):
                 space = self.slots.get((self.canonical[name], dim))
-                if space is None:
-                    dims.append(None)
-                    continue
-                root, factor = sp.find(space)
-                dims.append(Axis(names[root], factor) if root in names else None)
+                dims.append(None if space is None else self.entry(space, names))
             axes[name] = tuple(dims)
         return PermutationSpec(perms, axes)
+
+    def entry(self, space: int, names: dict[int, str]) -> AxisEntry:
+        """The spec entry of an axis of ``space``: one permutation, a concatenation, or None."""
+        parts: list[Axis | int] = []
+        for root, repeat, length in self.spaces.layout(space):
+            if root in names:
+                parts.append(Axis(names[root], repeat))
+            elif parts and isinstance(parts[-1], int):
+                parts[-1] += length  # runs that no permutation moves merge
+            else:
+                parts.append(length)
+        if all(isinstance(p, int) for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return Concat(tuple(parts))
 
     def num_groups(self, free: list[int]) -> dict[int, int]:
         """Block count of every free root space (1 unless GroupNorm or heads)."""
         found: dict[int, dict[int, fx.Node]] = {r: {} for r in free}
         for space, count, node in self.spaces.groups:
             root = self.spaces.find(space)[0]
+            if count > 1 and self.spaces.composite(root):
+                raise self.error(node, "a space split into heads is also concatenated or split")
             if root not in found or count == 1:
                 continue
             if self.spaces.size[root] % count:
@@ -1104,23 +985,46 @@ class _Inference:
         return {r: next(iter(c), 1) for r, c in found.items()}
 
     def names(self, free: list[int]) -> dict[int, str]:
-        """``P_<first producing layer>`` for every free root space, unique."""
-        members: dict[int, list[int]] = {r: [] for r in free}
-        for space in sorted(self.labels):
-            root = self.spaces.find(space)[0]
-            if root in members:
-                members[root].append(space)
+        """``P_<first producing layer>`` for every free root space, unique.
+
+        A piece cut from a space (by a concatenation or split boundary) without a label of
+        its own is named after the space it was cut from.
+        """
+        sp = self.spaces
+        by_root: dict[int, list[int]] = {}
+        for space in range(len(sp.parent)):
+            by_root.setdefault(sp.find(space)[0], []).append(space)
         names: dict[int, str] = {}
         taken: set[str] = set()
         for root in free:
-            producers = [s for s in members[root] if self.labels[s][1]] or members[root]
-            base = f"P_{self.labels[producers[0]][0]}"
+            base = f"P_{self.label(root, by_root)}"
             name, k = base, 2
             while name in taken:
                 name, k = f"{base}_{k}", k + 1
             taken.add(name)
             names[root] = name
         return names
+
+    def label(self, root: int, by_root: dict[int, list[int]]) -> str:
+        """The layer a root space is named after (its first producer, else first reader)."""
+        seen: set[int] = set()
+        queue = [root]
+        while queue:
+            current = queue.pop(0)
+            if current in seen:
+                continue
+            seen.add(current)
+            members = by_root.get(current, [])
+            labelled = [s for s in members if s in self.labels]
+            if labelled:
+                producers = [s for s in labelled if self.labels[s][1]] or labelled
+                return self.labels[producers[0]][0]
+            queue.extend(
+                self.spaces.find(self.spaces.origin[s])[0]
+                for s in members
+                if s in self.spaces.origin
+            )
+        return "units"
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -1130,90 +1034,3 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in methods
     return node.op == "call_module" and isinstance(gm.get_submodule(_qualname(node)), module_type)
-
-
-# ---------------------------------------------------------------------------------------------
-# Public entry point
-# ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no BatchNorm statistics updated, no dropout) and no autograd; restored."""
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _user_frame(exc: BaseException) -> str:
-    """Where in the model's own code tracing failed (the last frame outside torch)."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
-    ]
-    if not frames:
-        return "in forward"
-    frame = frames[-1]
-    return f"at {frame.filename}:{frame.lineno} in {frame.name} ({(frame.line or '').strip()!r})"
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    name = type(model).__name__
-    try:
-        return fx.symbolic_trace(model)
-    except TraceError as exc:
-        raise SpecInferenceError(
-            f"cannot infer the permutation spec of {name}: torch.fx cannot trace its forward "
-            f"{_user_frame(exc)}: {exc}. This is usually data-dependent control flow (an "
-            "`if`/`while` on tensor values) or iteration over a tensor, which a symbolic "
-            f"trace cannot follow. {HAND_WRITTEN_HINT}"
-        ) from exc
-    except (RuntimeError, TypeError, NotImplementedError, AttributeError) as exc:
-        raise SpecInferenceError(
-            f"cannot infer the permutation spec of {name}: torch.fx cannot trace its forward "
-            f"{_user_frame(exc)}: {type(exc).__name__}: {exc}. {HAND_WRITTEN_HINT}"
-        ) from exc
-
-
-def infer_spec(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> PermutationSpec:
-    """Infer the permutation spec of ``model`` from its code (see the module docstring).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Any model that :func:`torch.fx.symbolic_trace` can trace. Not modified: it is run
-        once on ``example_input`` in eval mode without gradients, and every module's
-        train/eval mode is restored.
-    example_input : Tensor or tuple of Tensor
-        Positional inputs of ``forward`` (a batch, on the model's device and dtype), used only
-        to learn every intermediate shape. Use a batch of at least 2 and images large enough
-        that no spatial axis has the same length as a channel axis by accident.
-
-    Returns
-    -------
-    PermutationSpec
-        Checked against ``model.state_dict()`` (every entry, buffers included); permutations
-        are named ``P_<first producing layer>`` in graph order and have activation sites when
-        some once-called leaf layer outputs their units.
-
-    Raises
-    ------
-    SpecInferenceError
-        (a ``TypeError``) naming the fx node, its op and target, when the model cannot be
-        traced or uses an operation whose effect on a permutation cannot be proved; the
-        message says how to write the spec by hand.
-    """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    graph_module = _trace(model)
-    with _evaluating(model):
-        ShapeProp(graph_module).propagate(*inputs)
-    inference = _Inference(model, graph_module)
-    inference.run()
-    spec = inference.spec()
-    check_spec(spec, model.state_dict())
-    return spec
