@@ -399,7 +399,7 @@ _CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 def layer_axes(
     name: str, module: nn.Module, out: str | Axis | None, inp: str | Axis | None = None
-) -> dict[str, tuple[Axis | None, ...]]:
+) -> dict[str, tuple[AxisEntry, ...]]:
     """The spec axes of every state entry of one layer (a shortcut for declaring specs).
 
     Parameters
@@ -438,7 +438,7 @@ def layer_axes(
             raise TypeError(f"{name}: a normalisation layer has no input permutation")
     else:
         raise TypeError(f"{name}: no permutation axes known for {type(module).__name__}")
-    axes: dict[str, tuple[Axis | None, ...]] = {}
+    axes: dict[str, tuple[AxisEntry, ...]] = {}
     for entry, value in module.state_dict(keep_vars=True).items():
         if value.ndim == 0:
             axes[f"{name}.{entry}"] = ()

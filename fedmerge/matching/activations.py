@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import unknown_name
-from ..spec_inference.check import python_attention
 from ..options import MATCH_SITES
 from ..permutations import (
     PermGroup,
@@ -19,6 +18,7 @@ from ..permutations import (
     PermutationSpec,
     Site,
 )
+from ..spec_inference.check import python_attention
 from .assignment import _families, _solve_family
 from .correlation import _PearsonSums
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from fedmerge.errors import ConfigError
 from fedmerge.permutations import (
     Axis,
+    AxisEntry,
     PermGroup,
     PermutationSpec,
     Site,
@@ -128,7 +129,7 @@ def chain_spec(
     model: nn.Module, convs: tuple[str, ...], linears: tuple[str, ...]
 ) -> PermutationSpec:
     """Spec of a chain conv..., flatten, linear... with ReLU after every layer but the last."""
-    axes: dict[str, tuple[Axis | None, ...]] = {}
+    axes: dict[str, tuple[AxisEntry, ...]] = {}
     perms: dict[str, PermGroup] = {}
     names = (*convs, *linears)
     previous: Axis | None = None

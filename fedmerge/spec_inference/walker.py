@@ -201,6 +201,8 @@ def _qualified(target: object) -> str:
     """``module.name`` of a function target (empty for anything else)."""
     module, name = getattr(target, "__module__", None), getattr(target, "__name__", None)
     return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else ""
+
+
 # Element-wise ops along one axis (``dim``): equivariant to reordering that axis, but not to
 # head blocks reordered differently inside (see ``_Walk.across_blocks``).
 _BLOCK_SENSITIVE_FUNCTIONS: set[Callable] = {
@@ -440,7 +442,7 @@ class _Walk:
         if name in ("matmul", "bmm"):
             return self.matmul(node)
         if name in _SPLIT_METHODS:
-            return self.split_op(node, cast(str, name))
+            return self.split_op(node, name)
         if name in _EXPAND_METHODS:
             return self.expand(node)
         return self.unknown(node)
@@ -959,7 +961,7 @@ class _Walk:
                 parts.append(length)
         if all(isinstance(p, int) for p in parts):
             return None
-        if len(parts) == 1:
+        if len(parts) == 1 and isinstance(parts[0], Axis):
             return parts[0]
         return Concat(tuple(parts))
 
@@ -1006,7 +1008,9 @@ class _Walk:
         return names
 
     def label(self, root: int, by_root: dict[int, list[int]]) -> str:
-        """The layer a root space is named after (its first producer, else first reader)."""
+        """The layer a root space is named after: its first producer; for a piece cut from
+        a space, that space's producer; else the first layer that reads it."""
+        readers: list[int] = []
         seen: set[int] = set()
         queue = [root]
         while queue:
@@ -1016,15 +1020,13 @@ class _Walk:
             seen.add(current)
             members = by_root.get(current, [])
             labelled = [s for s in members if s in self.labels]
-            if labelled:
-                producers = [s for s in labelled if self.labels[s][1]] or labelled
+            producers = [s for s in labelled if self.labels[s][1]]
+            if producers:
                 return self.labels[producers[0]][0]
-            queue.extend(
-                self.spaces.find(self.spaces.origin[s])[0]
-                for s in members
-                if s in self.spaces.origin
-            )
-        return "units"
+            readers = readers or labelled
+            origin = self.spaces.origin
+            queue.extend(self.spaces.find(origin[s])[0] for s in members if s in origin)
+        return self.labels[readers[0]][0] if readers else "units"
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
