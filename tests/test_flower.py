@@ -201,3 +201,23 @@ def test_each_flower_run_gets_free_superlink_ports(tmp_path):
     path = write_run_config(cfg.to_mapping(), tmp_path / "rc.toml")
     assert tomllib.loads(path.read_text()) == cfg.to_mapping()
     assert toml_value(3) == "3" and toml_value(False) == "false"
+
+
+def test_flower_engine_warns_when_no_superlink_of_its_own_served_the_run(
+    tmp_path, monkeypatch, caplog
+):
+    """`flwr run` on ports another SuperLink holds is served by that one, silently: the engine
+    finds none serving its FLWR_HOME afterwards and says so (and is quiet when it finds it)."""
+    import logging
+
+    from fedmerge.engine import flower as engine
+
+    app = copy_app(tmp_path / "app")
+    cfg = RunConfig.from_mapping({"num-rounds": 1})
+    monkeypatch.setattr(engine, "flwr_run_command", lambda *a: [sys.executable, "-c", "1"])
+    for found, warned in (([], True), ([12345], False)):
+        monkeypatch.setattr(engine, "stop_superlink", lambda home, found=found: found)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=engine.log.name):
+            engine.run_flower(cfg, app_dir=app)
+        assert ("did not start" in caplog.text) is warned

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import fedavg as flower_fedavg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from strategy_harness import train_reply, train_requests
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedmerge.client import RequestedTerms, loss_terms
 from fedmerge.config import RunConfig
@@ -205,6 +205,54 @@ def test_proxy_data_from_tensors_a_dataset_or_a_dataloader_is_the_same():
         as_proxy("data/")
     with pytest.raises(ValueError, match="10 inputs but 3 labels"):
         Proxy(x, y[:3])
+
+
+class _DictImages(Dataset):
+    """Samples shaped as Flower's quickstart-pytorch serves them from flwr-datasets
+    (``partition.with_transform(apply_transforms)``): ``{"img": tensor, "label": int}``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, keys=("img", "label")) -> None:
+        self.x, self.y, self.keys = x, y, keys
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {self.keys[0]: self.x[i], self.keys[1]: int(self.y[i]), "id": f"sample-{i}"}
+
+
+def test_proxy_data_as_dictionary_batches_is_read_by_its_keys():
+    x, y = torch.randn(10, 1, 8, 8), torch.arange(10) % 3
+    for keys in (("img", "label"), ("image", "fine_label"), ("pixel_values", "labels")):
+        for form in (_DictImages(x, y, keys), DataLoader(_DictImages(x, y, keys), batch_size=4)):
+            got = as_proxy(form)
+            assert torch.equal(got.x, x) and torch.equal(got.y, y), keys
+    odd = DataLoader(_DictImages(x, y, ("pixels", "class")), batch_size=4)
+    with pytest.raises(TypeError, match=r"keys \['class', 'id', 'pixels'\].*keys="):
+        as_proxy(odd)
+    got = as_proxy(odd, keys=("pixels", "class"))
+    assert torch.equal(got.x, x) and torch.equal(got.y, y)
+    assert as_proxy(odd, keys=("pixels", None)).y is None
+    with pytest.raises(KeyError, match="no key 'img'"):
+        as_proxy(odd, keys=("img", "class"))
+
+
+def test_fednpmerge_merges_with_a_dataloader_of_dictionary_batches():
+    """The quickstart's own loader shape, end to end through a FedNPMerge round: the same
+    merge as with the tensors it holds."""
+    model = _QuickstartNet()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    loader = DataLoader(_DictImages(x, y), batch_size=16, shuffle=False)
+    strategy = FedNPMerge(model=model, proxy=loader, epochs=1)
+    assert torch.equal(strategy.np.proxy.x, x) and torch.equal(strategy.np.proxy.y, y)
+    reference = FedNPMerge(model=model, proxy=(x, y), epochs=1)
+    torch.manual_seed(1)
+    states = [_QuickstartNet().state_dict() for _ in range(2)]
+    merged, metrics = strategy.aggregate_train(1, _replies(strategy, states, [1, 1]))
+    expected, _ = reference.aggregate_train(1, _replies(reference, states, [1, 1]))
+    assert metrics["np-steps"] > 0
+    merged, expected = merged.to_torch_state_dict(), expected.to_torch_state_dict()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
 
 def test_strategies_take_any_proxy_form_and_refuse_what_they_cannot_use():

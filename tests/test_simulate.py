@@ -230,6 +230,31 @@ def _no_components(tmp_path: Path) -> Path:
     return folder
 
 
+def _no_project(tmp_path: Path) -> Path:
+    folder = make_app(tmp_path / "noproject")
+    text = (folder / "pyproject.toml").read_text()
+    (folder / "pyproject.toml").write_text(text.replace('[project]\nname = "tinyapp"', ""))
+    return folder
+
+
+def test_refuses_a_pyproject_without_project_for_flwr_runs_reason(tmp_path):
+    """A run_simulation script's folder often lacks [project]; `flwr run` refuses it (Flower's
+    own validator, which `flwr run` calls), and so does simulate, with the same reasons."""
+    import tomllib
+
+    from flwr.common.config import validate_fields_in_config
+
+    folder = _no_project(tmp_path)
+    valid, reasons, _ = validate_fields_in_config(
+        tomllib.loads((folder / "pyproject.toml").read_text())
+    )
+    assert not valid and "Missing [project] section" in reasons
+    with pytest.raises(FedmergeError, match="not a Flower app that `flwr run` accepts") as err:
+        simulate(folder, 2)
+    assert all(reason in str(err.value) for reason in reasons)
+    assert "docs/flower-apps.md" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [

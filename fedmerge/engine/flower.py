@@ -7,9 +7,11 @@ type, with the environment this offline machine needs (docs/user-guide.md):
     flwr run <project> --run-config <file.toml> \
         --federation-config "num-supernodes=N client-resources-num-cpus=C" --stream
 
-``flwr run`` leaves a detached local SuperLink running; this module runs each simulation with
-its own scratch ``FLWR_HOME`` and stops the SuperLink it started (and only that one) when the
-run ends, fails or is interrupted.
+``flwr run`` leaves a detached local SuperLink running, and a later ``flwr run`` on the same
+ports is served by it, in the first run's environment. This module runs each simulation with
+its own scratch ``FLWR_HOME`` on ports that were free, stops the SuperLink it started (and only
+that one) when the run ends, fails or is interrupted, and warns when it finds none of its own
+(the run was served by a SuperLink it did not start).
 """
 
 from __future__ import annotations
@@ -300,8 +302,19 @@ def run_flower(
     finally:
         if proc.poll() is None:
             proc.kill()
-        stop_superlink(home)
+        stopped = stop_superlink(home)
         shutil.rmtree(scratch, ignore_errors=True)
+    if not stopped and proc.returncode == 0:
+        # The run's ports were free when chosen; had another SuperLink taken them first,
+        # `flwr run` would have submitted to it, where the run gets that SuperLink's
+        # environment and log file. Say so instead of passing it over.
+        log.warning(
+            "flwr run finished, but no SuperLink serving this run's FLWR_HOME (%s) was found: "
+            "the run was probably served by a SuperLink this engine did not start, with that "
+            "SuperLink's environment and log (docs/flower-apps.md, 'A SuperLink left "
+            "running')",
+            home,
+        )
     if proc.returncode != 0:
         tail = "\n".join(lines[-25:])
         raise FedmergeError(f"flwr run failed (exit {proc.returncode}); its last lines:\n{tail}")

@@ -145,6 +145,7 @@ def read_app(app_dir: str | Path) -> FlowerApp:
             f"simulate: {pyproject} has no [tool.flwr.app.components] table; a Flower app "
             'names its apps there: serverapp = "package.module:app", clientapp = "..."'
         )
+    _check_like_flwr_run(data, pyproject)
     refs = {}
     for kind in ("serverapp", "clientapp"):
         ref = components.get(kind)
@@ -159,6 +160,29 @@ def read_app(app_dir: str | Path) -> FlowerApp:
     except ValueError as exc:
         raise FedmergeError(f"simulate: [tool.flwr.app.config] in {pyproject}: {exc}") from None
     return FlowerApp(path, refs["serverapp"], refs["clientapp"], defaults)
+
+
+def _check_like_flwr_run(data: dict[str, Any], pyproject: Path) -> None:
+    """Refuse what ``flwr run`` refuses (``[project]`` with ``name`` and ``version``,
+    ``[tool.flwr.app]`` with ``publisher``...), with Flower's own reasons."""
+    try:
+        from flwr.common.config import validate_fields_in_config
+    except ImportError:  # pragma: no cover - a Flower without the validator: check [project]
+        project = data.get("project")
+        errors = [] if isinstance(project, dict) else ["Missing [project] section"]
+        errors += [
+            f'Property "{key}" missing in [project]'
+            for key in ("name", "version")
+            if isinstance(project, dict) and key not in project
+        ]
+    else:
+        _, errors, _ = validate_fields_in_config(data)
+    if errors:
+        raise FedmergeError(
+            f"simulate: {pyproject} is not a Flower app that `flwr run` accepts: "
+            f"{'; '.join(errors)}. See docs/flower-apps.md ('From a run_simulation script to "
+            "an app folder') for the sections an app needs"
+        )
 
 
 def parse_run_config(items: str | Sequence[str]) -> RunConfigValues:
