@@ -40,7 +40,7 @@ class TransformerClassifier(nn.Module):
 class RNNClassifier(nn.Module):
     """Token classifier on a recurrent layer, read from its final hidden state and outputs."""
 
-    def __init__(self, cell: type[nn.RNNBase]) -> None:
+    def __init__(self, cell: Callable[..., nn.Module]) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, 16)
         self.rnn = cell(16, 24, batch_first=True)

@@ -69,7 +69,14 @@ def _flat(output: Any) -> list[Tensor]:
 
 def _copy(model: nn.Module) -> tuple[nn.Module, bool]:
     """An eval-mode copy in float64 when the model runs in it (else in its own precision)."""
-    clone = copy.deepcopy(model).eval()
+    try:
+        clone = copy.deepcopy(model).eval()
+    except Exception as exc:  # a model holding something that cannot be copied
+        raise SpecInferenceError(
+            f"cannot check the inferred permutation spec of {type(model).__name__}: the model "
+            f"cannot be deep-copied ({type(exc).__name__}: {exc}); pass check=False to "
+            "infer_spec to use the spec unchecked, or write it by hand"
+        ) from exc
     try:
         return clone.double(), True
     except (RuntimeError, TypeError):  # pragma: no cover - a model that refuses float64
