@@ -78,9 +78,7 @@ class _Atoms:
         self.s = np.zeros((0, prior_mean.size))
         self.c: list[int] = []
 
-    def cost(
-        self, rows: np.ndarray, prec: np.ndarray, gamma: float, new: int
-    ) -> np.ndarray:
+    def cost(self, rows: np.ndarray, prec: np.ndarray, gamma: float, new: int) -> np.ndarray:
         """``(L_j, L + new)``: the log-posterior gain of each assignment (PFNM's cost)."""
         both = prec + self.s  # (L, D)
         old = (self.g**2 / self.s).sum(axis=1) if len(self.c) else np.zeros(0)
@@ -90,9 +88,7 @@ class _Atoms:
             param += np.log(counts / np.maximum(self.clients - counts, 1e-12))
         if new == 0:
             return param
-        fresh = ((rows + self.m) ** 2 / (self.s0 + prec)).sum(axis=1) - (
-            self.m**2 / self.s0
-        ).sum()
+        fresh = ((rows + self.m) ** 2 / (self.s0 + prec)).sum(axis=1) - (self.m**2 / self.s0).sum()
         nonparam = fresh[:, None] - 2 * np.log(np.arange(1, new + 1))[None]
         nonparam += 2 * np.log(gamma / self.clients)
         return np.hstack((param, nonparam))
@@ -101,24 +97,24 @@ class _Atoms:
         """Add a client's rows to the atoms chosen (columns past the end are new atoms)."""
         out = np.empty(len(rows), dtype=np.int64)
         existing = len(self.c)
-        for l in np.argsort(columns, kind="stable"):
-            i = int(columns[l])
+        for unit in np.argsort(columns, kind="stable"):
+            i = int(columns[unit])
             if i < existing:
-                self.g[i] += rows[l]
+                self.g[i] += rows[unit]
                 self.s[i] += prec
                 self.c[i] += 1
-                out[l] = i
+                out[unit] = i
             else:
-                self.g = np.vstack((self.g, self.m + rows[l]))
+                self.g = np.vstack((self.g, self.m + rows[unit]))
                 self.s = np.vstack((self.s, self.s0 + prec))
                 self.c.append(1)
-                out[l] = len(self.c) - 1
+                out[unit] = len(self.c) - 1
         return out
 
     def remove(self, rows: np.ndarray, prec: np.ndarray, assignment: np.ndarray) -> np.ndarray:
         """Take a client's rows out; atoms left empty disappear. Returns the old-to-new index."""
-        for l, i in enumerate(assignment):
-            self.g[i] -= rows[l]
+        for unit, i in enumerate(assignment):
+            self.g[i] -= rows[unit]
             self.s[i] -= prec
             self.c[i] -= 1
         keep = np.array([c > 0 for c in self.c], dtype=bool)
@@ -129,9 +125,7 @@ class _Atoms:
         return index
 
 
-def _match(
-    atoms: _Atoms, rows: np.ndarray, prec: np.ndarray, gamma: float, new: int
-) -> np.ndarray:
+def _match(atoms: _Atoms, rows: np.ndarray, prec: np.ndarray, gamma: float, new: int) -> np.ndarray:
     cost = atoms.cost(rows, prec, gamma, new)
     if cost.shape[1] < cost.shape[0]:
         raise ValueError(
