@@ -18,6 +18,7 @@ CORE = (
     "models",
     "permutations",
     "spec_inference",
+    "fedma",
     "matching",
     "merging",
     "npmerge",
