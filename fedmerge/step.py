@@ -22,6 +22,7 @@ per-client steps, with both terms and momentum on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,7 @@ def loss(
 def sgd_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    buffers: Sequence[torch.Tensor] | None,
+    buffers: Sequence[torch.Tensor | None] | None,
     *,
     lr: float,
     momentum: float = 0.0,
@@ -133,27 +134,31 @@ def sgd_update(
     """One SGD update of ``params`` in place: the rule of ``torch.optim.SGD`` (dampening 0,
     no Nesterov) with ``torch._foreach`` ops.
 
-    ``g = grad + weight_decay * w``; momentum buffer ``buf = g`` on the first step (``buffers``
-    None), else ``buf = momentum * buf + g`` in place; ``w -= lr * buf`` (``lr * g`` without
-    momentum). Works on stacked tensors (one row per client) as on one model's.
+    ``g = grad + weight_decay * w``; momentum buffer ``buf = g`` on a parameter's first step
+    (``buffers`` None, or None at its position), else ``buf = momentum * buf + g`` in place;
+    ``w -= lr * buf`` (``lr * g`` without momentum). Works on stacked tensors (one row per
+    client) as on one model's.
 
     Returns
     -------
     list of torch.Tensor or None
-        The momentum buffers (the new ones on the first step, else ``buffers``); None without
-        momentum.
+        The momentum buffers, one per parameter (new ones where none was given, else the
+        given ones updated); None without momentum.
     """
     params, grads = list(params), list(grads)
     if weight_decay:
         grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
     out: list[torch.Tensor] | None = None
     if momentum:
-        if buffers is None:
-            out = [g.detach().clone() for g in grads]
-        else:
-            out = list(buffers)
-            torch._foreach_mul_(out, momentum)
-            torch._foreach_add_(out, grads)
+        given = list(buffers) if buffers is not None else [None] * len(grads)
+        known = [k for k, b in enumerate(given) if b is not None]
+        if known:
+            kept = [cast(torch.Tensor, given[k]) for k in known]
+            torch._foreach_mul_(kept, momentum)
+            torch._foreach_add_(kept, [grads[k] for k in known])
+        out = [
+            b if b is not None else g.detach().clone() for b, g in zip(given, grads, strict=True)
+        ]
         grads = out
     torch._foreach_add_(params, grads, alpha=-lr)
     return out

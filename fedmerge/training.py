@@ -87,7 +87,10 @@ class SGD:
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.buffers: list[torch.Tensor] | None = None
+        # Momentum buffers by parameter (its position in self.params), as torch keeps them per
+        # parameter: a parameter without a gradient in a step (frozen for a while, as FedMA's
+        # clients freeze the matched layers) keeps its buffer and lends it to no other.
+        self.buffers: dict[int, torch.Tensor] = {}
 
     def zero_grad(self) -> None:
         """Drop the gradients (set to None, as ``set_to_none=True``)."""
@@ -97,16 +100,19 @@ class SGD:
     @torch.no_grad()
     def step(self) -> None:
         """One update of every parameter that has a gradient."""
-        params = [p for p in self.params if p.grad is not None]
+        moving = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in moving]
         grads = cast(list[torch.Tensor], [p.grad for p in params])
-        self.buffers = _step.sgd_update(
+        buffers = _step.sgd_update(
             params,
             grads,
-            self.buffers,
+            [self.buffers.get(i) for i in moving],
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
+        if buffers is not None:
+            self.buffers.update(zip(moving, buffers, strict=True))
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -33,6 +33,29 @@ def test_sgd_matches_torch_optim_sgd(momentum, wd):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_sgd_with_a_layer_frozen_after_the_first_step_matches_torch_optim_sgd(wd):
+    """Momentum buffers belong to their parameters: a layer without gradients for a while (a
+    frozen prefix, as FedMA's clients have) keeps its buffer, lends it to no other, and picks
+    it up again when unfrozen, as in torch.optim.SGD."""
+    x, y = _data()
+    a = build_model("cnn", (1, 8, 8), 10, seed=1)
+    b = build_model("cnn", (1, 8, 8), 10, seed=1)
+    ours = SGD(list(a.parameters()), lr=0.05, momentum=0.9, weight_decay=wd)
+    ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=wd)
+    for step in range(6):
+        frozen = 1 <= step <= 3  # conv1 frozen for steps 1-3, trained again after
+        for model, opt in ((a, ours), (b, ref)):
+            for p in model.conv1.parameters():
+                p.requires_grad_(not frozen)
+            opt.zero_grad()
+            xb, yb = x[step * 10 : step * 10 + 10], y[step * 10 : step * 10 + 10]
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
 def test_train_is_deterministic_and_leaves_global_rng_alone():
     x, y = _data()
     states = []
