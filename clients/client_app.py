@@ -21,6 +21,7 @@ from fedmerge.client import RequestedTerms
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
+from fedmerge.fedma import fit_model
 from fedmerge.scopes import scope_names, scope_of
 from fedmerge.training import TrainResult, evaluate, resolve_device, train
 from fedmerge.vectorised import ClientJob, can_vectorise, train_many
@@ -81,8 +82,11 @@ def _scalar(config: ConfigRecord, key: str, default: float) -> int | float | str
 
 
 def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = _cached_model(cfg, spec)
-    model.load_state_dict(state)
+    """The cached model with ``state`` loaded, or a resized copy when ``state`` has other
+    widths (a FedMA global model that grew)."""
+    model = fit_model(_cached_model(cfg, spec), state)
+    for p in model.parameters():
+        p.requires_grad_(True)  # a FedMA phase may have frozen some in an earlier call
     return model
 
 
@@ -104,12 +108,20 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = int(_scalar(config, "server-round", 0))
     device = resolve_device(cfg.device)
     x, y = client_shard(spec, pid, str(device))
-    model = _model(cfg, spec, _start(cfg, spec, pid, server_round, msg)).to(device)
+    received = _start(cfg, spec, pid, server_round, msg)
+    model = _model(cfg, spec, received).to(device)
+    # FedMA's matching phases: the matched layers stay frozen, the others retrain.
+    frozen = {name for name in str(config.get("fedma-frozen", "")).split(",") if name}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    epochs = cfg.local_epochs
+    if int(_scalar(config, "fedma-phase", 0)) > 0:
+        epochs = int(_scalar(config, "fedma-epochs", cfg.local_epochs))
     result = train(
         model,
         x,
         y,
-        epochs=cfg.local_epochs,
+        epochs=epochs,
         batch_size=cfg.batch_size,
         lr=float(_scalar(config, "lr", cfg.lr)),
         momentum=cfg.momentum,
@@ -118,7 +130,15 @@ def train_handler(msg: Message, context: Context) -> Message:
         device=device,
         regularizers=RequestedTerms.of(config).regularizers(model, device),
     )
-    return _train_reply(msg, cfg, model.state_dict(), result)
+    state = model.state_dict()
+    for name in frozen & set(state):
+        state[name] = received[name]  # frozen buffers (BatchNorm statistics) are kept as sent
+    reply = _train_reply(msg, cfg, state, result)
+    if "fedma-phase" in config:  # FedMA averages the output layer with the class counts
+        classes = int(load_data(spec).num_classes)
+        counts = torch.bincount(y.cpu(), minlength=classes).tolist()
+        reply.content.metric_records["metrics"]["fedma-class-counts"] = [int(c) for c in counts]
+    return reply
 
 
 def _train_reply(msg: Message, cfg: RunConfig, state: dict, result: TrainResult) -> Message:
@@ -155,6 +175,8 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
     if not cfg.vectorise or any(s[0] != cfg or s[1] != spec for s in setups):
         return None
     configs = [m.content.config_records["config"] for m in messages]
+    if any("fedma-phase" in c for c in configs):
+        return None  # FedMA: per-client widths and frozen layers, trained one by one
     lrs = {float(_scalar(c, "lr", cfg.lr)) for c in configs}
     if len(lrs) != 1:
         return None

@@ -2,10 +2,10 @@
 
 :class:`RunConfig` composes the components of :mod:`fedmerge.components` (experiment, data,
 partition, model, training, server, results) and the per-method options of
-:mod:`fedmerge.options` (by key prefix: ``wsa-*``, ``match-*``, ``np-*``, ``finetune-*``); each
-part checks its own keys. The defaults are written once, in those classes; ``pyproject.toml``
-(``[tool.flwr.app.config]``, the file Flower reads for ``flwr run``) repeats them for Flower and
-a test keeps the two equal.
+:mod:`fedmerge.options` (by key prefix: ``wsa-*``, ``match-*``, ``np-*``, ``finetune-*``,
+``fedma-*``); each part checks its own keys. The defaults are written once, in those classes;
+``pyproject.toml`` (``[tool.flwr.app.config]``, the file Flower reads for ``flwr run``) repeats
+them for Flower and a test keeps the two equal.
 Keys use Flower's spelling (``num-rounds``); fields use Python's (``num_rounds``).
 """
 
@@ -31,6 +31,7 @@ from .components import (
 )
 from .config_values import ConfigValue, coerce, load_toml, parse_cli_value, parse_overrides
 from .errors import ConfigError
+from .options import FedMAOptions as _FEDMA
 from .options import FineTuneOptions as _FINETUNE
 from .options import MatchOptions as _MATCH
 from .options import NPOptions as _NP
@@ -81,10 +82,18 @@ class MethodKeys:
     # server fine-tuning on the proxy slice (fedavg-ft)
     finetune_epochs: int = _FINETUNE.epochs
     finetune_lr: float = _FINETUNE.lr
+    # FedMA's layer-by-layer matched averaging (fedma)
+    fedma_sigma: float = _FEDMA.sigma
+    fedma_sigma0: float = _FEDMA.sigma0
+    fedma_gamma: float = _FEDMA.gamma
+    fedma_iterations: int = _FEDMA.iterations
+    fedma_retrain_epochs: int = _FEDMA.retrain_epochs
+    fedma_grow: bool = _FEDMA.grow
+    fedma_max_width: int = _FEDMA.max_width
 
 
 #: The per-method options classes whose keys :class:`MethodKeys` holds.
-METHOD_OPTIONS = (_WSA, _MATCH, _NP, _FINETUNE)
+METHOD_OPTIONS = (_WSA, _MATCH, _NP, _FINETUNE, _FEDMA)
 
 
 # Field order is the reverse of the bases' (dataclasses collect fields base-first): keys come

@@ -10,9 +10,11 @@ class-count weights. This module holds that sequence for models whose hidden lay
 chain (MLPs, VGG-style CNNs: the registry's ``mlp``, ``cnn``, ``vgg9``), described by their
 permutation spec; :func:`resized` builds a model at grown widths.
 
-:func:`match_chain` matches every layer in one pass with no retraining between layers
-(FedMA's one-shot use of BBP-MAP, as PFNM does). FedMA's federated protocol, where the clients
-retrain the layers above the matched ones before the next layer is matched, is not built yet.
+:func:`match_layer` matches one layer of the clients' models (their lower layers already
+matched); :func:`average_last` finishes the global model; :func:`match_chain` matches every
+layer in one pass with no retraining between layers (FedMA's one-shot use of BBP-MAP, as PFNM
+does). The federated protocol, where the clients retrain the layers above the matched ones
+between two layers, is the strategy :class:`fedmerge.strategies.FedMA`.
 
 Choices where the paper and its code (IBM/FedMA) leave room, or that differ from them:
 
@@ -39,9 +41,22 @@ import torch
 from torch import Tensor, nn
 
 from .matching.bbp import bbp_map
+from .models import model_spec
 from .permutations import Axis, PermutationSpec, axis_index, check_spec
 
-__all__ = ["ChainLayer", "ChainMatch", "FedMAError", "chain_layers", "match_chain", "resized"]
+__all__ = [
+    "ChainLayer",
+    "ChainMatch",
+    "FedMAError",
+    "LayerMatch",
+    "average_last",
+    "chain_layers",
+    "fedma_widths",
+    "fit_model",
+    "match_chain",
+    "match_layer",
+    "resized",
+]
 
 State = Mapping[str, Tensor]
 _STATISTICS = ("running_mean", "running_var")
@@ -156,6 +171,126 @@ def _weighted(values: Sequence[Tensor], weights: np.ndarray) -> Tensor:
     return (total / weights.sum()).to(values[0].dtype)
 
 
+@dataclass(frozen=True)
+class LayerMatch:
+    """One layer matched (:func:`match_layer`).
+
+    Attributes
+    ----------
+    states : list of dict
+        Every client's model with the matched layer replaced by the global one and its next
+        layer reading its inputs at the global positions of its units.
+    width : int
+        Global units of the layer.
+    assignments : list of ndarray
+        Per client: the global unit each of its units was matched to.
+    frozen : list of str
+        The state entries of the matched layers so far (this one and those below).
+    matched : int
+        Client units that share their global unit with another client's.
+    opened : int
+        Global units beyond the widest client's (units BBP-MAP opened).
+    """
+
+    states: list[dict[str, Tensor]]
+    width: int
+    assignments: list[np.ndarray]
+    frozen: list[str]
+    matched: int
+    opened: int
+
+
+def match_layer(
+    states: Sequence[State],
+    spec: PermutationSpec,
+    layers: Sequence[ChainLayer],
+    index: int,
+    *,
+    sigma: float = 1.0,
+    sigma0: float = 1.0,
+    gamma: float = 7.0,
+    iterations: int = 5,
+    grow: bool = True,
+    max_width: int | None = None,
+    seed: int = 0,
+) -> LayerMatch:
+    """Match layer ``index`` of the clients' models by BBP-MAP.
+
+    The layers below ``index`` must already be the global ones (matched), so that the inputs
+    of layer ``index`` are at the same global positions for every client.
+    """
+    layer = layers[index]
+    clients = [{k: v.detach().cpu() for k, v in s.items()} for s in states]
+    rows, means, shapes = zip(*(_rows(c, layer) for c in clients), strict=True)
+    found = bbp_map(
+        list(rows),
+        sigma=sigma,
+        sigma0=sigma0,
+        prior_mean=means[0],
+        gamma=gamma,
+        iterations=iterations,
+        grow=grow,
+        max_width=max_width,
+        seed=seed,
+    )
+    width = found.width
+    global_entries: dict[str, Tensor] = {}
+    start = 0
+    for name, rest, columns in shapes[0]:
+        block = found.global_units[:, start : start + columns].reshape(width, *rest)
+        global_entries[name] = torch.from_numpy(block).to(clients[0][name].dtype)
+        start += columns
+    for name in layer.producers:
+        if name.rsplit(".", 1)[-1] in _STATISTICS:  # mean of the members' statistics
+            placed = [
+                _place(c[name], 0, torch.from_numpy(a), width)
+                for c, a in zip(clients, found.assignments, strict=True)
+            ]
+            members = torch.from_numpy(found.counts).to(placed[0].dtype).clamp(min=1)
+            global_entries[name] = torch.stack(placed).sum(0) / members
+    for client, assignment in zip(clients, found.assignments, strict=True):
+        client.update({k: v.clone() for k, v in global_entries.items()})
+        for tensor, dim, repeat in layer.consumers:
+            place = axis_index(torch.from_numpy(assignment), repeat)
+            client[tensor] = _place(client[tensor], dim, place, width * repeat)
+    frozen = [name for done in layers[: index + 1] for name in done.producers]
+    shared = int(found.counts[found.counts > 1].sum())
+    opened = width - max(len(r) for r in rows)
+    return LayerMatch(clients, width, found.assignments, frozen, shared, opened)
+
+
+def average_last(
+    states: Sequence[State],
+    spec: PermutationSpec,
+    layers: Sequence[ChainLayer],
+    weights: Sequence[float],
+    class_counts: Sequence[Sequence[float]] | None = None,
+) -> dict[str, Tensor]:
+    """The global model from clients whose hidden layers are all matched: the matched entries
+    (equal in every client) kept, the output layer averaged per class with ``class_counts``
+    (or by ``weights``), anything else averaged by ``weights``."""
+    w = np.asarray(weights, dtype=np.float64)
+    matched = {name for layer in layers for name in layer.producers}
+    out: dict[str, Tensor] = {}
+    for name in states[0]:
+        values = [s[name].detach().cpu() for s in states]
+        if name in matched or not values[0].is_floating_point():
+            out[name] = values[0].clone()  # matched entries (equal) and integer buffers
+        elif class_counts is not None and _is_classifier(name, spec, list(layers)):
+            table = np.asarray(class_counts, dtype=np.float64)  # (clients, classes)
+            per_class = table / np.maximum(table.sum(axis=0, keepdims=True), 1e-12)
+            rows_out = values[0].shape[0]
+            if per_class.shape[1] != rows_out:
+                raise ValueError(f"{name}: {rows_out} rows but {per_class.shape[1]} class counts")
+            shape = (len(values), rows_out) + (1,) * (values[0].ndim - 1)
+            factors = torch.from_numpy(per_class).reshape(shape)
+            stacked = torch.stack([v.to(torch.float64) for v in values])
+            out[name] = (stacked * factors).sum(0).to(values[0].dtype)
+        else:
+            out[name] = _weighted(values, w)
+    return out
+
+
 def match_chain(
     states: Sequence[State],
     spec: PermutationSpec,
@@ -165,7 +300,7 @@ def match_chain(
     sigma: float = 1.0,
     sigma0: float = 1.0,
     gamma: float = 7.0,
-    iterations: int = 10,
+    iterations: int = 5,
     grow: bool = True,
     max_width: int | None = None,
     seed: int = 0,
@@ -195,64 +330,52 @@ def match_chain(
     layers = chain_layers(spec)
     for state in states:
         check_spec(spec, state)
-    w = np.asarray(weights, dtype=np.float64)
-    clients = [{k: v.detach().cpu() for k, v in s.items()} for s in states]
-    out: dict[str, Tensor] = {}
+    clients: list[dict[str, Tensor]] = [dict(s) for s in states]
     widths: dict[str, int] = {}
     assignments: dict[str, list[np.ndarray]] = {}
     new_units: dict[str, int] = {}
     for n, layer in enumerate(layers):
-        rows, means, shapes = zip(*(_rows(c, layer) for c in clients), strict=True)
-        found = bbp_map(
-            list(rows),
+        found = match_layer(
+            clients,
+            spec,
+            layers,
+            n,
             sigma=sigma,
             sigma0=sigma0,
-            prior_mean=means[0],
             gamma=gamma,
             iterations=iterations,
             grow=grow,
             max_width=max_width,
             seed=seed + n,
         )
-        width = found.width
-        widths[layer.perm], assignments[layer.perm] = width, found.assignments
-        new_units[layer.perm] = width - max(len(r) for r in rows)
-        start = 0
-        for name, rest, columns in shapes[0]:
-            block = found.global_units[:, start : start + columns].reshape(width, *rest)
-            out[name] = torch.from_numpy(block).to(clients[0][name].dtype)
-            start += columns
-        for name in layer.producers:
-            if name.rsplit(".", 1)[-1] in _STATISTICS:  # mean of the members' statistics
-                placed = [
-                    _place(c[name], 0, torch.from_numpy(a), width)
-                    for c, a in zip(clients, found.assignments, strict=True)
-                ]
-                members = torch.from_numpy(found.counts).to(placed[0].dtype).clamp(min=1)
-                out[name] = torch.stack(placed).sum(0) / members
-        for client, assignment in zip(clients, found.assignments, strict=True):
-            for tensor, dim, repeat in layer.consumers:
-                index = axis_index(torch.from_numpy(assignment), repeat)
-                client[tensor] = _place(client[tensor], dim, index, width * repeat)
-    for name in clients[0]:
-        if name in out:
-            continue
-        values = [c[name] for c in clients]
-        if not values[0].is_floating_point():
-            out[name] = values[0].clone()  # integer buffers: the first client's
-        elif class_counts is not None and _is_classifier(name, spec, layers):
-            table = np.asarray(class_counts, dtype=np.float64)  # (clients, classes)
-            per_class = table / np.maximum(table.sum(axis=0, keepdims=True), 1e-12)
-            rows_out = values[0].shape[0]
-            if per_class.shape[1] != rows_out:
-                raise ValueError(f"{name}: {rows_out} rows but {per_class.shape[1]} class counts")
-            shape = (len(values), rows_out) + (1,) * (values[0].ndim - 1)
-            factors = torch.from_numpy(per_class).reshape(shape)
-            stacked = torch.stack([v.to(torch.float64) for v in values])
-            out[name] = (stacked * factors).sum(0).to(values[0].dtype)
-        else:
-            out[name] = _weighted(values, w)
+        clients = found.states
+        widths[layer.perm], assignments[layer.perm] = found.width, found.assignments
+        new_units[layer.perm] = found.opened
+    out = average_last(clients, spec, layers, weights, class_counts)
     return ChainMatch(out, widths, assignments, new_units)
+
+
+def fedma_widths(spec: PermutationSpec, state: State) -> dict[str, int]:
+    """Units of every permutation in ``state`` (read from the first place each indexes)."""
+    out = {}
+    for perm in spec.perms:
+        slot = spec.slots(perm)[0]
+        out[perm] = int(state[slot.tensor].shape[slot.dim]) // slot.repeat
+    return out
+
+
+def fit_model(model: nn.Module, state: State) -> nn.Module:
+    """``model`` with ``state`` loaded; a resized copy (:func:`resized`) when the widths of
+    ``state`` differ from the model's (a grown FedMA model). ``model`` needs a
+    ``permutation_spec()`` (the registry's do)."""
+    own = model.state_dict()
+    if all(own[k].shape == v.shape for k, v in state.items() if k in own):
+        model.load_state_dict(state)
+        return model
+    spec = model_spec(model)
+    grown = resized(model, spec, fedma_widths(spec, state))
+    grown.load_state_dict(state)
+    return grown
 
 
 def _is_classifier(name: str, spec: PermutationSpec, layers: list[ChainLayer]) -> bool:

@@ -1,8 +1,8 @@
 """Per-method options: one frozen dataclass per method, shared by the run-config and the library.
 
 Each class holds one method's run-config keys under one prefix (``match-*``, ``wsa-*``,
-``finetune-*``, ``np-*``), validates its own values and names the key of a bad one; a rule
-between a method's keys and the rest of a run lives in its :meth:`Options.check_run`. The
+``finetune-*``, ``np-*``, ``fedma-*``), validates its own values and names the key of a bad one;
+a rule between a method's keys and the rest of a run lives in its :meth:`Options.check_run`. The
 defaults and the names of each choice are written here once: :class:`fedmerge.config.RunConfig`
 takes its ``<prefix>_*`` defaults from these classes, the method modules their names, and a
 test keeps ``pyproject.toml`` equal to them. Nothing here imports a method module.
@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 from .errors import ConfigError, unknown_name
 
 __all__ = [
+    "FedMAOptions",
     "FineTuneOptions",
     "MatchOptions",
     "NPOptions",
@@ -290,6 +291,55 @@ class FineTuneOptions(Options):
             isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0,
             "a number > 0",
         )
+
+
+@dataclass(frozen=True)
+class FedMAOptions(Options):
+    """FedMA's layer-by-layer matched averaging (strategy ``fedma``; fedmerge.strategies.fedma).
+
+    Attributes
+    ----------
+    sigma : float
+        ``fedma-sigma``: variance of a client unit around its global unit (BBP-MAP).
+    sigma0 : float
+        ``fedma-sigma0``: prior variance of a global unit.
+    gamma : float
+        ``fedma-gamma``: Beta-Bernoulli process mass (larger: new global units open more
+        easily).
+    iterations : int
+        ``fedma-iterations``: BBP-MAP sweeps per layer.
+    retrain_epochs : int
+        ``fedma-retrain-epochs``: epochs the clients retrain the layers above the matched ones
+        in each matching phase (the train phase uses ``local-epochs``).
+    grow : bool
+        ``fedma-grow``: client units may open new global units (the global model grows);
+        false keeps every layer's width (plain Hungarian matching).
+    max_width : int
+        ``fedma-max-width``: cap on a layer's units (0: no cap).
+    """
+
+    PREFIX: ClassVar[str] = "fedma"
+
+    sigma: float = 1.0
+    sigma0: float = 1.0
+    gamma: float = 7.0
+    iterations: int = 5
+    retrain_epochs: int = 1
+    grow: bool = True
+    max_width: int = 0
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("fedma-sigma", self.sigma),
+            ("fedma-sigma0", self.sigma0),
+            ("fedma-gamma", self.gamma),
+        ):
+            ok = isinstance(value, int | float) and math.isfinite(value) and value > 0
+            _number(key, value, ok, "a number > 0")
+        _integer("fedma-iterations", self.iterations, 0)
+        _integer("fedma-retrain-epochs", self.retrain_epochs, 1)
+        _flag("fedma-grow", self.grow)
+        _integer("fedma-max-width", self.max_width, 0)
 
 
 @dataclass(frozen=True)

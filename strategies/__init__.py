@@ -10,9 +10,10 @@ proxy data and keyword options (:mod:`fedmerge.options`, defaults = the run-conf
 """
 
 from fedmerge.npmerge import NPOptions
-from fedmerge.options import FineTuneOptions, MatchOptions, WSAOptions
+from fedmerge.options import FedMAOptions, FineTuneOptions, MatchOptions, WSAOptions
 
 from .base import MergeStrategy
+from .fedma import FedMA
 from .fedmatch import FedMatch
 from .finetune import FedAvgFineTuned, FedAvgRepaired
 from .merges import (
@@ -30,6 +31,8 @@ from .wsa import FedWSA
 __all__ = [
     "FedAvgFineTuned",
     "FedAvgRepaired",
+    "FedMA",
+    "FedMAOptions",
     "FedMatch",
     "FedNPMerge",
     "FedWSA",

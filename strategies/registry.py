@@ -30,9 +30,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmerge.config import RunConfig
 from fedmerge.errors import unknown_name
-from fedmerge.options import WSAOptions
+from fedmerge.options import FedMAOptions, WSAOptions
 from fedmerge.scopes import sigma_spread
 
+from .fedma import FedMA
 from .fedmatch import FedMatch, fedmatch_options, matched_merge, run_proxy
 from .finetune import FedAvgFineTuned, FedAvgRepaired, finetune_options
 from .npmerge import FedNPMerge, fednpmerge_options
@@ -144,6 +145,13 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
     "fedmatch": (
         lambda c: validated(FedMatch)(**fedmatch_options(c), **_common(c)),
         "fedmerge FedMatch: clients aligned by neuron matching, then averaged (match-*)",
+    ),
+    "fedma": (
+        lambda c: validated(FedMA)(
+            model=run_proxy(c)[0], options=FedMAOptions.from_config(c), seed=c.seed, **_common(c)
+        ),
+        "fedmerge FedMA: layer-by-layer BBP-MAP matching with frozen-prefix retraining, one "
+        "Flower round per phase; the global model may grow (fedma-*; mlp, cnn, vgg9)",
     ),
     "fednpmerge": (
         lambda c: validated(FedNPMerge)(**fednpmerge_options(c), **_common(c)),

@@ -41,6 +41,7 @@ from fedmerge.datasets import FederatedDataset
 from fedmerge.engine.flower import LAUNCHER_ENV, LAUNCHER_GONE, watch_launcher
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.federation import DataSpec, load_data, make_model
+from fedmerge.fedma import fit_model
 from fedmerge.results import (
     CONFIG_JSON,
     PLOT_FILE,
@@ -151,8 +152,9 @@ class RoundRecorder:
         return MetricRecord({"test-loss": loss, "test-accuracy": acc})
 
     def evaluate_model(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """Test loss and accuracy of the global model ``state`` on the test split."""
-        self.model.load_state_dict(state)
+        """Test loss and accuracy of the global model ``state`` on the test split (a resized
+        model when FedMA's global model grew)."""
+        self.model = fit_model(self.model, state)
         return evaluate(
             self.model,
             self.x_test,

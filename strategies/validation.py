@@ -118,10 +118,13 @@ def filter_replies(
     weighted_by_key: str = "num-examples",
     train: bool = True,
     array_key: str | None = None,
+    per_node: Mapping[int, Reference] | None = None,
 ) -> tuple[list[Message], list[str]]:
     """Split replies into those that can be aggregated and the reasons for the others.
 
-    Each reply is checked by :func:`validate_reply` (the keyword arguments are its own);
+    Each reply is checked by :func:`validate_reply` (the keyword arguments are its own)
+    against ``reference``, or against its node's own entry of ``per_node`` (a strategy that
+    sends each node different arrays, as FedMA does);
     then the valid ones must agree with the
     most common metric layout (keys, and list lengths) and, when ``reference`` is None, the
     most common array signature. Ties go to the earliest reply.
@@ -138,15 +141,16 @@ def filter_replies(
     valid: list[Message] = []
     reasons: list[str] = []
     for reply in replies:
+        own = per_node.get(reply.metadata.src_node_id, reference) if per_node else reference
         reason = validate_reply(
-            reply, reference, weighted_by_key=weighted_by_key, train=train, array_key=array_key
+            reply, own, weighted_by_key=weighted_by_key, train=train, array_key=array_key
         )
         if reason is None:
             valid.append(reply)
         else:
             reasons.append(f"node {reply.metadata.src_node_id}: {reason}")
     checks = [("metrics", _metric_layout)]
-    if train and reference is None:
+    if train and reference is None and not per_node:
         checks.append(("arrays", _array_layout))
     for what, layout in checks:
         layouts = [layout(r) for r in valid]
@@ -219,6 +223,16 @@ class ValidatedReplies(Strategy):
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[safe-super]
         self._train_reference = array_signature(arrays)
         self._train_sent = {m.metadata.dst_node_id for m in messages}
+        # A reply must come back in the shapes its node was sent (the same for every node,
+        # except for strategies that send each node its own arrays).
+        key = getattr(self, "arrayrecord_key", "arrays")
+        own = {
+            m.metadata.dst_node_id: array_signature(m.content.array_records[key])
+            for m in messages
+            if key in m.content.array_records
+        }
+        differ = any(sig != self._train_reference for sig in own.values())
+        self._train_per_node = own if differ else {}
         return messages
 
     def configure_evaluate(
@@ -244,6 +258,7 @@ class ValidatedReplies(Strategy):
             reference,
             weighted_by_key=self.weighted_by_key,
             array_key=getattr(self, "arrayrecord_key", None),
+            per_node=getattr(self, "_train_per_node", None),
         )
         counts = _counts(server_round, "train", replies, reasons, sent)
         need = max(1, self.min_valid_replies)

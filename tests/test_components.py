@@ -19,10 +19,10 @@ from fedmerge.components import (
 )
 from fedmerge.config import MethodKeys, RunConfig, config_keys, field_to_key
 from fedmerge.errors import ConfigError
-from fedmerge.options import FineTuneOptions, MatchOptions, NPOptions, WSAOptions
+from fedmerge.options import FedMAOptions, FineTuneOptions, MatchOptions, NPOptions, WSAOptions
 from fedmerge.partitions import PARTITIONS
 
-METHOD_OPTIONS = (WSAOptions, MatchOptions, NPOptions, FineTuneOptions)
+METHOD_OPTIONS = (WSAOptions, MatchOptions, NPOptions, FineTuneOptions, FedMAOptions)
 
 
 def _keys(cls) -> list[str]:

@@ -152,7 +152,7 @@ def bbp_map(
     sigma0: float | np.ndarray = 1.0,
     prior_mean: float | np.ndarray = 0.0,
     gamma: float = 7.0,
-    iterations: int = 10,
+    iterations: int = 5,
     grow: bool = True,
     max_width: int | None = None,
     seed: int = 0,
@@ -173,8 +173,8 @@ def bbp_map(
         Prior mean of an atom (the reference: 0 for weights, 0.1 for biases).
     gamma : float, default 7.0
         Beta-Bernoulli process mass: larger opens new atoms more easily (the reference's 7).
-    iterations : int, default 10
-        Sweeps that remove one client at a time and match it again.
+    iterations : int, default 5
+        Sweeps that remove one client at a time and match it again (the reference's 5).
     grow : bool, default True
         Whether client units may open new atoms; False matches every client to the current
         atoms only (all clients must then have the first client's width).
