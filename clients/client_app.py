@@ -131,7 +131,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         regularizers=RequestedTerms.of(config).regularizers(model, device),
     )
     state = model.state_dict()
-    for name in frozen & set(state):
+    parameters = {name for name, _ in model.named_parameters()}
+    for name in (frozen & set(state)) - parameters:
         state[name] = received[name]  # frozen buffers (BatchNorm statistics) are kept as sent
     reply = _train_reply(msg, cfg, state, result)
     if "fedma-phase" in config:  # FedMA averages the output layer with the class counts

@@ -49,6 +49,8 @@ NP_PARAMS = ("all", "weights")
 NP_BN_MODES = ("train", "eval")
 #: ``match-sites``: every activation site of a unit space, or its last consumer only.
 MATCH_SITES = ("all", "last")
+#: The registry's models whose hidden layers form a chain (what strategy ``fedma`` matches).
+FEDMA_MODELS = ("mlp", "cnn", "vgg9")
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -340,6 +342,18 @@ class FedMAOptions(Options):
         _integer("fedma-retrain-epochs", self.retrain_epochs, 1)
         _flag("fedma-grow", self.grow)
         _integer("fedma-max-width", self.max_width, 0)
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        cls.from_config(cfg)
+        if cfg.strategy == "fedma" and cfg.model not in FEDMA_MODELS:
+            raise ConfigError(
+                "model",
+                cfg.model,
+                " or ".join(FEDMA_MODELS) + " for strategy fedma",
+                hint="FedMA matches a chain of layers one after another; resnet20's residual "
+                "stream and vit's attention heads are no chain",
+            )
 
 
 @dataclass(frozen=True)

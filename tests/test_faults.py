@@ -276,12 +276,19 @@ def test_bad_replies_are_dropped_counted_and_never_raise(name, caplog):
     node = sent[2].metadata.dst_node_id
     assert any(f"node {node}" in w and "non-finite" in w for w in warned)
 
-    # A round where nothing usable comes back: skipped, the model untouched.
-    strategy.configure_train(2, arrays, ConfigRecord(), _dummy_grid())
-    bad = [spoil(_reply(m, _trained(m, 0.0)), m, "wrong-shape") for m in sent[:3]]
+    # A round where nothing usable comes back: skipped, the model untouched. (Most strategies
+    # ask every node again; FedMA's next phase asks the two nodes still in its round.)
+    asked = list(strategy.configure_train(2, arrays, ConfigRecord(), _dummy_grid()))
+    bad = [spoil(_reply(m, _trained(m, 0.0)), m, "wrong-shape") for m in asked[:3]]
     new, metrics = strategy.aggregate_train(2, bad)
     assert new is None
-    assert dict(metrics) == {"rejected-replies": 3, "missing-replies": 1, "round-skipped": 1}
+    missing = len(asked) - len(bad)
+    assert dict(metrics) == {
+        "rejected-replies": len(bad),
+        "missing-replies": missing,
+        "round-skipped": 1,
+    }
+    assert len(asked) == (2 if name == "fedma" else 4)
 
 
 def test_flowers_fedavg_alone_dies_on_a_reply_that_the_mixin_drops():
@@ -425,7 +432,9 @@ class Recorder:
         self.accuracy[server_round] = acc
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+#: FedMA's matching phases ask only the clients still in its round, so this plan hits it
+#: differently; tests/test_fedma.py injects faults into its phases.
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"fedma"}))
 def test_every_strategy_survives_injected_faults(name):
     cfg = _cfg(name, **{"fraction-evaluate": 0.0})
     app = FaultyClientApp(client_app, _faults(PLAN))
