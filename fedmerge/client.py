@@ -11,13 +11,16 @@ with one line::
     loss = criterion(model(x), y) + terms(model)
 
 With no term requested, ``terms(model)`` is a zero and costs nothing; the same loop then serves
-FedAvg, FedMatch, FedNPMerge and FedWSA alike. This module does not import Flower: it reads
-any message whose ``content`` has ``config_records``, a ``ConfigRecord``, or a plain mapping.
+FedAvg, FedMatch, FedNPMerge and FedWSA alike. FedMA asks more of a client (a model at the
+widths it sends, matched layers frozen, its retraining epochs, the class counts in the reply):
+:func:`fedma_model`, :func:`fedma_epochs` and :func:`fedma_metrics`. This module does not
+import Flower: it reads any message whose ``content`` has ``config_records``, a
+``ConfigRecord``, or a plain mapping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +29,16 @@ from torch import nn
 from .scopes import Scope, WSARegularizer, target_from_config
 from .training import Regularizer, proximal_term
 
-__all__ = ["LossTerms", "RequestedTerms", "instruction_config", "loss_terms"]
+__all__ = [
+    "LossTerms",
+    "RequestedTerms",
+    "fedma_epochs",
+    "fedma_metrics",
+    "fedma_model",
+    "instruction_config",
+    "load_arrays",
+    "loss_terms",
+]
 
 
 def instruction_config(message_or_config: object) -> Mapping[str, object]:
@@ -167,3 +179,103 @@ def loss_terms(
         (raised at the first call, naming ``wsa-layers``).
     """
     return LossTerms(RequestedTerms.of(message_or_config), model, device)
+
+
+# -- FedMA ---------------------------------------------------------------------------------
+
+#: The config keys of FedMA's instructions (written by :class:`fedmerge.strategies.FedMA`).
+FEDMA_PHASE, FEDMA_FROZEN, FEDMA_EPOCHS = "fedma-phase", "fedma-frozen", "fedma-epochs"
+
+
+def _received(message: object) -> dict[str, torch.Tensor]:
+    content = getattr(message, "content", None)
+    records = getattr(content, "array_records", None)
+    if not records:
+        raise TypeError("expected a Flower train Message carrying arrays")
+    record = records["arrays"] if "arrays" in records else next(iter(records.values()))
+    return record.to_torch_state_dict()
+
+
+def _layer_widths(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Output units of every layer with a weight matrix or kernel: ``{"fc1": 120, ...}``."""
+    return {
+        name.rsplit(".", 1)[0]: int(value.shape[0])
+        for name, value in state.items()
+        if name.endswith("weight") and value.ndim >= 2
+    }
+
+
+def load_arrays(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    example_input: torch.Tensor | None = None,
+    build: Callable[[dict[str, int]], nn.Module] | None = None,
+) -> nn.Module:
+    """``model`` with ``state`` loaded, rebuilt first when the widths differ (FedMA's global
+    model grew): by ``build(widths)`` when given (``widths``: every layer's output units,
+    ``{"conv1": 8, "fc1": 130, ...}``), else as a resized copy of ``model`` (its spec inferred
+    from ``example_input`` when it declares none; its forward must not hard-code a width).
+
+    Raises
+    ------
+    ValueError
+        The widths differ and neither ``build`` nor a spec (own or from ``example_input``)
+        says how to rebuild the model.
+    """
+    from .fedma import fedma_widths, resized
+    from .models import model_spec
+
+    own = model.state_dict()
+    if any(k in own and own[k].shape != v.shape for k, v in state.items()):
+        if build is not None:
+            model = build(_layer_widths(state))
+        elif example_input is not None or callable(getattr(model, "permutation_spec", None)):
+            spec = model_spec(model, example_input)
+            model = resized(model, spec, fedma_widths(spec, state))
+        else:
+            raise ValueError(
+                f"the received model has other widths than {type(model).__name__} "
+                f"({_layer_widths(state)}): FedMA's global model grew; pass build=... or "
+                "example_input=..., or run with fedma-grow=false"
+            )
+    model.load_state_dict(state)
+    return model
+
+
+def fedma_model(
+    message: object,
+    model: nn.Module,
+    *,
+    example_input: torch.Tensor | None = None,
+    build: Callable[[dict[str, int]], nn.Module] | None = None,
+) -> nn.Module:
+    """The model to train for a train instruction, with FedMA's needs met: the received
+    arrays loaded (:func:`load_arrays`: a rebuilt model when FedMA's global model grew) and,
+    in FedMA's matching phases, the matched layers frozen (``requires_grad`` False: train
+    only what still requires a gradient). For any other strategy this loads the arrays.
+    """
+    model = load_arrays(model, _received(message), example_input=example_input, build=build)
+    config = instruction_config(message)
+    frozen = {name for name in str(config.get(FEDMA_FROZEN, "")).split(",") if name}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
+    return model
+
+
+def fedma_epochs(message: object, default: int) -> int:
+    """Epochs to train for a train instruction: FedMA's retraining epochs in its matching
+    phases, ``default`` otherwise."""
+    config = instruction_config(message)
+    if int(config.get(FEDMA_PHASE, 0)) > 0:  # type: ignore[call-overload]
+        return int(config.get(FEDMA_EPOCHS, default))  # type: ignore[call-overload]
+    return default
+
+
+def fedma_metrics(message: object, labels: torch.Tensor, num_classes: int) -> dict[str, list[int]]:
+    """The metrics a FedMA reply adds (the node's count of every class, by which the output
+    layer is averaged); empty for other strategies."""
+    if FEDMA_PHASE not in instruction_config(message):
+        return {}
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes)
+    return {"fedma-class-counts": [int(c) for c in counts]}

@@ -51,6 +51,7 @@ from fedmerge.models import model_spec
 from fedmerge.options import FedMAOptions
 
 from .base import MergeStrategy
+from .checkpoint import reply_digest
 from .validation import client_states, metric_list
 
 #: Config keys of FedMA's instructions (read by the clients).
@@ -182,6 +183,9 @@ class FedMA(MergeStrategy):
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         valid = [r for r in valid if r.metadata.src_node_id in self.nodes]
         valid = [r for r in valid if self._kept_frozen(r)]
+        # BBP-MAP's result depends on the order of the clients: order them by content, not by
+        # arrival or node id, so that any engine (node ids differ) gives the same model.
+        valid.sort(key=reply_digest)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         metrics = metrics if metrics is not None else MetricRecord()
         replied = [r.metadata.src_node_id for r in valid]

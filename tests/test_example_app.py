@@ -179,6 +179,31 @@ def test_flwr_run_and_fedmerge_simulate_agree(tmp_path, mnist_root, strategy):
         assert sigma[0] == pytest.approx(sigma[1], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_fedma_runs_the_example_under_both_engines_with_the_same_accuracies(tmp_path, mnist_root):
+    """One FedMA round of the example's Net (5 Flower rounds: train, then conv1, conv2, fc1,
+    fc2 matched), grown widths loaded back into Net by the example's own ServerApp."""
+    rows = {}
+    for engine, runner in (("flwr", flwr_run), ("simulate", fedmerge_simulate)):
+        results = tmp_path / f"{engine}-fedma.json"
+        overrides = {
+            **SMALL,
+            "num-server-rounds": 5,
+            "local-epochs": 2,
+            "strategy": "fedma",
+            "data-root": str(mnist_root),
+            "results-file": str(results),
+        }
+        runner(APP, overrides, tmp_path)
+        rows[engine] = json.loads(results.read_text())
+    for a, b in zip(rows["flwr"]["rounds"], rows["simulate"]["rounds"], strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=2e-3)
+    train = rows["simulate"]["train"]
+    assert [train[str(r)]["fedma-phase"] for r in range(1, 6)] == [0, 1, 2, 3, 4]
+    assert train["5"]["fedma-width-P_fc1"] >= 120  # Net's fc1, possibly grown
+    assert rows["flwr"]["final"]["accuracy"] > 0.5
+
+
 def test_fednpmerge_runs_the_example_in_process(tmp_path, mnist_root):
     from fedmerge.engine.simulate import simulate
 

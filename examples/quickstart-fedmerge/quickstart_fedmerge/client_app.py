@@ -6,13 +6,15 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmerge.client import loss_terms
+from fedmerge.client import fedma_epochs, fedma_metrics, fedma_model, loss_terms
 from quickstart_fedmerge.task import Net, load_data
 from quickstart_fedmerge.task import test as test_fn
 from quickstart_fedmerge.task import train as train_fn
 
 app = ClientApp()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Lets fedmerge resize Net when FedMA's global model grew (traced like the server's).
+EXAMPLE_INPUT = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 def _setup(msg: Message, context: Context):
@@ -22,8 +24,8 @@ def _setup(msg: Message, context: Context):
     server_round = int(msg.content["config"]["server-round"])
     # the same seed whatever process runs this call: runs are reproducible on any engine
     torch.manual_seed(int(cfg["seed"]) * 1_000_003 + pid * 1_009 + server_round)
-    net = Net()
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    # the received weights; for FedMA also its widths and frozen layers (a no-op otherwise)
+    net = fedma_model(msg, Net(), example_input=EXAMPLE_INPUT)
     trainloader, valloader = load_data(
         pid,
         num_partitions,
@@ -45,12 +47,19 @@ def train(msg: Message, context: Context) -> Message:
     loss = train_fn(
         net,
         trainloader,
-        int(context.run_config["local-epochs"]),
+        fedma_epochs(msg, int(context.run_config["local-epochs"])),  # FedMA's retraining epochs
         float(msg.content["config"]["lr"]),
         DEVICE,
         terms,
     )
-    metrics = MetricRecord({"train-loss": loss, "num-examples": len(trainloader.dataset)})
+    labels = trainloader.dataset.tensors[1]
+    metrics = MetricRecord(
+        {
+            "train-loss": loss,
+            "num-examples": len(trainloader.dataset),
+            **fedma_metrics(msg, labels, num_classes=10),  # FedMA's class counts, else nothing
+        }
+    )
     content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

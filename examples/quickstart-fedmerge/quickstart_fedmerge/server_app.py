@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 from fedmerge.strategies import (
+    FedMA,
+    FedMAOptions,
     FedMatch,
     FedNPMerge,
     FedWSA,
@@ -19,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedmerge.client import load_arrays
 from quickstart_fedmerge.task import Net, load_proxy, load_test, test
 
 app = ServerApp()
@@ -45,10 +48,15 @@ def make_strategy(cfg: dict, proxy) -> FedAvg:
     if name == "fednpmerge":
         np_options = NPOptions.from_run_config(cfg)  # the np-* keys
         return FedNPMerge(match=match, options=np_options, device=DEVICE, **common, **sampling)
+    if name == "fedma":
+        fedma_options = FedMAOptions.from_run_config(cfg)  # the fedma-* keys
+        return FedMA(
+            model=Net(), example_input=EXAMPLE_INPUT, options=fedma_options, seed=seed, **sampling
+        )
     if name == "fedwsa":
         wsa_options = WSAOptions.from_run_config(cfg)  # the wsa-* keys
         return FedWSA(options=wsa_options, match=match, **common, **sampling)
-    raise ValueError(f"strategy = {name!r}: expected fedavg, fedmatch, fednpmerge or fedwsa")
+    raise ValueError(f"strategy = {name!r}: expected fedavg, fedmatch, fednpmerge, fedwsa or fedma")
 
 
 @app.main()
@@ -68,8 +76,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation on MNIST's test split; the results file is rewritten each round."""
-        net = Net()
-        net.load_state_dict(arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()  # wider than Net's when FedMA's model grew
+        net = load_arrays(Net(), state, example_input=EXAMPLE_INPUT)
         loss, accuracy = test(net, testloader, DEVICE)
         results["rounds"].append({"round": server_round, "accuracy": accuracy, "loss": loss})
         results_file.write_text(json.dumps(results, indent=2))
