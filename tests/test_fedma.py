@@ -207,3 +207,57 @@ def test_a_run_stopped_in_the_middle_of_a_fedma_round_resumes_to_the_same_metric
     resumed = read_metrics(run(resume_config(run_dir), "local"))
     assert [r["fedma-phase"] for r in resumed[1:]] == [0, 1, 2, 0, 1, 2]
     assert comparable(resumed) == comparable(full)
+
+
+# -- the helpers a user's ClientApp calls ----------------------------------------------------
+class _UserNet(torch.nn.Module):
+    """A user's chain CNN without a permutation spec."""
+
+    def __init__(self, widths: dict[str, int] | None = None) -> None:
+        super().__init__()
+        w = {"conv": 6, "fc1": 20, **(widths or {})}
+        self.conv = torch.nn.Conv2d(1, w["conv"], 3, padding=1)
+        self.fc1 = torch.nn.Linear(w["conv"] * 16, w["fc1"])
+        self.fc2 = torch.nn.Linear(w["fc1"], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _instruction(state: dict, **config) -> Message:
+    from flwr.app import ConfigRecord, RecordDict
+
+    set_server_identity(1)
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_fedma_model_rebuilds_grown_widths_and_freezes_the_matched_layers():
+    from fedmerge.client import fedma_epochs, fedma_metrics, fedma_model
+
+    grown = _UserNet({"conv": 8, "fc1": 25}).state_dict()
+    msg = _instruction(grown, **{"fedma-phase": 1, "fedma-frozen": "conv.weight,conv.bias"})
+    msg.content.config_records["config"]["fedma-epochs"] = 3
+    x = torch.randn(2, 1, 8, 8)
+    for net in (
+        fedma_model(msg, _UserNet(), example_input=x),  # resized from its inferred spec
+        fedma_model(msg, _UserNet(), build=lambda widths: _UserNet(widths)),  # the user's own
+    ):
+        assert net.fc1.weight.shape == (25, 128) and torch.equal(
+            net.fc1.weight, grown["fc1.weight"]
+        )
+        assert [n for n, p in net.named_parameters() if not p.requires_grad] == [
+            "conv.weight",
+            "conv.bias",
+        ]
+        assert net(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="FedMA's global model grew"):
+        fedma_model(msg, _UserNet())
+    assert fedma_epochs(msg, 10) == 3
+    labels = torch.tensor([0, 0, 3, 9])
+    assert fedma_metrics(msg, labels, 10) == {"fedma-class-counts": [2, 0, 0, 1, 0, 0, 0, 0, 0, 1]}
+    plain = _instruction(_UserNet().state_dict(), lr=0.1)  # any other strategy: just loaded
+    net = fedma_model(plain, _UserNet())
+    assert all(p.requires_grad for p in net.parameters())
+    assert fedma_epochs(plain, 10) == 10 and fedma_metrics(plain, labels, 10) == {}
