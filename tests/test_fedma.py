@@ -261,3 +261,20 @@ def test_fedma_model_rebuilds_grown_widths_and_freezes_the_matched_layers():
     net = fedma_model(plain, _UserNet())
     assert all(p.requires_grad for p in net.parameters())
     assert fedma_epochs(plain, 10) == 10 and fedma_metrics(plain, labels, 10) == {}
+
+
+def test_fedma_costs_compares_at_equal_epochs_and_megabytes(tmp_path):
+    from fedmerge.bench.fedma_costs import costs, report
+
+    for variant, strategy in (("fedavg", "fedavg"), ("fedma", "fedma")):
+        cell = tmp_path / "digits" / "dir" / variant
+        run(_cfg(cell, "s0", strategy=strategy, **{"num-rounds": PHASES}), "local")
+    fedma = costs(tmp_path / "digits" / "dir" / "fedma" / "s0")
+    fedavg = costs(tmp_path / "digits" / "dir" / "fedavg" / "s0", model_mb=0.178)
+    # FedMA: 10 epochs x 4 clients in its train phase, 1 retraining epoch x 4 in each other
+    assert [c["epochs"] for c in fedma] == [40, 44, 48, 52, 56]
+    assert [c["epochs"] for c in fedavg] == [40, 80, 120, 160, 200]
+    assert [round(c["mb"], 3) for c in fedavg] == [round(1.424 * r, 3) for r in range(1, 6)]
+    assert fedma[-1]["mb"] > fedma[0]["mb"] > 0
+    table = report(tmp_path)
+    assert table.count("\n") == 3 and "| fedma |" in table and "| fedavg |" in table
