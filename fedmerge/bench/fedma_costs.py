@@ -116,8 +116,15 @@ def report(folder: Path, reference: str = "fedavg") -> str:
     ]
     ref = runs[reference]
     for variant, seeds in runs.items():
-        finals, at_epochs, at_mb, epochs, mb = [], [], [], [], []
-        rounds_to, mb_to, ref_rounds, ref_mb = [], [], [], []
+        finals: list[float] = []
+        at_epochs: list[float] = []
+        at_mb: list[float] = []
+        epochs: list[float] = []
+        mb: list[float] = []
+        rounds_to: list[float] = []
+        mb_to: list[float] = []
+        ref_rounds: list[float] = []
+        ref_mb: list[float] = []
         for seed, curve in seeds.items():
             if seed not in ref:
                 continue
