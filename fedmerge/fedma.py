@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .matching.bbp import bbp_map
 from .models import model_spec
+from .options import FedMAOptions
 from .permutations import Axis, PermutationSpec, axis_index, check_spec
 
 __all__ = [
@@ -205,32 +206,29 @@ def match_layer(
     spec: PermutationSpec,
     layers: Sequence[ChainLayer],
     index: int,
+    options: FedMAOptions | None = None,
     *,
-    sigma: float = 1.0,
-    sigma0: float = 1.0,
-    gamma: float = 7.0,
-    iterations: int = 5,
-    grow: bool = True,
-    max_width: int | None = None,
     seed: int = 0,
 ) -> LayerMatch:
-    """Match layer ``index`` of the clients' models by BBP-MAP.
+    """Match layer ``index`` of the clients' models by BBP-MAP with the ``fedma-*`` options
+    (:class:`fedmerge.options.FedMAOptions`; defaults: the reference's hyperparameters).
 
     The layers below ``index`` must already be the global ones (matched), so that the inputs
     of layer ``index`` are at the same global positions for every client.
     """
+    o = FedMAOptions.build(options)
     layer = layers[index]
     clients = [{k: v.detach().cpu() for k, v in s.items()} for s in states]
     rows, means, shapes = zip(*(_rows(c, layer) for c in clients), strict=True)
     found = bbp_map(
         list(rows),
-        sigma=sigma,
-        sigma0=sigma0,
+        sigma=o.sigma,
+        sigma0=o.sigma0,
         prior_mean=means[0],
-        gamma=gamma,
-        iterations=iterations,
-        grow=grow,
-        max_width=max_width,
+        gamma=o.gamma,
+        iterations=o.iterations,
+        grow=o.grow,
+        max_width=o.max_width or None,
         seed=seed,
     )
     width = found.width
@@ -297,12 +295,7 @@ def match_chain(
     weights: Sequence[float],
     *,
     class_counts: Sequence[Sequence[float]] | None = None,
-    sigma: float = 1.0,
-    sigma0: float = 1.0,
-    gamma: float = 7.0,
-    iterations: int = 5,
-    grow: bool = True,
-    max_width: int | None = None,
+    options: FedMAOptions | None = None,
     seed: int = 0,
 ) -> ChainMatch:
     """Match the clients' hidden layers one after another by BBP-MAP (no retraining between
@@ -319,9 +312,10 @@ def match_chain(
     class_counts : sequence of sequence of float, optional
         Per client, its number of samples of each class: the last layer's rows are averaged
         per class with these weights.
-    sigma, sigma0, gamma, iterations, grow, max_width, seed
-        BBP-MAP's (:func:`fedmerge.matching.bbp.bbp_map`), the same for every layer; ``seed``
-        plus the layer's index seeds each layer's sweeps.
+    options : FedMAOptions, optional
+        BBP-MAP's hyperparameters (``fedma-*``), the same for every layer.
+    seed : int
+        Plus the layer's index, seeds each layer's sweeps.
 
     Returns
     -------
@@ -335,19 +329,7 @@ def match_chain(
     assignments: dict[str, list[np.ndarray]] = {}
     new_units: dict[str, int] = {}
     for n, layer in enumerate(layers):
-        found = match_layer(
-            clients,
-            spec,
-            layers,
-            n,
-            sigma=sigma,
-            sigma0=sigma0,
-            gamma=gamma,
-            iterations=iterations,
-            grow=grow,
-            max_width=max_width,
-            seed=seed + n,
-        )
+        found = match_layer(clients, spec, layers, n, options, seed=seed + n)
         clients = found.states
         widths[layer.perm], assignments[layer.perm] = found.width, found.assignments
         new_units[layer.perm] = found.opened

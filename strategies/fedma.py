@@ -188,6 +188,8 @@ class FedMA(MergeStrategy):
         valid.sort(key=reply_digest)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         metrics = metrics if metrics is not None else MetricRecord()
+        if CLASS_COUNTS_KEY in metrics:
+            del metrics[CLASS_COUNTS_KEY]  # per-client counts; their weighted mean means nothing
         replied = [r.metadata.src_node_id for r in valid]
         dropped = len(self.nodes) - len(replied)
         mb_up = sum(_mb(r.content.array_records[self.arrayrecord_key]) for r in valid)
@@ -199,16 +201,11 @@ class FedMA(MergeStrategy):
         report: dict[str, float] = {}
         if layer <= len(self.layers):
             found = match_layer(
-                [dict(s) for s in states],
+                [dict(x) for x in states],
                 self.spec,
                 self.layers,
                 layer - 1,
-                sigma=self.options.sigma,
-                sigma0=self.options.sigma0,
-                gamma=self.options.gamma,
-                iterations=self.options.iterations,
-                grow=self.options.grow,
-                max_width=self.options.max_width or None,
+                self.options,
                 seed=self.seed + server_round,
             )
             self.nodes = replied

@@ -11,6 +11,7 @@ import torch
 
 from fedmerge.fedma import FedMAError, chain_layers, match_chain, resized
 from fedmerge.models import build_model
+from fedmerge.options import FedMAOptions
 from fedmerge.permutations import apply_permutations, random_permutations
 
 
@@ -47,7 +48,8 @@ def test_permuted_copies_are_matched_back_to_one_model() -> None:
         apply_permutations(spec, random_permutations(spec, generator), state) for _ in range(2)
     ]
     sigma, sigma0, clients = 0.001, 0.01, 3  # a tight prior: a copy matches, never opens
-    result = match_chain(copies, spec, [1.0, 1.0, 1.0], sigma=sigma, sigma0=sigma0)
+    options = FedMAOptions(sigma=sigma, sigma0=sigma0)
+    result = match_chain(copies, spec, [1.0, 1.0, 1.0], options=options)
     assert result.widths == {name: group.size for name, group in spec.perms.items()}
     assert set(result.new_units.values()) == {0}
     s, s0 = 1 / sigma, 1 / sigma0
@@ -82,7 +84,11 @@ def test_fixed_width_keeps_the_model_and_the_last_layer_follows_class_counts() -
     spec = models[0].permutation_spec()
     counts = [[5, 0] + [1] * 8, [0, 5] + [1] * 8]  # class 0 only at client 0, class 1 at 1
     result = match_chain(
-        [m.state_dict() for m in models], spec, [1.0, 1.0], class_counts=counts, grow=False
+        [m.state_dict() for m in models],
+        spec,
+        [1.0, 1.0],
+        class_counts=counts,
+        options=FedMAOptions(grow=False),
     )
     assert result.widths == {name: group.size for name, group in spec.perms.items()}
     resized(models[0], spec, result.widths).load_state_dict(result.state)
