@@ -17,7 +17,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedmerge.client import RequestedTerms
+from fedmerge.client import (
+    FEDMA_PHASE,
+    RequestedTerms,
+    fedma_epochs,
+    fedma_frozen,
+    fedma_metrics,
+)
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
@@ -84,10 +90,7 @@ def _scalar(config: ConfigRecord, key: str, default: float) -> int | float | str
 def _model(cfg: RunConfig, spec: DataSpec, state: dict[str, torch.Tensor]) -> nn.Module:
     """The cached model with ``state`` loaded, or a resized copy when ``state`` has other
     widths (a FedMA global model that grew)."""
-    model = fit_model(_cached_model(cfg, spec), state)
-    for p in model.parameters():
-        p.requires_grad_(True)  # a FedMA phase may have frozen some in an earlier call
-    return model
+    return fit_model(_cached_model(cfg, spec), state)
 
 
 def _start(
@@ -111,17 +114,14 @@ def train_handler(msg: Message, context: Context) -> Message:
     received = _start(cfg, spec, pid, server_round, msg)
     model = _model(cfg, spec, received).to(device)
     # FedMA's matching phases: the matched layers stay frozen, the others retrain.
-    frozen = {name for name in str(config.get("fedma-frozen", "")).split(",") if name}
+    frozen = fedma_frozen(config)
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
-    epochs = cfg.local_epochs
-    if int(_scalar(config, "fedma-phase", 0)) > 0:
-        epochs = int(_scalar(config, "fedma-epochs", cfg.local_epochs))
     result = train(
         model,
         x,
         y,
-        epochs=epochs,
+        epochs=fedma_epochs(msg, cfg.local_epochs),
         batch_size=cfg.batch_size,
         lr=float(_scalar(config, "lr", cfg.lr)),
         momentum=cfg.momentum,
@@ -130,15 +130,17 @@ def train_handler(msg: Message, context: Context) -> Message:
         device=device,
         regularizers=RequestedTerms.of(config).regularizers(model, device),
     )
+    for p in model.parameters():
+        p.requires_grad_(True)  # the cached model (also the vectorised path's template)
     state = model.state_dict()
     parameters = {name for name, _ in model.named_parameters()}
     for name in (frozen & set(state)) - parameters:
         state[name] = received[name]  # frozen buffers (BatchNorm statistics) are kept as sent
     reply = _train_reply(msg, cfg, state, result)
-    if "fedma-phase" in config:  # FedMA averages the output layer with the class counts
-        classes = int(load_data(spec).num_classes)
-        counts = torch.bincount(y.cpu(), minlength=classes).tolist()
-        reply.content.metric_records["metrics"]["fedma-class-counts"] = [int(c) for c in counts]
+    if FEDMA_PHASE in config:  # FedMA averages the output layer with the class counts
+        counts = fedma_metrics(msg, y, int(load_data(spec).num_classes))
+        for key, value in counts.items():
+            reply.content.metric_records["metrics"][key] = value
     return reply
 
 

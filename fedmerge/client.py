@@ -33,6 +33,7 @@ __all__ = [
     "LossTerms",
     "RequestedTerms",
     "fedma_epochs",
+    "fedma_frozen",
     "fedma_metrics",
     "fedma_model",
     "instruction_config",
@@ -183,8 +184,10 @@ def loss_terms(
 
 # -- FedMA ---------------------------------------------------------------------------------
 
-#: The config keys of FedMA's instructions (written by :class:`fedmerge.strategies.FedMA`).
+#: The config keys of FedMA's instructions (written by :class:`fedmerge.strategies.FedMA`)
+#: and the metric of its replies.
 FEDMA_PHASE, FEDMA_FROZEN, FEDMA_EPOCHS = "fedma-phase", "fedma-frozen", "fedma-epochs"
+FEDMA_CLASS_COUNTS = "fedma-class-counts"
 
 
 def _received(message: object) -> dict[str, torch.Tensor]:
@@ -196,15 +199,6 @@ def _received(message: object) -> dict[str, torch.Tensor]:
     return record.to_torch_state_dict()
 
 
-def _layer_widths(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Output units of every layer with a weight matrix or kernel: ``{"fc1": 120, ...}``."""
-    return {
-        name.rsplit(".", 1)[0]: int(value.shape[0])
-        for name, value in state.items()
-        if name.endswith("weight") and value.ndim >= 2
-    }
-
-
 def load_arrays(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -213,34 +207,17 @@ def load_arrays(
     build: Callable[[dict[str, int]], nn.Module] | None = None,
 ) -> nn.Module:
     """``model`` with ``state`` loaded, rebuilt first when the widths differ (FedMA's global
-    model grew): by ``build(widths)`` when given (``widths``: every layer's output units,
-    ``{"conv1": 8, "fc1": 130, ...}``), else as a resized copy of ``model`` (its spec inferred
-    from ``example_input`` when it declares none; its forward must not hard-code a width).
+    model grew): :func:`fedmerge.fedma.fit_model` (by ``build(widths)``, else resized from the
+    model's spec, its own or inferred from ``example_input``).
 
     Raises
     ------
     ValueError
-        The widths differ and neither ``build`` nor a spec (own or from ``example_input``)
-        says how to rebuild the model.
+        The widths differ and neither ``build`` nor a spec says how to rebuild the model.
     """
-    from .fedma import fedma_widths, resized
-    from .models import model_spec
+    from .fedma import fit_model  # not at import: it brings SciPy into every ClientApp
 
-    own = model.state_dict()
-    if any(k in own and own[k].shape != v.shape for k, v in state.items()):
-        if build is not None:
-            model = build(_layer_widths(state))
-        elif example_input is not None or callable(getattr(model, "permutation_spec", None)):
-            spec = model_spec(model, example_input)
-            model = resized(model, spec, fedma_widths(spec, state))
-        else:
-            raise ValueError(
-                f"the received model has other widths than {type(model).__name__} "
-                f"({_layer_widths(state)}): FedMA's global model grew; pass build=... or "
-                "example_input=..., or run with fedma-grow=false"
-            )
-    model.load_state_dict(state)
-    return model
+    return fit_model(model, state, example_input=example_input, build=build)
 
 
 def fedma_model(
@@ -256,11 +233,17 @@ def fedma_model(
     only what still requires a gradient). For any other strategy this loads the arrays.
     """
     model = load_arrays(model, _received(message), example_input=example_input, build=build)
-    config = instruction_config(message)
-    frozen = {name for name in str(config.get(FEDMA_FROZEN, "")).split(",") if name}
+    frozen = fedma_frozen(message)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name not in frozen)
     return model
+
+
+def fedma_frozen(message_or_config: object) -> set[str]:
+    """The state entries a train instruction asks to keep as sent (FedMA's matched layers;
+    empty for other strategies)."""
+    value = instruction_config(message_or_config).get(FEDMA_FROZEN, "")
+    return {name for name in str(value).split(",") if name}
 
 
 def fedma_epochs(message: object, default: int) -> int:
@@ -278,4 +261,4 @@ def fedma_metrics(message: object, labels: torch.Tensor, num_classes: int) -> di
     if FEDMA_PHASE not in instruction_config(message):
         return {}
     counts = torch.bincount(labels.long().cpu(), minlength=num_classes)
-    return {"fedma-class-counts": [int(c) for c in counts]}
+    return {FEDMA_CLASS_COUNTS: [int(c) for c in counts]}

@@ -33,7 +33,7 @@ Choices where the paper and its code (IBM/FedMA) leave room, or that differ from
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,7 @@ __all__ = [
     "chain_layers",
     "fedma_widths",
     "fit_model",
+    "layer_widths",
     "match_chain",
     "match_layer",
     "resized",
@@ -346,18 +347,49 @@ def fedma_widths(spec: PermutationSpec, state: State) -> dict[str, int]:
     return out
 
 
-def fit_model(model: nn.Module, state: State) -> nn.Module:
-    """``model`` with ``state`` loaded; a resized copy (:func:`resized`) when the widths of
-    ``state`` differ from the model's (a grown FedMA model). ``model`` needs a
-    ``permutation_spec()`` (the registry's do)."""
+def layer_widths(state: State) -> dict[str, int]:
+    """Output units of every layer with a weight matrix or kernel: ``{"fc1": 120, ...}``."""
+    return {
+        name.rsplit(".", 1)[0]: int(value.shape[0])
+        for name, value in state.items()
+        if name.endswith("weight") and value.ndim >= 2
+    }
+
+
+def fit_model(
+    model: nn.Module,
+    state: State,
+    *,
+    example_input: Tensor | None = None,
+    build: Callable[[dict[str, int]], nn.Module] | None = None,
+) -> nn.Module:
+    """``model`` with ``state`` loaded, rebuilt first when the widths differ (FedMA's global
+    model grew): by ``build(widths)`` when given (``widths``: :func:`layer_widths`, every
+    layer's output units), else as a resized copy (:func:`resized`) of ``model``, its spec its
+    own ``permutation_spec()`` or inferred from ``example_input`` (its forward must not
+    hard-code a width).
+
+    Raises
+    ------
+    ValueError
+        The widths differ and neither ``build`` nor a spec (own or from ``example_input``)
+        says how to rebuild the model.
+    """
     own = model.state_dict()
-    if all(own[k].shape == v.shape for k, v in state.items() if k in own):
-        model.load_state_dict(state)
-        return model
-    spec = model_spec(model)
-    grown = resized(model, spec, fedma_widths(spec, state))
-    grown.load_state_dict(state)
-    return grown
+    if any(k in own and own[k].shape != v.shape for k, v in state.items()):
+        if build is not None:
+            model = build(layer_widths(state))
+        elif example_input is not None or callable(getattr(model, "permutation_spec", None)):
+            spec = model_spec(model, example_input)
+            model = resized(model, spec, fedma_widths(spec, state))
+        else:
+            raise ValueError(
+                f"the received model has other widths than {type(model).__name__} "
+                f"({layer_widths(state)}): FedMA's global model grew; pass build=... or "
+                "example_input=..., or run with fedma-grow=false"
+            )
+    model.load_state_dict(state)
+    return model
 
 
 def _is_classifier(name: str, spec: PermutationSpec, layers: list[ChainLayer]) -> bool:

@@ -216,6 +216,14 @@ class PermutationSpec:
             perm = tied
         return perm
 
+    def families(self) -> list[tuple[str, ...]]:
+        """Permutations grouped by the block order they share (singletons when untied), in
+        spec order."""
+        families: dict[str, list[str]] = {}
+        for name in self.perms:
+            families.setdefault(self.block_order_root(name), []).append(name)
+        return [tuple(names) for names in families.values()]
+
 
 def entry_parts(
     spec: PermutationSpec, entry: AxisEntry

@@ -46,6 +46,10 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
+from fedmerge.client import FEDMA_CLASS_COUNTS as CLASS_COUNTS_KEY
+from fedmerge.client import FEDMA_EPOCHS as EPOCHS_KEY
+from fedmerge.client import FEDMA_FROZEN as FROZEN_KEY
+from fedmerge.client import FEDMA_PHASE as PHASE_KEY
 from fedmerge.fedma import average_last, chain_layers, fedma_widths, match_layer
 from fedmerge.models import model_spec
 from fedmerge.options import FedMAOptions
@@ -53,12 +57,6 @@ from fedmerge.options import FedMAOptions
 from .base import MergeStrategy
 from .checkpoint import reply_digest
 from .validation import client_states, metric_list
-
-#: Config keys of FedMA's instructions (read by the clients).
-PHASE_KEY, FROZEN_KEY, EPOCHS_KEY = "fedma-phase", "fedma-frozen", "fedma-epochs"
-#: Metric a client's reply carries: its number of samples of each class (the output layer is
-#: averaged with these weights).
-CLASS_COUNTS_KEY = "fedma-class-counts"
 
 
 def _mb(arrays: ArrayRecord) -> float:
@@ -108,7 +106,7 @@ class FedMA(MergeStrategy):
         self.outbox: dict[int, dict[str, torch.Tensor]] = {}  # per node: its next model
         self.frozen: list[str] = []  # entries the clients must keep in this phase
         self.complete: dict[str, torch.Tensor] | None = None  # the last complete global model
-        self.__name__ = "fedma"
+        self._mb_down = 0.0  # megabytes of this phase's instructions
 
     @property
     def merge_name(self) -> str:
@@ -201,7 +199,7 @@ class FedMA(MergeStrategy):
         report: dict[str, float] = {}
         if layer <= len(self.layers):
             found = match_layer(
-                [dict(x) for x in states],
+                states,
                 self.spec,
                 self.layers,
                 layer - 1,
@@ -216,7 +214,7 @@ class FedMA(MergeStrategy):
             out, current = self.complete, found.states[0]
         else:  # the output layer: averaged with class counts, the global model complete
             counts = self._class_counts(valid)
-            out = average_last([dict(s) for s in states], self.spec, self.layers, weights, counts)
+            out = average_last(states, self.spec, self.layers, weights, counts)
             self.phase, self.nodes, self.outbox, self.frozen = 0, [], {}, []
             self.complete = current = out
         assert out is not None
@@ -227,7 +225,7 @@ class FedMA(MergeStrategy):
             metrics[f"fedma-width-{perm}"] = width
         metrics["fedma-clients"] = len(valid)
         metrics["fedma-dropped"] = dropped
-        metrics["fedma-mb-down"] = getattr(self, "_mb_down", 0.0)
+        metrics["fedma-mb-down"] = self._mb_down
         metrics["fedma-mb-up"] = mb_up
         for key, value in report.items():
             metrics[key] = value

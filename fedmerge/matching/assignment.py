@@ -63,10 +63,7 @@ def _solve_family(spec: PermutationSpec, scores: Mapping[str, np.ndarray]) -> Pe
 
 def _families(spec: PermutationSpec) -> list[tuple[str, ...]]:
     """Permutations grouped by the block order they share (singletons when untied)."""
-    families: dict[str, list[str]] = {}
-    for name in spec.perms:
-        families.setdefault(spec.block_order_root(name), []).append(name)
-    return [tuple(names) for names in families.values()]
+    return spec.families()
 
 
 class _Memo:

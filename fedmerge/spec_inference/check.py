@@ -147,8 +147,8 @@ def check_inferred(
     worst = check.changed(apply_permutations(spec, perms, check.state))
     if worst <= tolerance:
         return
-    culprits = []
-    for family in _families(spec):
+    culprits: list[str] = []
+    for family in spec.families():
         alone = apply_permutations(spec, {p: perms[p] for p in family}, check.state)
         if check.changed(alone) > tolerance:
             culprits.extend(family)
@@ -159,11 +159,3 @@ def check_inferred(
         "operation of the model treats these units in a way the inference misjudged (please "
         f"report the model).{small} {HAND_WRITTEN_HINT}"
     )
-
-
-def _families(spec: PermutationSpec) -> list[list[str]]:
-    """Permutations grouped by the head order they share (singletons when untied)."""
-    families: dict[str, list[str]] = {}
-    for perm in spec.perms:
-        families.setdefault(spec.block_order_root(perm), []).append(perm)
-    return list(families.values())
