@@ -285,3 +285,28 @@ def test_the_check_leaves_the_model_untouched() -> None:
         v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point()
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_check_catches_attention_heads_that_are_not_kept_in_blocks(monkeypatch):
+    """A fifth case, not one of the four above: with the rule that keeps nn.MultiheadAttention's
+    units in head blocks removed, the rules return permutations that move units across heads;
+    the check refuses the spec and names the attention permutations."""
+    from fedmerge.spec_inference import layers as spec_layers
+
+    real = spec_layers._Inference.attention_units
+
+    def ungrouped(self, node, *args):
+        out = real(self, node, *args)
+        self.spaces.groups = [g for g in self.spaces.groups if g[2] is not node]
+        return out
+
+    torch.manual_seed(0)
+    model = MODELS["transformer-encoder"][0]().double().eval()
+    tokens = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    assert _exact(model, infer_spec(model, tokens), (tokens,)) <= 1e-10  # the rule in place
+    monkeypatch.setattr(spec_layers._Inference, "attention_units", ungrouped)
+    wrong = infer_spec(model, tokens, check=False)
+    assert all(g.num_groups == 1 for g in wrong.perms.values())
+    assert _exact(model, wrong, (tokens,)) > 1e-3
+    with pytest.raises(SpecInferenceError, match=r"is wrong.*self_attn\.(qk|v)"):
+        infer_spec(model, tokens)
