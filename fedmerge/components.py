@@ -116,6 +116,7 @@ class DataOptions(Component):
     data_root: str = "data"
     download: bool = False
     max_train_samples: int = 0
+    max_test_samples: int = 0
     proxy_size: int = 0
     input_scaling: str = "standard"
     synthetic_alpha: float = 1.0
@@ -130,6 +131,12 @@ class DataOptions(Component):
             self.max_train_samples >= 0,
             "max-train-samples",
             self.max_train_samples,
+            "0 (all) or more",
+        )
+        check(
+            self.max_test_samples >= 0,
+            "max-test-samples",
+            self.max_test_samples,
             "0 (all) or more",
         )
         check(self.proxy_size >= 0, "proxy-size", self.proxy_size, "an integer >= 0")

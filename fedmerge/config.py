@@ -90,6 +90,7 @@ class MethodKeys:
     fedma_retrain_epochs: int = _FEDMA.retrain_epochs
     fedma_grow: bool = _FEDMA.grow
     fedma_max_width: int = _FEDMA.max_width
+    fedma_one_shot: bool = _FEDMA.one_shot
 
 
 #: The per-method options classes whose keys :class:`MethodKeys` holds.

@@ -33,6 +33,7 @@ class DataSpec:
     data_root: str
     download: bool
     max_train_samples: int
+    max_test_samples: int
     proxy_size: int
     input_scaling: str
     seed: int
@@ -64,6 +65,7 @@ def load_data(spec: DataSpec) -> FederatedDataset:
         download=spec.download,
         proxy_size=spec.proxy_size,
         max_train_samples=spec.max_train_samples,
+        max_test_samples=spec.max_test_samples,
         seed=spec.seed,
         num_clients=spec.num_clients,
         synthetic_alpha=spec.synthetic_alpha,

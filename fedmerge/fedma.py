@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "match_chain",
     "match_layer",
     "resized",
+    "spec_at",
 ]
 
 State = Mapping[str, Tensor]
@@ -130,12 +131,15 @@ class ChainMatch:
         Per layer, per client: the global unit each client unit was matched to.
     new_units : dict of str to int
         Per layer: global units more than the widest client had (units opened by BBP-MAP).
+    matched : dict of str to int
+        Per layer: client units that share their global unit with another client's.
     """
 
     state: dict[str, Tensor]
     widths: dict[str, int]
     assignments: dict[str, list[np.ndarray]]
     new_units: dict[str, int]
+    matched: dict[str, int]
 
 
 def _prior_mean(name: str, value: Tensor) -> float:
@@ -323,19 +327,22 @@ def match_chain(
     ChainMatch
     """
     layers = chain_layers(spec)
+    # The clients may hold a grown model (an earlier FedMA round): check them at its widths.
+    at = spec_at(spec, fedma_widths(spec, states[0]))
     for state in states:
-        check_spec(spec, state)
+        check_spec(at, state)
     clients: list[dict[str, Tensor]] = [dict(s) for s in states]
     widths: dict[str, int] = {}
     assignments: dict[str, list[np.ndarray]] = {}
     new_units: dict[str, int] = {}
+    matched: dict[str, int] = {}
     for n, layer in enumerate(layers):
         found = match_layer(clients, spec, layers, n, options, seed=seed + n)
         clients = found.states
         widths[layer.perm], assignments[layer.perm] = found.width, found.assignments
-        new_units[layer.perm] = found.opened
+        new_units[layer.perm], matched[layer.perm] = found.opened, found.matched
     out = average_last(clients, spec, layers, weights, class_counts)
-    return ChainMatch(out, widths, assignments, new_units)
+    return ChainMatch(out, widths, assignments, new_units, matched)
 
 
 def fedma_widths(spec: PermutationSpec, state: State) -> dict[str, int]:
@@ -345,6 +352,12 @@ def fedma_widths(spec: PermutationSpec, state: State) -> dict[str, int]:
         slot = spec.slots(perm)[0]
         out[perm] = int(state[slot.tensor].shape[slot.dim]) // slot.repeat
     return out
+
+
+def spec_at(spec: PermutationSpec, widths: Mapping[str, int]) -> PermutationSpec:
+    """``spec`` with its permutations resized to ``widths`` (a grown model's spec)."""
+    perms = {p: replace(g, size=widths.get(p, g.size)) for p, g in spec.perms.items()}
+    return PermutationSpec(perms, dict(spec.axes))
 
 
 def layer_widths(state: State) -> dict[str, int]:

@@ -318,6 +318,10 @@ class FedMAOptions(Options):
         false keeps every layer's width (plain Hungarian matching).
     max_width : int
         ``fedma-max-width``: cap on a layer's units (0: no cap).
+    one_shot : bool
+        ``fedma-one-shot``: match every hidden layer in the round the clients trained, one
+        after another with no retraining between layers, and average the output layer (FedMA's
+        one-shot use of BBP-MAP, as PFNM): one Flower round per FedMA round.
     """
 
     PREFIX: ClassVar[str] = "fedma"
@@ -329,6 +333,7 @@ class FedMAOptions(Options):
     retrain_epochs: int = 1
     grow: bool = True
     max_width: int = 0
+    one_shot: bool = False
 
     def __post_init__(self) -> None:
         for key, value in (
@@ -342,6 +347,7 @@ class FedMAOptions(Options):
         _integer("fedma-retrain-epochs", self.retrain_epochs, 1)
         _flag("fedma-grow", self.grow)
         _integer("fedma-max-width", self.max_width, 0)
+        _flag("fedma-one-shot", self.one_shot)
 
     @classmethod
     def check_run(cls, cfg: Any) -> None:

@@ -15,6 +15,11 @@ One FedMA round is several Flower rounds, one per *phase*:
 - after phase ``N`` the output layer is averaged with the clients' class counts, and the
   global model is complete; the next Flower round starts the next FedMA round.
 
+With ``fedma-one-shot`` a FedMA round is the train phase alone: the server matches every
+hidden layer of the models the clients sent, one after another with no retraining between
+layers (:func:`fedmerge.fedma.match_chain`), and averages the output layer (FedMA's one-shot
+mode, which is PFNM's extension to deep networks).
+
 The global arrays this strategy returns in phases ``0 .. N-1`` are the last complete global
 model (so central evaluation measures what a client would receive); the new one is returned
 after phase ``N``.
@@ -50,7 +55,7 @@ from fedmerge.client import FEDMA_CLASS_COUNTS as CLASS_COUNTS_KEY
 from fedmerge.client import FEDMA_EPOCHS as EPOCHS_KEY
 from fedmerge.client import FEDMA_FROZEN as FROZEN_KEY
 from fedmerge.client import FEDMA_PHASE as PHASE_KEY
-from fedmerge.fedma import average_last, chain_layers, fedma_widths, match_layer
+from fedmerge.fedma import average_last, chain_layers, fedma_widths, match_chain, match_layer
 from fedmerge.models import model_spec
 from fedmerge.options import FedMAOptions
 
@@ -114,8 +119,9 @@ class FedMA(MergeStrategy):
 
     @property
     def phases(self) -> int:
-        """Flower rounds per FedMA round: the train phase and one per hidden layer."""
-        return len(self.layers) + 1
+        """Flower rounds per FedMA round: the train phase and one per hidden layer (one in
+        the one-shot mode)."""
+        return 1 if self.options.one_shot else len(self.layers) + 1
 
     def summary(self) -> None:
         super().summary()
@@ -197,7 +203,24 @@ class FedMA(MergeStrategy):
             return None, None
         states, weights = client_states(valid, self.weighted_by_key)
         report: dict[str, float] = {}
-        if layer <= len(self.layers):
+        out: dict[str, torch.Tensor] | None
+        if self.options.one_shot:  # every layer now, no retraining between them
+            chain = match_chain(
+                states,
+                self.spec,
+                weights,
+                class_counts=self._class_counts(valid),
+                options=self.options,
+                seed=self.seed + server_round,
+            )
+            self.phase, self.nodes, self.outbox, self.frozen = 0, [], {}, []
+            self.complete = out = current = chain.state
+            report = {
+                "fedma-units-matched": sum(chain.matched.values()),
+                "fedma-units-new": sum(chain.new_units.values()),
+            }
+            layer = len(self.layers) + 1  # reported as the output layer's phase: 0
+        elif layer <= len(self.layers):
             found = match_layer(
                 states,
                 self.spec,

@@ -99,3 +99,31 @@ def test_deterministic_for_a_seed_and_refusals_name_the_problem() -> None:
         bbp_map([rows[0], rows[1][:4]], grow=False)
     with pytest.raises(ValueError, match="sigma must be > 0"):
         bbp_map(rows, sigma=0.0)
+
+
+def test_the_cost_is_pfnms_formula() -> None:
+    # The cost as PFNM writes it, one (unit, atom) pair at a time, against the vectorised one.
+    from fedmerge.matching.bbp import _Atoms
+
+    rng = np.random.default_rng(0)
+    d, clients, gamma = 7, 3, 7.0
+    prec, prior_prec = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
+    mean = rng.normal(size=d)
+    atoms = _Atoms(mean, prior_prec, clients)
+    atoms.add(rng.normal(size=(5, d)) * prec, prec, np.arange(5))
+    atoms.add(rng.normal(size=(4, d)) * prec, prec, np.array([0, 2, 5, 6]))
+    rows = rng.normal(size=(4, d)) * prec
+    got = atoms.cost(rows, prec, gamma, new=4)
+    m = mean * prior_prec
+    for unit in range(4):
+        w = rows[unit]
+        for i in range(len(atoms.c)):
+            g, s = atoms.g[i], atoms.s[i]
+            c = min(atoms.c[i], 10)
+            want = ((w + g) ** 2 / (prec + s)).sum() - (g**2 / s).sum()
+            want += np.log(c / (clients - c))
+            assert got[unit, i] == pytest.approx(want, rel=1e-10, abs=1e-10)
+        for k in range(4):
+            want = ((w + m) ** 2 / (prior_prec + prec)).sum() - (m**2 / prior_prec).sum()
+            want += -2 * np.log(k + 1) + 2 * np.log(gamma / clients)
+            assert got[unit, len(atoms.c) + k] == pytest.approx(want, rel=1e-10, abs=1e-10)

@@ -344,6 +344,21 @@ def test_max_train_samples_size_determinism_and_strata() -> None:
     assert len(everything.y_train) == 1437
 
 
+def test_max_test_samples_is_one_stratified_subset_for_every_seed() -> None:
+    full = load_dataset("digits")
+    a = load_dataset("digits", max_test_samples=100, seed=0)
+    b = load_dataset("digits", max_test_samples=100, seed=7, max_train_samples=300)
+    assert a.x_test.shape == (100, 1, 8, 8) and len(a.y_test) == 100
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_test, b.y_test)
+    assert np.bincount(a.y_test.numpy(), minlength=10).min() >= 9  # ~10 per class
+    pairs = zip(full.x_test.flatten(1).tolist(), full.y_test.tolist(), strict=True)
+    rows = {tuple(r): y for r, y in pairs}
+    picked = zip(a.x_test.flatten(1).tolist(), a.y_test.tolist(), strict=True)
+    assert all(rows[tuple(r)] == y for r, y in picked)  # real test samples with their labels
+    assert torch.equal(load_dataset("digits", max_test_samples=10**6).x_test, full.x_test)
+    assert torch.equal(a.x_train, full.x_train)  # the training split is untouched
+
+
 def test_proxy_does_not_depend_on_max_train_samples() -> None:
     a = load_dataset("digits", proxy_size=64, seed=3)
     b = load_dataset("digits", proxy_size=64, max_train_samples=100, seed=3)
@@ -361,6 +376,7 @@ def test_proxy_does_not_depend_on_max_train_samples() -> None:
         ({"proxy_size": -1}, "proxy-size"),
         ({"proxy_size": 1437}, "proxy-size"),
         ({"max_train_samples": -5}, "max-train-samples"),
+        ({"max_test_samples": -1}, "max-test-samples"),
         ({"seed": -1}, "seed"),
         ({"name": "synthetic", "synthetic_alpha": -0.1}, "synthetic-alpha"),
         ({"name": "synthetic", "synthetic_beta": -1.0}, "synthetic-beta"),

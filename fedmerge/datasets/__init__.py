@@ -40,6 +40,7 @@ from ..errors import ConfigError, unknown_name
 from .common import (
     _STREAM_PROXY,
     _STREAM_SUBSAMPLE,
+    _STREAM_TEST,
     _check_int,
     _check_nonnegative_float,
     _read_only,
@@ -74,6 +75,7 @@ def load_dataset(
     download: bool = False,
     proxy_size: int = 0,
     max_train_samples: int = 0,
+    max_test_samples: int = 0,
     seed: int = 0,
     num_clients: int = 10,
     synthetic_alpha: float = 1.0,
@@ -100,6 +102,11 @@ def load_dataset(
         class-stratified subsample of that many samples is kept (for quick runs and tests;
         a value at least the size of the split keeps it all). The proxy is drawn first from
         the full split, so it does not depend on this value.
+    max_test_samples : int
+        ``0`` keeps the whole test split; otherwise a class-stratified subsample of that many
+        test samples, drawn with a fixed seed (the same subset for every ``seed``, so runs of
+        several seeds are scored on the same samples): for evaluations that would otherwise
+        cost more than the training they score.
     seed : int
         Seed (``>= 0``) of the proxy split, the subsample and the ``synthetic`` generator.
         The test split never depends on it, except for ``synthetic``, which is generated
@@ -134,6 +141,7 @@ def load_dataset(
         raise unknown_name("dataset", name, DATASETS)
     _check_int("proxy-size", proxy_size, minimum=0)
     _check_int("max-train-samples", max_train_samples, minimum=0)
+    _check_int("max-test-samples", max_test_samples, minimum=0)
     _check_int("seed", seed, minimum=0)
     _check_int("num-clients", num_clients, minimum=1)
     _check_nonnegative_float("synthetic-alpha", synthetic_alpha)
@@ -180,6 +188,11 @@ def load_dataset(
         groups = None if arrays.groups is None else _read_only(arrays.groups[keep])
     proxy_t = torch.from_numpy(proxy_idx)
     x_test, x_proxy, mean, std = arrays.x_test, arrays.x_train[proxy_t], arrays.mean, arrays.std
+    y_test = arrays.y_test
+    if 0 < max_test_samples < len(y_test):
+        chosen = _stratified_indices(y_test.numpy(), max_test_samples, _rng(0, _STREAM_TEST))
+        test_t = torch.from_numpy(np.sort(chosen))
+        x_test, y_test = x_test[test_t], y_test[test_t]
     if input_scaling == "unit":
         if not mean:
             raise ConfigError(
@@ -194,7 +207,7 @@ def load_dataset(
         x_train=x_train,
         y_train=y_train,
         x_test=x_test,
-        y_test=arrays.y_test,
+        y_test=y_test,
         x_proxy=x_proxy,
         y_proxy=arrays.y_train[proxy_t],
         num_classes=info.num_classes,

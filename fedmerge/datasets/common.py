@@ -12,6 +12,7 @@ from ..errors import ConfigError
 _STREAM_SYNTHETIC = 0
 _STREAM_PROXY = 1
 _STREAM_SUBSAMPLE = 2
+_STREAM_TEST = 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,9 +80,12 @@ class _Atoms:
 
     def cost(self, rows: np.ndarray, prec: np.ndarray, gamma: float, new: int) -> np.ndarray:
         """``(L_j, L + new)``: the log-posterior gain of each assignment (PFNM's cost)."""
-        both = prec + self.s  # (L, D)
+        inv = 1.0 / (prec + self.s)  # (L, D)
         old = (self.g**2 / self.s).sum(axis=1) if len(self.c) else np.zeros(0)
-        param = ((rows[:, None, :] + self.g[None]) ** 2 / both[None]).sum(axis=2) - old[None]
+        # sum_d (w_ld + G_id)^2 / B_id expanded into matrix products: three (L_j, D) x (D, L)
+        # products instead of an (L_j, L, D) array (gigabytes for a VGG layer).
+        param = (rows**2) @ inv.T + 2.0 * rows @ (self.g * inv).T
+        param += ((self.g**2) * inv).sum(axis=1)[None] - old[None]
         counts = np.minimum(np.asarray(self.c, dtype=np.float64), _POPULARITY_CAP)
         if len(self.c):
             param += np.log(counts / np.maximum(self.clients - counts, 1e-12))
@@ -97,18 +100,19 @@ class _Atoms:
         """Add a client's rows to the atoms chosen (columns past the end are new atoms)."""
         out = np.empty(len(rows), dtype=np.int64)
         existing = len(self.c)
-        for unit in np.argsort(columns, kind="stable"):
-            i = int(columns[unit])
-            if i < existing:
-                self.g[i] += rows[unit]
-                self.s[i] += prec
-                self.c[i] += 1
-                out[unit] = i
-            else:
-                self.g = np.vstack((self.g, self.m + rows[unit]))
-                self.s = np.vstack((self.s, self.s0 + prec))
-                self.c.append(1)
-                out[unit] = len(self.c) - 1
+        old = columns < existing  # a client's units go to distinct atoms: no index repeats
+        self.g[columns[old]] += rows[old]
+        self.s[columns[old]] += prec
+        for i in columns[old]:
+            self.c[int(i)] += 1
+        out[old] = columns[old]
+        # New atoms in the order of their columns (the k-th new atom is column existing + k).
+        fresh = np.flatnonzero(~old)
+        fresh = fresh[np.argsort(columns[fresh], kind="stable")]
+        out[fresh] = existing + np.arange(len(fresh))
+        self.g = np.vstack((self.g, self.m + rows[fresh]))
+        self.s = np.vstack((self.s, np.broadcast_to(self.s0 + prec, (len(fresh), prec.size))))
+        self.c.extend([1] * len(fresh))
         return out
 
     def remove(self, rows: np.ndarray, prec: np.ndarray, assignment: np.ndarray) -> np.ndarray:
