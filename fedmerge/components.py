@@ -70,6 +70,7 @@ class Component:
 PROXY_USERS = {
     "fedavg-bn": "BatchNorm statistics are recomputed on it",
     "fedavg-ft": "it fine-tunes on the server's proxy slice",
+    "fedmatch-ft": "it fine-tunes on the server's proxy slice",
     "fednpmerge": "it learns its coefficients on the server's proxy slice",
 }
 

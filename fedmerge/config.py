@@ -80,6 +80,7 @@ class MethodKeys:
     np_patience: int = _NP.patience
     np_bn_mode: str = _NP.bn_mode
     # server fine-tuning on the proxy slice (fedavg-ft)
+    finetune_budget: str = _FINETUNE.budget
     finetune_epochs: int = _FINETUNE.epochs
     finetune_lr: float = _FINETUNE.lr
     # FedMA's layer-by-layer matched averaging (fedma)

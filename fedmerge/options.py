@@ -49,6 +49,8 @@ NP_PARAMS = ("all", "weights")
 NP_BN_MODES = ("train", "eval")
 #: ``match-sites``: every activation site of a unit space, or its last consumer only.
 MATCH_SITES = ("all", "last")
+#: How a fine-tuned control spends the proxy slice's labels: NP Merge's budget, or epochs of SGD.
+FINETUNE_BUDGETS = ("np", "epochs")
 #: The registry's models whose hidden layers form a chain (what strategy ``fedma`` matches).
 FEDMA_MODELS = ("mlp", "cnn", "vgg9")
 
@@ -200,7 +202,7 @@ class MatchOptions(Options):
     @classmethod
     def check_run(cls, cfg: Any) -> None:
         match = cls.from_config(cfg)
-        matching = cfg.strategy == "fedmatch" or (
+        matching = cfg.strategy in ("fedmatch", "fedmatch-ft") or (
             cfg.strategy == "fedwsa" and cfg.wsa_merge == "matched"
         )
         if matching and match.needs_data and cfg.proxy_size == 0:
@@ -270,22 +272,31 @@ class WSAOptions(Options):
 
 @dataclass(frozen=True)
 class FineTuneOptions(Options):
-    """FedAvg fine-tuned on the server's proxy slice (the control for NP Merge).
+    """A merge fine-tuned on the server's proxy slice (``fedavg-ft``, ``fedmatch-ft``: the
+    controls for NP Merge).
 
     Attributes
     ----------
+    budget : str
+        ``finetune-budget``: ``np`` spends NP Merge's label budget (its ``np-*`` optimiser,
+        learning rate, batch size, epochs per learning problem times the problems it would
+        solve, held-out early stopping; fedmerge.npmerge.finetune); ``epochs`` runs
+        ``finetune-epochs`` epochs of SGD at ``finetune-lr``.
     epochs : int
-        ``finetune-epochs``: SGD epochs over the proxy slice each round.
+        ``finetune-epochs``: SGD epochs over the proxy slice each round (budget ``epochs``).
     lr : float
-        ``finetune-lr``: its learning rate.
+        ``finetune-lr``: its learning rate (budget ``epochs``).
     """
 
     PREFIX: ClassVar[str] = "finetune"
 
+    budget: str = "np"
     epochs: int = 1
     lr: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.budget not in FINETUNE_BUDGETS:
+            raise unknown_name("finetune-budget", self.budget, FINETUNE_BUDGETS)
         _integer("finetune-epochs", self.epochs, 1)
         _number(
             "finetune-lr",

@@ -15,7 +15,7 @@ from fedmerge.options import FedMAOptions, FineTuneOptions, MatchOptions, WSAOpt
 from .base import MergeStrategy
 from .fedma import FedMA
 from .fedmatch import FedMatch
-from .finetune import FedAvgFineTuned, FedAvgRepaired
+from .finetune import FedAvgFineTuned, FedAvgRepaired, FedMatchFineTuned
 from .merges import (
     FineTunedAverage,
     MatchedMerge,
@@ -34,6 +34,7 @@ __all__ = [
     "FedMA",
     "FedMAOptions",
     "FedMatch",
+    "FedMatchFineTuned",
     "FedNPMerge",
     "FedWSA",
     "FineTuneOptions",

@@ -1,12 +1,17 @@
-"""FedAvg fine-tuned on the server's proxy slice: the fair control for NP Merge.
+"""Merges fine-tuned on the server's proxy slice: the fair controls for NP Merge.
 
 NP Merge (``fednpmerge``) learns its merging coefficients on labelled server data that FedAvg
-never sees. To tell what the *merge* contributes from what the *labels* contribute, this
-strategy gives FedAvg the same data: each round it averages the clients (Flower's FedAvg mean,
-:class:`~.merges.FineTunedAverage` in a :class:`~.base.MergeStrategy`), then
-trains the average with SGD for ``finetune-epochs`` epochs over the proxy slice (``proxy-size``
-samples held out of the training split; never a client's data, never the test split), and
-broadcasts the result. Round metrics name the proxy size and the fine-tuning time.
+never sees. To tell what the *merge* contributes from what the *labels* contribute, these
+strategies give a plain merge the same data: each round they merge the clients (FedAvg's mean
+in ``fedavg-ft``; FedMatch's matched average, aligned exactly as NP Merge aligns them, in
+``fedmatch-ft``), then fine-tune the merged model on the proxy slice (``proxy-size`` samples
+held out of the training split; never a client's data, never the test split) and broadcast
+it. By default (``finetune-budget = np``) the fine-tuning spends NP Merge's label budget: the
+same optimiser, learning rate, batch size, epochs per learning problem times the problems NP
+Merge would solve on the round's clients, and early stopping on the same held-out share
+(:mod:`fedmerge.npmerge.finetune`). Round metrics: ``proxy-size``, ``finetune-steps`` (to check
+against NP Merge's ``np-steps``), ``finetune-epochs``, ``finetune-loss``,
+``finetune-holdout-loss-start`` / ``-end``, and the base merge's own (``units-moved``, ...).
 """
 
 from __future__ import annotations
@@ -16,19 +21,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedmerge.options import FineTuneOptions
+from fedmerge.npmerge import NPOptions
+from fedmerge.options import FineTuneOptions, MatchOptions
 from fedmerge.proxy import ProxyLike
 
 from .base import MergeStrategy
 from .fedmatch import run_proxy
-from .merges import FineTunedAverage, RepairedAverage
+from .merges import FineTunedAverage, MatchedMerge, RepairedAverage
 
 if TYPE_CHECKING:
     from fedmerge.config import RunConfig
 
 
 class FedAvgFineTuned(MergeStrategy):
-    """FedAvg followed by server-side SGD on the proxy data.
+    """FedAvg followed by fine-tuning on the server's proxy data.
 
     Parameters
     ----------
@@ -37,15 +43,22 @@ class FedAvgFineTuned(MergeStrategy):
     proxy : (inputs, labels), Dataset or DataLoader
         The server's labelled proxy data (required).
     options : FineTuneOptions, optional
-        ``finetune-epochs``, ``finetune-lr``; the keywords ``epochs`` and ``lr`` change them.
+        ``finetune-budget``, ``-epochs``, ``-lr``; the keywords ``budget``, ``epochs`` and
+        ``lr`` change them.
+    np_options : NPOptions, optional
+        The NP Merge options whose label budget ``finetune-budget = np`` spends.
+    base : merge function, optional
+        What is fine-tuned (``merge(states, weights, reference, seed=...)``, see
+        :mod:`.merges`); None: FedAvg's weighted mean.
     momentum, weight_decay, batch_size : SGD settings
-        The clients' momentum and weight decay, ``np-batch-size`` in fedmerge runs.
+        Of ``finetune-budget = epochs``: the clients' momentum and weight decay,
+        ``np-batch-size`` in fedmerge runs.
     device : torch.device or str
         Where to fine-tune.
     seed : int
-        Seeds the batch order (plus the round number).
+        Seeds the held-out split and the batch order (plus the round number).
     **kwargs
-        ``epochs``, ``lr``, and FedAvg's.
+        ``budget``, ``epochs``, ``lr``, and FedAvg's.
     """
 
     def __init__(
@@ -54,11 +67,13 @@ class FedAvgFineTuned(MergeStrategy):
         model: nn.Module,
         proxy: ProxyLike,
         options: FineTuneOptions | None = None,
+        np_options: NPOptions | None = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         batch_size: int = 64,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        base: Any = None,
         **kwargs: Any,
     ) -> None:
         changes, rest = FineTuneOptions.split(kwargs)
@@ -66,6 +81,8 @@ class FedAvgFineTuned(MergeStrategy):
             model,
             proxy,
             FineTuneOptions.build(options, **changes),
+            np_options=np_options,
+            base=base,
             momentum=momentum,
             weight_decay=weight_decay,
             batch_size=batch_size,
@@ -73,6 +90,40 @@ class FedAvgFineTuned(MergeStrategy):
         )
         super().__init__(merge=merge, seed=seed, **rest)
         self.finetune = merge
+
+
+class FedMatchFineTuned(FedAvgFineTuned):
+    """FedMatch's matched average, then the same fine-tuning as :class:`FedAvgFineTuned`:
+    the control NP Merge must beat (same alignment, same labels, no learned coefficients).
+
+    Parameters
+    ----------
+    model, proxy, options, np_options, momentum, weight_decay, batch_size, device, seed
+        As :class:`FedAvgFineTuned`.
+    match : MatchOptions, optional
+        How the clients are aligned (``match-*``, as FedMatch and NP Merge).
+    example_input : Tensor, optional
+        For spec inference when the model declares no ``permutation_spec()``.
+    **kwargs
+        ``budget``, ``epochs``, ``lr``, and FedAvg's.
+
+    Examples
+    --------
+    >>> FedMatchFineTuned(model=Net(), proxy=(x, y), fraction_train=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        proxy: ProxyLike,
+        match: MatchOptions | None = None,
+        example_input: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        base = MatchedMerge(model, match, proxy, example_input=example_input)
+        super().__init__(model=model, proxy=proxy, base=base, **kwargs)
+        self.matched = base
 
 
 class FedAvgRepaired(MergeStrategy):
@@ -102,9 +153,15 @@ def finetune_options(cfg: RunConfig) -> dict[str, Any]:
         "model": model,
         "proxy": proxy,
         "options": FineTuneOptions.from_config(cfg),
+        "np_options": NPOptions.from_config(cfg),
         "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay,
         "batch_size": cfg.np_batch_size,
         "device": resolve_device(cfg.device),
         "seed": cfg.seed,
     }
+
+
+def fedmatch_ft_options(cfg: RunConfig) -> dict[str, Any]:
+    """FedMatchFineTuned's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
+    return {**finetune_options(cfg), "match": MatchOptions.from_config(cfg)}

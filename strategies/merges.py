@@ -17,6 +17,7 @@ function of its arguments. None of them imports Flower.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from fedmerge.merging import (
 )
 from fedmerge.models import model_spec
 from fedmerge.npmerge import Alignment, NPOptions, NPReport, np_merge
+from fedmerge.npmerge.finetune import fine_tune_like_np
 from fedmerge.options import FineTuneOptions, MatchOptions
 from fedmerge.permutations import PermutationSpec
 from fedmerge.proxy import Proxy, ProxyLike, as_proxy
@@ -55,6 +57,7 @@ Report = dict[str, float]
 MergeFn = Callable[..., tuple[dict[str, Tensor], Report] | dict[str, Tensor]]
 
 _MB = 2**20
+log = logging.getLogger(__name__)
 
 
 def fedavg_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, Tensor]:
@@ -213,6 +216,12 @@ class MatchedMerge:
             sites=o.sites,
             report=match,
         )
+        if match.units_moved == 0:
+            # Every alignment was the identity: the clients' own models are averaged, with
+            # FedAvg's own arithmetic, so the round is FedAvg's to the bit (not up to float
+            # summation order), and paired comparisons with FedAvg carry no rounding noise.
+            log.info("matching moved no unit this round: the merge is FedAvg's")
+            merged = fedavg_average(states, weights)
         if self.repair:
             assert proxy is not None
             merged = repair_batchnorm(self.model, merged, proxy.x)
@@ -320,12 +329,18 @@ def _np_facts(r: NPReport, proxy_size: int, device: torch.device) -> Report:
         "np-time": r.seconds,
         "np-steps": r.steps,
         "np-epochs": r.epochs,
+        "np-problems": r.problems,
     }
+    starts, ends = r.holdout_starts, r.holdout_ends
     for key, value in (
         ("np-proxy-loss-start", r.loss_start),
         ("np-proxy-loss-end", r.loss_end),
-        ("np-holdout-loss-start", r.holdout_start),
-        ("np-holdout-loss-end", r.holdout_end),
+        # Held-out losses of the learning problems (N - 1 pairwise, or 1 softmax): their mean,
+        # and the last problem's (the one whose result is the merged model).
+        ("np-holdout-loss-start-mean", float(np.mean(starts)) if starts else math.nan),
+        ("np-holdout-loss-end-mean", float(np.mean(ends)) if ends else math.nan),
+        ("np-holdout-loss-start-last", starts[-1] if starts else math.nan),
+        ("np-holdout-loss-end-last", ends[-1] if ends else math.nan),
     ):
         if math.isfinite(value):  # NaN when one client replied or there is no hold-out
             facts[key] = value
@@ -336,7 +351,8 @@ def _np_facts(r: NPReport, proxy_size: int, device: torch.device) -> Report:
 
 
 class FineTunedAverage:
-    """FedAvg's average, then SGD on the server's labelled proxy data (the control for NP Merge).
+    """A merge (FedAvg's average by default), then fine-tuned on the server's labelled proxy
+    data: the controls for NP Merge (``fedavg-ft``; ``fedmatch-ft`` with a matched merge).
 
     Parameters
     ----------
@@ -345,11 +361,17 @@ class FineTunedAverage:
     proxy : tensors, Dataset or DataLoader
         Labelled proxy data (required).
     options : FineTuneOptions
-        ``finetune-epochs``, ``finetune-lr``.
+        ``finetune-budget`` (``np``: NP Merge's budget, read from ``np_options``; ``epochs``:
+        ``finetune-epochs`` of SGD at ``finetune-lr``).
+    np_options : NPOptions
+        NP Merge's options whose budget ``finetune-budget = np`` spends.
+    base : merge function, optional
+        What is fine-tuned: ``base(states, weights, reference, seed=...)``; None: FedAvg's
+        weighted mean (:func:`fedavg_average`). Its report joins the round metrics.
     momentum, weight_decay : float
-        SGD settings (the clients' ``momentum`` and ``weight-decay``).
+        SGD settings of budget ``epochs`` (the clients' ``momentum`` and ``weight-decay``).
     batch_size : int
-        Samples per step (``np-batch-size`` in fedmerge runs).
+        Samples per SGD step of budget ``epochs`` (``np-batch-size`` in fedmerge runs).
     device : torch.device or str
         Where to fine-tune.
     """
@@ -360,6 +382,8 @@ class FineTunedAverage:
         proxy: ProxyLike,
         options: FineTuneOptions | None = None,
         *,
+        np_options: NPOptions | None = None,
+        base: MergeFn | None = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         batch_size: int = 64,
@@ -371,13 +395,20 @@ class FineTunedAverage:
             "set e.g. proxy-size=500, or pass proxy=(inputs, labels)",
         )
         self.options = FineTuneOptions.build(options)
-        self.model, self.device = model, device
+        self.np_options = NPOptions.build(np_options)
+        self.model, self.device, self.base = model, device, base
         self.sgd: dict[str, Any] = {
             "momentum": momentum,
             "weight_decay": weight_decay,
             "batch_size": batch_size,
         }
-        self.__name__ = "fedavg-ft"
+        self.__name__ = "fedavg-ft" if base is None else f"{_name(base)}-ft"
+
+    def problems(self, clients: int) -> int:
+        """The learning problems NP Merge would solve on ``clients`` models (its budget's unit)."""
+        if clients < 2:
+            return 0
+        return 1 if self.np_options.form == "softmax" else clients - 1
 
     def __call__(
         self,
@@ -387,11 +418,37 @@ class FineTunedAverage:
         *,
         seed: int = 0,
     ) -> tuple[dict[str, Tensor], Report]:
-        """The weighted average, trained on the proxy data."""
+        """The base merge of ``states``, fine-tuned on the proxy data, and the report."""
         assert self.proxy is not None and self.proxy.y is not None
-        average = fedavg_average(states, weights)
+        report: Report = {}
+        if self.base is None:
+            start = fedavg_average(states, weights)
+        else:
+            out = self.base(states, weights, reference, seed=seed)
+            start, report = (out[0], dict(out[1])) if isinstance(out, tuple) else (out, {})
+        report["proxy-size"] = len(self.proxy)
+        if self.options.budget == "np":
+            state, done = fine_tune_like_np(
+                self.model,
+                start,
+                self.proxy.x,
+                self.proxy.y,
+                options=self.np_options,
+                problems=self.problems(len(states)),
+                seed=seed,
+                device=self.device,
+            )
+            report["finetune-steps"], report["finetune-epochs"] = done.steps, done.epochs
+            for key, value in (
+                ("finetune-loss", done.loss),
+                ("finetune-holdout-loss-start", done.holdout_start),
+                ("finetune-holdout-loss-end", done.holdout_end),
+            ):
+                if math.isfinite(value):
+                    report[key] = value
+            return state, report
         current = self.model.state_dict()
-        self.model.load_state_dict({k: v.to(current[k].dtype) for k, v in average.items()})
+        self.model.load_state_dict({k: v.to(current[k].dtype) for k, v in start.items()})
         result = train(
             self.model,
             self.proxy.x,
@@ -403,7 +460,13 @@ class FineTunedAverage:
             **self.sgd,
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return state, {"finetune-loss": result.loss, "proxy-size": len(self.proxy)}
+        report.update({"finetune-loss": result.loss, "finetune-steps": result.steps})
+        report["finetune-epochs"] = self.options.epochs
+        return state, report
+
+
+def _name(merge: MergeFn) -> str:
+    return str(getattr(merge, "__name__", type(merge).__name__))
 
 
 class RepairedAverage:

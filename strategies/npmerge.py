@@ -8,10 +8,14 @@ the training split: never a client's data, never the test split) by
 set is an advantage FedAvg does not get: every round's metrics name its size (``proxy-size``).
 
 Round metrics, besides FedAvg's: ``proxy-size``, ``match-time``, ``units-moved``,
-``merge-time`` (alignment + learning + BN repair), ``np-time`` (learning only), ``np-steps``,
-``np-epochs``, ``np-proxy-loss-start`` / ``np-proxy-loss-end`` (mean cross-entropy on the whole
-proxy slice of the aligned weighted average, i.e. FedMatch's merge, and of the learned merge),
-``np-holdout-loss-start`` / ``np-holdout-loss-end`` (the same on its held-out part),
+``merge-time`` (alignment + learning + BN repair), ``np-time`` (learning only), ``np-steps``
+(Adam steps over all learning problems: the label budget a control must match), ``np-epochs``,
+``np-problems`` (N - 1 pairwise problems, or 1 softmax), ``np-proxy-loss-start`` /
+``np-proxy-loss-end`` (mean cross-entropy on the whole proxy slice of the aligned weighted
+average, i.e. FedMatch's merge, and of the learned merge), ``np-holdout-loss-start-mean`` /
+``-end-mean`` (each learning problem's held-out loss at its start and the best it reached,
+averaged over the problems) and ``np-holdout-loss-start-last`` / ``-end-last`` (the last
+problem's, whose result is the merged model),
 ``np-state-mb`` (counted bytes of the learning problem's tensors) and, on CUDA,
 ``np-peak-cuda-mb`` (``torch.cuda.max_memory_allocated``).
 """

@@ -35,7 +35,13 @@ from fedmerge.scopes import sigma_spread
 
 from .fedma import FedMA
 from .fedmatch import FedMatch, fedmatch_options, matched_merge, run_proxy
-from .finetune import FedAvgFineTuned, FedAvgRepaired, finetune_options
+from .finetune import (
+    FedAvgFineTuned,
+    FedAvgRepaired,
+    FedMatchFineTuned,
+    fedmatch_ft_options,
+    finetune_options,
+)
 from .npmerge import FedNPMerge, fednpmerge_options
 from .validation import ValidatedReplies, metric_list, metric_number, validated
 from .wsa import FedWSA
@@ -132,8 +138,13 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
     ),
     "fedavg-ft": (
         lambda c: validated(FedAvgFineTuned)(**finetune_options(c), **_common(c)),
-        "fedmerge FedAvg + server SGD on the proxy slice (finetune-*, proxy-size): "
-        "the control for fednpmerge",
+        "fedmerge FedAvg fine-tuned on the proxy slice with NP Merge's label budget "
+        "(finetune-*, np-*, proxy-size): a control for fednpmerge",
+    ),
+    "fedmatch-ft": (
+        lambda c: validated(FedMatchFineTuned)(**fedmatch_ft_options(c), **_common(c)),
+        "fedmerge FedMatch's matched average fine-tuned like fedavg-ft (match-*, finetune-*, "
+        "np-*, proxy-size): the control fednpmerge must beat",
     ),
     "fedavg-bn": (
         lambda c: validated(FedAvgRepaired)(

@@ -129,12 +129,15 @@ def test_fedwsa_can_aggregate_by_matched_averaging(tmp_path):
 
 
 def test_fedavg_fine_tuned_on_the_proxy_slice(tmp_path):
-    # The control for NP Merge: FedAvg plus server SGD on the same labelled proxy slice.
+    # The control for NP Merge: FedAvg plus server SGD on the same labelled proxy slice
+    # (budget "epochs": finetune-epochs of SGD).
     with pytest.raises(ConfigError, match="proxy-size"):
         _cfg(tmp_path, strategy="fedavg-ft")
-    cfg = _cfg(tmp_path, strategy="fedavg-ft", **{"proxy-size": 200, "finetune-epochs": 2})
+    over = {"proxy-size": 200, "finetune-epochs": 2, "finetune-budget": "epochs"}
+    cfg = _cfg(tmp_path, strategy="fedavg-ft", **over)
     rows = read_metrics(run(cfg, "local"))
     assert rows[-1]["proxy-size"] == 200 and rows[-1]["merge-time"] > 0
+    assert rows[-1]["finetune-steps"] == 2 * 4  # 2 epochs of 200 samples at batch 64
     assert rows[-1]["test-accuracy"] > 0.5
     plain = read_metrics(run(cfg.replace(strategy="fedavg", run_name="plain"), "local"))
     assert rows[-1]["test-accuracy"] != plain[-1]["test-accuracy"]  # the server step acts
@@ -213,3 +216,55 @@ def test_auto_beta_runs_in_fedmatch_and_is_refused_where_one_beta_is_needed(tmp_
         FedMatch(model=model, method="dual", beta="auto", proxy=torch.zeros(4, 1, 8, 8))
     with pytest.raises(ConfigError, match="match-beta"):
         RunConfig.from_mapping({"match-beta": "sometimes"})
+
+
+@pytest.mark.parametrize("reference", ["global", "largest"])
+def test_when_no_unit_moves_the_merge_is_flowers_fedavg_byte_for_byte(reference, caplog):
+    # Clients a small step from a shared start: every matching is the identity, so the round
+    # must be Flower's FedAvg exactly (its arrays, dtype and bytes), not up to rounding.
+    from flwr.serverapp.strategy import FedAvg
+
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(24, 12), seed=0)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    clients = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in state.items()}]
+    clients += [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in state.items()}]
+    clients += [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in state.items()}]
+    ours = FedMatch(model=model, reference=reference, fraction_evaluate=0.0)
+    theirs = FedAvg(fraction_evaluate=0.0)
+    merged = {}
+    for name, strategy in (("fedmatch", ours), ("fedavg", theirs)):
+        requests = train_requests(strategy, state, 3)
+        pairs = zip(requests, clients, strict=True)
+        replies = [train_reply(r, c, 7 * (i + 1)) for i, (r, c) in enumerate(pairs)]
+        with caplog.at_level("INFO"):
+            arrays, metrics = strategy.aggregate_train(1, replies)
+        merged[name] = arrays
+    assert metrics is not None
+    a, b = merged["fedmatch"], merged["fedavg"]
+    assert list(a.keys()) == list(b.keys())
+    for key in b.keys():
+        x, y = a[key].numpy(), b[key].numpy()
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), key
+    assert "matching moved no unit this round: the merge is FedAvg's" in caplog.text
+
+
+@pytest.mark.parametrize("control", ["fedavg-ft", "fedmatch-ft"])
+def test_a_budget_matched_control_takes_np_merges_steps_in_the_same_round(tmp_path, control):
+    # Without a held-out part nothing stops early: NP Merge runs np-epochs epochs for each of
+    # its N - 1 = 3 pairwise problems, and the matched control as many Adam steps.
+    over = {"proxy-size": 200, "np-holdout": 0.0, "np-epochs": 2, "run-name": "np"}
+    rows = read_metrics(run(_cfg(tmp_path, strategy="fednpmerge", **over), "local"))
+    over["run-name"] = control
+    ft = read_metrics(run(_cfg(tmp_path, strategy=control, **over), "local"))
+    for np_row, ft_row in zip(rows[1:], ft[1:], strict=True):
+        assert np_row["np-steps"] == ft_row["finetune-steps"] == 3 * 2 * 4  # 200 at batch 64
+        assert ft_row["finetune-epochs"] == 3 * 2
+    assert ft[-1]["test-accuracy"] > 0.5
+    if control == "fedmatch-ft":
+        assert "units-moved" in ft[-1] and "match-time" in ft[-1]
+    # With a held-out part both stop by the same rule, within the same cap.
+    over = {"proxy-size": 200, "np-epochs": 2, "np-patience": 1, "run-name": "held"}
+    held = read_metrics(run(_cfg(tmp_path, strategy=control, **over), "local"))
+    assert all(0 < r["finetune-steps"] <= 3 * 2 * 3 for r in held[1:])  # 160 fit at batch 64
+    assert all("finetune-holdout-loss-end" in r for r in held[1:])

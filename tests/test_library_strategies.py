@@ -10,6 +10,7 @@ import torch
 from fedmerge.strategies import (
     FedAvgFineTuned,
     FedMatch,
+    FedMatchFineTuned,
     FedNPMerge,
     FedWSA,
     FineTuneOptions,
@@ -267,6 +268,10 @@ def test_strategies_take_any_proxy_form_and_refuse_what_they_cannot_use():
         FedNPMerge(model=model, proxy=x)  # NP Merge needs labels
     with pytest.raises(ConfigError, match="proxy-size"):
         FedAvgFineTuned(model=model, proxy=None)
+    with pytest.raises(ConfigError, match="finetune-budget.*epochs"):
+        FedAvgFineTuned(model=model, proxy=(x, y), budget="steps")
+    with pytest.raises(ConfigError, match="proxy-size"):
+        FedMatchFineTuned(model=model, proxy=None)
     with pytest.raises(ConfigError, match="BatchNorm"):
         FedMatch(model=bn)
     FedMatch(model=bn, proxy=x)  # unlabelled inputs are enough for repair
@@ -428,3 +433,21 @@ def test_repaired_average_is_fedavg_with_statistics_recomputed_on_the_proxy():
         FedAvgRepaired(model=model, proxy=None)
     with pytest.raises(ConfigError, match="proxy-size.*fedavg-bn"):
         RunConfig.from_mapping({"strategy": "fedavg-bn"})
+
+
+def test_fedmatch_fine_tuned_aligns_then_fine_tunes_through_the_library_api():
+    # Permuted copies of one model: the matched average is that model again (units moved),
+    # then NP Merge's budget of Adam steps on the proxy slice changes it.
+    model = _mlp()
+    spec, state = model.permutation_spec(), model.state_dict()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    strategy = FedMatchFineTuned(model=model, proxy=(x, y), fraction_evaluate=0.0)
+    requests = train_requests(strategy, state, 3)
+    g = torch.Generator().manual_seed(0)
+    copies = [apply_permutations(spec, random_permutations(spec, g), state) for _ in requests]
+    replies = [train_reply(r, c, 10) for r, c in zip(requests, copies, strict=True)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["units-moved"] > 0.5
+    assert metrics["finetune-steps"] > 0 and metrics["finetune-epochs"] >= 1
+    merged = arrays.to_torch_state_dict()
+    assert not all(torch.equal(merged[k], state[k]) for k in state)  # fine-tuned

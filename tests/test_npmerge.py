@@ -134,7 +134,7 @@ def test_learning_lowers_the_proxy_loss_and_stays_between_the_endpoints(pair):
         high = torch.maximum(a[key], b_aligned[key]) + 1e-6
         assert bool(((merged[key] >= low) & (merged[key] <= high)).all())
     assert _equal(merged, fuse([a, b_aligned], logits, form="pair"), atol=1e-5)
-    assert report.steps > 0 and report.holdout_end < report.holdout_start
+    assert report.steps > 0 and report.holdout_ends[-1] < report.holdout_starts[-1]
     _, full = _merge(model, [a, b], x, y)
     assert full.loss_end < 0.9 * full.loss_start
 
@@ -147,7 +147,7 @@ def test_without_a_held_out_part_the_learned_coefficients_are_kept(pair):
     merged, logits = learn_coefficients(
         model, [a, b_aligned], None, x, y, options=NPOptions(holdout=0.0), report=report
     )
-    assert report.steps > 0 and math.isnan(report.holdout_end)
+    assert report.steps > 0 and math.isnan(report.holdout_ends[-1])
     assert float(max(v.abs().max() for v in logits.values())) > 0.1  # they moved from 0
     assert not _equal(merged, average([a, b_aligned]), atol=1e-4)
     assert _equal(merged, fuse([a, b_aligned], logits, form="pair"), atol=1e-5)
@@ -211,9 +211,30 @@ def test_early_stopping_stops_after_patience_epochs_without_held_out_gain(pair):
         m.load_state_dict(merged)
         with torch.no_grad():
             held_out = float(torch.nn.functional.cross_entropy(m(x[val]), y[val]))
-        assert held_out == pytest.approx(report.holdout_end, rel=1e-5)
-        assert report.holdout_end < report.holdout_start
+        assert held_out == pytest.approx(report.holdout_ends[-1], rel=1e-5)
+        assert report.holdout_ends[-1] < report.holdout_starts[-1]
     assert epochs[0] < 100 and epochs == [epochs[0], epochs[0] + 1, epochs[0] + 2]
+
+
+def test_held_out_losses_are_reported_per_learning_problem(pair):
+    # Three models, pairwise: two learning problems, each with its own held-out losses; the
+    # round metrics carry their mean and the last problem's, named so.
+    from fedmerge.strategies.merges import NPMerge
+
+    model, (a, b), x, y = pair
+    _, report = _merge(model, [a, b, a], x, y)
+    assert report.problems == 2
+    assert len(report.holdout_starts) == len(report.holdout_ends) == 2
+    assert report.holdout_starts[0] != report.holdout_starts[1]
+    merge = NPMerge(model, (x, y))
+    _, facts = merge([a, b, a], [1.0, 1.0, 1.0], a)
+    assert facts["np-problems"] == 2
+    mean = sum(report.holdout_ends) / 2
+    assert facts["np-holdout-loss-end-mean"] == pytest.approx(mean, rel=1e-6)
+    assert facts["np-holdout-loss-end-last"] == pytest.approx(report.holdout_ends[-1], rel=1e-6)
+    start = sum(report.holdout_starts) / 2
+    assert facts["np-holdout-loss-start-mean"] == pytest.approx(start, rel=1e-6)
+    assert facts["np-holdout-loss-start-last"] == pytest.approx(report.holdout_starts[-1])
 
 
 def test_pairwise_and_softmax_merge_permuted_copies_back_into_the_model(pair):

@@ -142,6 +142,8 @@ def summarize_group(
 
 #: The control for labelled server data: FedAvg fine-tuned on the same labelled proxy slice.
 LABELLED_CONTROL = "fedavg-ft"
+#: The second control: FedMatch's matched average fine-tuned on the same slice, same budget.
+MATCHED_CONTROL = "fedmatch-ft"
 
 
 def uses_server_labels(cfg: RunConfig) -> bool:
@@ -149,7 +151,7 @@ def uses_server_labels(cfg: RunConfig) -> bool:
     FedAvg-ft's fine-tuning, and the dual matcher's ``match-beta = auto`` choice (FedMatch, or
     FedWSA with ``wsa-merge = matched``). Inputs alone (activation matching, BatchNorm
     repair) do not count."""
-    if cfg.strategy in ("fednpmerge", LABELLED_CONTROL):
+    if cfg.strategy in ("fednpmerge", LABELLED_CONTROL, MATCHED_CONTROL):
         return True
     matching = cfg.strategy == "fedmatch" or (
         cfg.strategy == "fedwsa" and cfg.wsa_merge == "matched"

@@ -177,7 +177,8 @@ def learn_coefficients(
     x, y = x.to(device), y.to(device)
     fit, val = _split(len(y), options.holdout, seed, device)
     opt = _Adam(list(fusion.logits.values()), lr=options.lr)
-    best = report.holdout_start = problem.held_out(x[val], y[val], x[fit])
+    best = problem.held_out(x[val], y[val], x[fit])
+    report.holdout_starts.append(best)
     best_logits = {k: v.detach().clone() for k, v in fusion.logits.items()}
     generator, stale = torch.Generator().manual_seed(seed), 0
     for _ in range(options.epochs):
@@ -200,7 +201,8 @@ def learn_coefficients(
             for key, value in best_logits.items():
                 fusion.logits[key].copy_(value)
     # Without a held-out part there is nothing to choose by: the last coefficients stay.
-    report.holdout_end, report.problems = best, report.problems + 1
+    report.holdout_ends.append(best)
+    report.problems += 1
     report.seconds += time.perf_counter() - start
     merged = {**fusion.fixed, **{k: v.detach() for k, v in fusion.merged().items()}}
     for key, value in source.items():  # BN in train mode advanced the working copies

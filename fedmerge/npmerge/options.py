@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -33,8 +33,9 @@ class NPReport:
     loss_start, loss_end : float
         Mean cross-entropy on all merge-site data of the aligned weighted average and of the
         merged model (before BN repair, in the learning BatchNorm mode).
-    holdout_start, holdout_end : float
-        The same on the held-out part, for the last learning problem (NaN without hold-out).
+    holdout_starts, holdout_ends : list of float
+        Per learning problem, in the order solved: the same on its held-out part at the start
+        and the best reached (NaN without hold-out).
     state_bytes : int
         Bytes of the tensors one learning problem holds at once (counted, not sampled): the
         models' tensors, logits, gradients, two Adam moments and one merged copy. Activations
@@ -51,7 +52,7 @@ class NPReport:
     epochs: int = 0
     loss_start: float = math.nan
     loss_end: float = math.nan
-    holdout_start: float = math.nan
-    holdout_end: float = math.nan
+    holdout_starts: list[float] = field(default_factory=list)
+    holdout_ends: list[float] = field(default_factory=list)
     state_bytes: int = 0
     peak_cuda_bytes: int = 0
