@@ -65,6 +65,7 @@ class MethodKeys:
     match_reference: str = _MATCH.reference
     match_iterations: int = _MATCH.iterations
     match_beta: float | str = _MATCH.beta  # a number in [0, 1], or "auto" (chosen on the proxy)
+    match_beta_criterion: str = _MATCH.beta_criterion
     match_bn_repair: bool = _MATCH.bn_repair
     match_max_sweeps: int = _MATCH.max_sweeps
     match_sites: str = _MATCH.sites

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, unknown_name
-from .options import REFERENCES  # the names live with MatchOptions
+from .options import BETA_CRITERIA, REFERENCES  # the names live with MatchOptions
 from .permutations import PermutationSpec, apply_permutations
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,15 @@ def align_models(
     else:
         target = states[max(range(len(states)), key=lambda k: w[k])]
     report = report if report is not None else MatchReport()
+    reads_data = matcher != "weight" and model is not None and inputs is not None
+    if reads_data and model is not None and has_batchnorm(model):
+        # As MuDSC's code does for every model it merges: BatchNorm statistics recomputed on
+        # the data the activations are read on, so that each model's activations are read
+        # through statistics of that data, not of its own client's (the merge is repaired
+        # on the same data afterwards anyway).
+        assert inputs is not None
+        states = [repair_batchnorm(model, s, inputs) for s in states]
+        target = repair_batchnorm(model, target, inputs)
     if mode == "barycenter":
         iterations = max(iterations, BARYCENTER_PASSES)
     aligned: list[dict[str, Tensor]] = []
@@ -379,16 +388,23 @@ def repair_batchnorm(
 MERGES: dict[str, MergeFn] = {"average": average, "matched": matched_average}
 
 
-#: MuDSC's grid of weight-space shares for ``match-beta = auto``.
-BETA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+#: MuDSC's grid of weight-space shares for ``match-beta = auto``, in the order its code tries
+#: them (0.9 down to 0.1 in steps of 0.1; ties keep the first).
+BETA_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 @dataclass(frozen=True)
 class BetaChoice:
-    """What :func:`select_beta` chose, and the proxy loss of every candidate."""
+    """What :func:`select_beta` chose: the beta, every candidate's loss and accuracy on the
+    labelled data, and the chosen candidate's merged model and match report (so it is not
+    matched again)."""
 
     beta: float
     losses: dict[float, float]
+    accuracies: dict[float, float]
+    merged: dict[str, Tensor]
+    report: MatchReport
+    seconds: float
 
 
 def select_beta(
@@ -404,24 +420,32 @@ def select_beta(
     iterations: int = 1,
     bn_repair: bool = False,
     grid: Sequence[float] = BETA_GRID,
+    criterion: str = "accuracy",
     seed: int = 0,
     max_sweeps: int = 100,
     sites: str = "all",
 ) -> BetaChoice:
-    """The dual matcher's ``beta`` whose matched average has the lowest loss on the data.
+    """The dual matcher's ``beta`` whose matched average scores best on the labelled data.
 
-    MuDSC (Xu et al., CVPR 2024) selects its weight/activation mix on data over 0.1..0.9;
-    here each candidate's matched average (BatchNorm-repaired on ``inputs`` when
-    ``bn_repair``) is scored by its cross-entropy on ``(inputs, labels)`` (the server's
-    labelled proxy slice in FL). Ties keep the first candidate of ``grid``.
+    MuDSC (Xu et al., CVPR 2024; its code) tries beta = 0.9, 0.8, ..., 0.1 and keeps the
+    merge with the highest accuracy on labelled training data. Here each candidate's matched
+    average (BatchNorm-repaired on ``inputs`` when ``bn_repair``) is scored on ``(inputs,
+    labels)`` (the server's labelled proxy slice in FL) by ``criterion``: ``"accuracy"``
+    (highest; MuDSC's) or ``"loss"`` (lowest cross-entropy). Ties keep the first candidate of
+    ``grid``. The chosen candidate's merge is returned, so nothing is matched again.
     """
+    if criterion not in BETA_CRITERIA:
+        raise ValueError(f"criterion must be one of {BETA_CRITERIA}, got {criterion!r}")
     from .training import evaluate  # local: training imports nothing from here
 
     if len(inputs) == 0 or len(inputs) != len(labels):
         raise ValueError("select_beta needs labelled inputs (the proxy slice)")
     probe = copy.deepcopy(model)
     losses: dict[float, float] = {}
+    accuracies: dict[float, float] = {}
+    merges: dict[float, tuple[dict[str, Tensor], MatchReport]] = {}
     for beta in grid:
+        report = MatchReport()
         merged = matched_average(
             states,
             weights,
@@ -436,10 +460,18 @@ def select_beta(
             seed=seed,
             max_sweeps=max_sweeps,
             sites=sites,
+            report=report,
         )
         if bn_repair:
             merged = repair_batchnorm(model, merged, inputs)
         probe.load_state_dict(merged)
-        losses[float(beta)] = evaluate(probe, inputs, labels, device=inputs.device)[0]
-    best = min(losses, key=lambda b: (losses[b], list(losses).index(b)))
-    return BetaChoice(best, losses)
+        b = float(beta)
+        losses[b], accuracies[b] = evaluate(probe, inputs, labels, device=inputs.device)
+        merges[b] = merged, report
+    order = list(losses)
+    if criterion == "accuracy":
+        best = min(order, key=lambda b: (-accuracies[b], order.index(b)))
+    else:
+        best = min(order, key=lambda b: (losses[b], order.index(b)))
+    seconds = sum(r.seconds for _, r in merges.values())
+    return BetaChoice(best, losses, accuracies, *merges[best], seconds)

@@ -49,6 +49,8 @@ NP_PARAMS = ("all", "weights")
 NP_BN_MODES = ("train", "eval")
 #: ``match-sites``: every activation site of a unit space, or its last consumer only.
 MATCH_SITES = ("all", "last")
+#: How ``match-beta = auto`` scores each candidate (fedmerge.merging.BETA_CRITERIA).
+BETA_CRITERIA = ("accuracy", "loss")
 #: How a fine-tuned control spends the proxy slice's labels: NP Merge's budget, or epochs of SGD.
 FINETUNE_BUDGETS = ("np", "epochs")
 #: The registry's models whose hidden layers form a chain (what strategy ``fedma`` matches).
@@ -160,7 +162,10 @@ class MatchOptions(Options):
         ``match-iterations``: align-then-average passes.
     beta : float or "auto"
         ``match-beta``: weight-space share of the dual matcher (1 = data-free); ``"auto"``
-        chooses it every round on the labelled proxy slice.
+        chooses it every round on the labelled proxy slice (MuDSC's grid 0.9, 0.8, ..., 0.1).
+    beta_criterion : {"accuracy", "loss"}
+        ``match-beta-criterion``: how ``"auto"`` scores each candidate's merge on the proxy
+        slice: highest accuracy (MuDSC's code) or lowest cross-entropy.
     bn_repair : bool
         ``match-bn-repair``: recompute BatchNorm statistics of the merged model on the proxy.
     max_sweeps : int
@@ -177,6 +182,7 @@ class MatchOptions(Options):
     reference: str = "global"
     iterations: int = 1
     beta: float | str = 0.5
+    beta_criterion: str = "accuracy"
     bn_repair: bool = True
     max_sweeps: int = 100
     sites: str = "all"
@@ -194,6 +200,8 @@ class MatchOptions(Options):
                 isinstance(self.beta, int | float) and 0 <= self.beta <= 1,
                 "a number in [0, 1], or auto (chosen each round on the proxy slice)",
             )
+        if self.beta_criterion not in BETA_CRITERIA:
+            raise unknown_name("match-beta-criterion", self.beta_criterion, BETA_CRITERIA)
         _flag("match-bn-repair", self.bn_repair)
         _integer("match-max-sweeps", self.max_sweeps, 1)
         if self.sites not in MATCH_SITES:

@@ -180,8 +180,7 @@ class MatchedMerge:
         """The matched average of ``states`` (BatchNorm-repaired), and its report."""
         o, proxy = self.options, self.proxy
         report: Report = {}
-        beta = o.beta
-        if o.auto_beta:
+        if o.auto_beta:  # the chosen candidate's merge is kept: no matching at it again
             assert proxy is not None and proxy.y is not None
             choice = select_beta(
                 list(states),
@@ -194,38 +193,43 @@ class MatchedMerge:
                 mode=o.reference,
                 iterations=o.iterations,
                 bn_repair=self.repair,
+                criterion=o.beta_criterion,
                 seed=seed,
                 max_sweeps=o.max_sweeps,
                 sites=o.sites,
             )
-            beta = report["match-beta"] = choice.beta
-        match = MatchReport()
-        merged = matched_average(
-            list(states),
-            list(weights),
-            reference=reference,
-            spec=self.spec,
-            matcher=o.method,
-            mode=o.reference,
-            iterations=o.iterations,
-            beta=0.5 if beta == "auto" else float(beta),  # auto: only the dual matcher reads it
-            model=self.model,
-            inputs=None if proxy is None else proxy.x,
-            seed=seed,
-            max_sweeps=o.max_sweeps,
-            sites=o.sites,
-            report=match,
-        )
+            report["match-beta"] = choice.beta
+            merged, match, repaired = choice.merged, choice.report, self.repair
+            seconds = choice.seconds
+        else:
+            match = MatchReport()
+            merged = matched_average(
+                list(states),
+                list(weights),
+                reference=reference,
+                spec=self.spec,
+                matcher=o.method,
+                mode=o.reference,
+                iterations=o.iterations,
+                beta=0.5 if o.beta == "auto" else float(o.beta),  # only the dual matcher reads it
+                model=self.model,
+                inputs=None if proxy is None else proxy.x,
+                seed=seed,
+                max_sweeps=o.max_sweeps,
+                sites=o.sites,
+                report=match,
+            )
+            repaired, seconds = False, match.seconds
         if match.units_moved == 0:
             # Every alignment was the identity: the clients' own models are averaged, with
             # FedAvg's own arithmetic, so the round is FedAvg's to the bit (not up to float
             # summation order), and paired comparisons with FedAvg carry no rounding noise.
             log.info("matching moved no unit this round: the merge is FedAvg's")
-            merged = fedavg_average(states, weights)
-        if self.repair:
+            merged, repaired = fedavg_average(states, weights), False
+        if self.repair and not repaired:
             assert proxy is not None
             merged = repair_batchnorm(self.model, merged, proxy.x)
-        report["match-time"] = match.seconds
+        report["match-time"] = seconds
         report["units-moved"] = match.units_moved
         report["proxy-size"] = self.proxy_size
         return merged, report

@@ -10,7 +10,7 @@ from strategy_harness import train_reply, train_requests
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, load_data, make_model
-from fedmerge.merging import average
+from fedmerge.merging import BETA_GRID, average
 from fedmerge.models import build_model, model_spec
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
@@ -168,13 +168,15 @@ def test_fedwsa_matched_merge_aligns_to_the_model_it_sent():
 
 
 # -- match-beta = auto (MuDSC's selection of the weight/activation mix) ----------------------
-def test_auto_beta_picks_the_candidate_whose_merge_has_the_lowest_proxy_loss():
+@pytest.mark.parametrize("criterion", ["accuracy", "loss"])
+def test_auto_beta_picks_the_candidate_whose_merge_scores_best_on_the_proxy(criterion):
     import copy
 
     from fedmerge.datasets import load_dataset
     from fedmerge.merging import BETA_GRID, matched_average, select_beta
     from fedmerge.training import evaluate, train
 
+    assert BETA_GRID == (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # MuDSC's, its order
     data = load_dataset("digits", seed=0)
     x, y = data.x_train, data.y_train
     states = []
@@ -184,11 +186,12 @@ def test_auto_beta_picks_the_candidate_whose_merge_has_the_lowest_proxy_loss():
         states.append({n: v.detach().clone() for n, v in m.state_dict().items()})
     spec, xp, yp = model_spec(m), x[:300], y[:300]
     choice = select_beta(
-        states, [1, 1], reference=states[0], spec=spec, model=m, inputs=xp, labels=yp
-    )
-    assert tuple(choice.losses) == BETA_GRID
+        states, [1, 1], reference=states[0], spec=spec, model=m, inputs=xp, labels=yp,
+        criterion=criterion,
+    )  # fmt: skip
+    assert tuple(choice.losses) == tuple(choice.accuracies) == BETA_GRID
     assert len(set(choice.losses.values())) > 1  # the candidates really differ
-    # Each candidate's loss, recomputed independently: the choice is the smallest.
+    # Each candidate's scores, recomputed independently: the choice is the best by criterion.
     probe = copy.deepcopy(m)
     for beta, loss in choice.losses.items():
         merged = matched_average(
@@ -196,8 +199,17 @@ def test_auto_beta_picks_the_candidate_whose_merge_has_the_lowest_proxy_loss():
             model=m, inputs=xp,
         )  # fmt: skip
         probe.load_state_dict(merged)
-        assert evaluate(probe, xp, yp)[0] == pytest.approx(loss, rel=1e-6)
-    assert choice.losses[choice.beta] == min(choice.losses.values())
+        got_loss, got_accuracy = evaluate(probe, xp, yp)
+        assert got_loss == pytest.approx(loss, rel=1e-6)
+        assert got_accuracy == pytest.approx(choice.accuracies[beta])
+        if beta == choice.beta:  # the merge returned is the chosen candidate's own
+            assert all(torch.equal(merged[k], choice.merged[k]) for k in merged)
+    if criterion == "loss":
+        assert choice.losses[choice.beta] == min(choice.losses.values())
+    else:
+        best = max(choice.accuracies.values())
+        first = next(b for b in BETA_GRID if choice.accuracies[b] == best)
+        assert choice.beta == first  # ties keep the first (larger) beta, as MuDSC's loop
     with pytest.raises(ValueError, match="labelled"):
         select_beta(states, reference=states[0], spec=spec, model=m, inputs=xp, labels=yp[:5])
     assert torch.equal(xp, x[:300])  # inputs untouched
@@ -206,7 +218,7 @@ def test_auto_beta_picks_the_candidate_whose_merge_has_the_lowest_proxy_loss():
 def test_auto_beta_runs_in_fedmatch_and_is_refused_where_one_beta_is_needed(tmp_path):
     over = {"match-method": "dual", "match-beta": "auto", "proxy-size": 200}
     rows = read_metrics(run(_cfg(tmp_path, **over), "local"))
-    assert all(r["match-beta"] in (0.1, 0.3, 0.5, 0.7, 0.9) for r in rows[1:])
+    assert all(r["match-beta"] in BETA_GRID for r in rows[1:])
     with pytest.raises(ConfigError, match="match-beta.*fednpmerge"):
         from fedmerge.strategies.registry import build_strategy
 
@@ -268,3 +280,19 @@ def test_a_budget_matched_control_takes_np_merges_steps_in_the_same_round(tmp_pa
     held = read_metrics(run(_cfg(tmp_path, strategy=control, **over), "local"))
     assert all(0 < r["finetune-steps"] <= 3 * 2 * 3 for r in held[1:])  # 160 fit at batch 64
     assert all("finetune-holdout-loss-end" in r for r in held[1:])
+
+
+def test_auto_beta_keeps_the_chosen_candidates_merge_without_matching_again(monkeypatch):
+    # MuDSC matches once per candidate beta; the strategy must not match a tenth time.
+    import fedmerge.strategies.merges as merges
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("matched again at the chosen beta")
+
+    monkeypatch.setattr(merges, "matched_average", refuse)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(12,), seed=0)
+    x, y = torch.randn(60, 1, 8, 8), torch.arange(60) % 10
+    merge = merges.MatchedMerge(model, merges.MatchOptions(method="dual", beta="auto"), (x, y))
+    other = build_model("mlp", (1, 8, 8), 10, hidden=(12,), seed=1).state_dict()
+    _, report = merge([model.state_dict(), other], [1.0, 1.0], model.state_dict())
+    assert report["match-beta"] in BETA_GRID and report["units-moved"] > 0

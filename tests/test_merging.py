@@ -144,22 +144,24 @@ def test_the_registry_holds_pure_merge_functions():
     assert set(MERGES) == {"average", "matched"}
 
 
-@pytest.mark.parametrize(("matcher", "repairs"), [("activation", 2), ("weight", 0)])
-def test_the_barycenter_is_batchnorm_repaired_before_its_activations_are_read(
+@pytest.mark.parametrize(("matcher", "repairs"), [("activation", 5), ("weight", 0)])
+def test_every_model_is_batchnorm_repaired_before_its_activations_are_read(
     monkeypatch, matcher, repairs
 ):
-    # Issue 15: the averaged target kept averaged running statistics (no model's) while the
-    # data-based matchers read its activations.
+    # The data-based matchers read activations through BatchNorm statistics of the data they
+    # read them on, as MuDSC's code does: each client, the first target, and each averaged
+    # barycenter (whose averaged running statistics are no model's).
     from fedmerge import merging
 
     model = build_model("resnet20", (1, 8, 8), 10, seed=0)
     states = [build_model("resnet20", (1, 8, 8), 10, seed=s).state_dict() for s in (1, 2)]
     inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    calls = []
+    calls, seen = [], []
     real = merging.repair_batchnorm
 
     def counting(m, state, x):
         calls.append(x)
+        seen.append(state)
         return real(m, state, x)
 
     monkeypatch.setattr(merging, "repair_batchnorm", counting)
@@ -167,5 +169,7 @@ def test_the_barycenter_is_batchnorm_repaired_before_its_activations_are_read(
         states, spec=model_spec(model), matcher=matcher, mode="barycenter", model=model,
         inputs=inputs,
     )  # fmt: skip
-    assert len(calls) == repairs  # 3 passes: the targets of passes 2 and 3
+    assert len(calls) == repairs  # 2 clients, the first target, the targets of passes 2 and 3
     assert all(x is inputs for x in calls)
+    if repairs:
+        assert seen[0] is states[0] and seen[1] is states[1]
