@@ -167,6 +167,7 @@ def align_models(
     seed: int = 0,
     max_sweeps: int = 100,
     sites: str = "all",
+    reset_batchnorm: bool = True,
     report: MatchReport | None = None,
 ) -> list[dict[str, Tensor]]:
     """Every model aligned to the ``mode`` reference (the alignment of :func:`matched_average`).
@@ -188,7 +189,7 @@ def align_models(
         target = states[max(range(len(states)), key=lambda k: w[k])]
     report = report if report is not None else MatchReport()
     reads_data = matcher != "weight" and model is not None and inputs is not None
-    if reads_data and model is not None and has_batchnorm(model):
+    if reset_batchnorm and reads_data and model is not None and has_batchnorm(model):
         # As MuDSC's code does for every model it merges: BatchNorm statistics recomputed on
         # the data the activations are read on, so that each model's activations are read
         # through statistics of that data, not of its own client's (the merge is repaired
@@ -249,6 +250,7 @@ def matched_average(
     seed: int = 0,
     max_sweeps: int = 100,
     sites: str = "all",
+    reset_batchnorm: bool = True,
     report: MatchReport | None = None,
 ) -> dict[str, Tensor]:
     """Align every model to a reference with ``matcher``, then take the weighted average.
@@ -284,6 +286,10 @@ def matched_average(
     sites : {"all", "last"}
         Activation sites the data-based matchers read (``match-sites``): every site of a
         permutation, or only its last (:func:`fedmerge.matching.selected_sites`).
+    reset_batchnorm : bool
+        Data-based matchers on a model with BatchNorm: recompute every model's running
+        statistics on ``inputs`` before reading its activations (MuDSC's code does); False
+        reads them through each model's own statistics.
     report : MatchReport, optional
         Filled with timing and how many units moved.
 
@@ -307,6 +313,7 @@ def matched_average(
         seed=seed,
         max_sweeps=max_sweeps,
         sites=sites,
+        reset_batchnorm=reset_batchnorm,
         report=report,
     )
     return average(aligned, w, reference=reference if reference is not None else states[0])
@@ -424,6 +431,7 @@ def select_beta(
     seed: int = 0,
     max_sweeps: int = 100,
     sites: str = "all",
+    reset_batchnorm: bool = True,
 ) -> BetaChoice:
     """The dual matcher's ``beta`` whose matched average scores best on the labelled data.
 
@@ -460,6 +468,7 @@ def select_beta(
             seed=seed,
             max_sweeps=max_sweeps,
             sites=sites,
+            reset_batchnorm=reset_batchnorm,
             report=report,
         )
         if bn_repair:

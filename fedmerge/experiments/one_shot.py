@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..matching import match
-from ..merging import average, repair_batchnorm
+from ..merging import BETA_GRID, average, has_batchnorm, repair_batchnorm
 from ..models import model_spec
 from ..npmerge import Alignment, NPOptions, np_merge
 from ..permutations import PermutationSpec, apply_permutations
@@ -98,13 +98,21 @@ def _cpu(state: dict[str, Tensor]) -> State:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _aligned_average(site: MergeSite, matcher: str, beta: float = 0.5) -> State:
+def _aligned_average(
+    site: MergeSite, matcher: str, beta: float = 0.5, *, reset_batchnorm: bool = True
+) -> State:
+    """B aligned to A by ``matcher``, then averaged with A. The data-based matchers read both
+    models' activations through BatchNorm statistics recomputed on the merge-site inputs (as
+    MuDSC's code does), unless ``reset_batchnorm`` is False (each model's own statistics)."""
     spec = site.spec
+    a, b = site.a, site.b
+    if reset_batchnorm and matcher != "weight" and has_batchnorm(site.model):
+        a, b = (repair_batchnorm(site.model, s, site.x) for s in (a, b))
     perms = match(
         matcher,
         spec,
-        site.a,
-        site.b,
+        a,
+        b,
         model=site.model,
         inputs=site.x,
         beta=beta,
@@ -143,7 +151,13 @@ def merge_methods(
     return methods
 
 
-def _auto_beta_average(site: MergeSite) -> State:
+def _auto_beta_average(
+    site: MergeSite,
+    *,
+    grid: Sequence[float] = BETA_GRID,
+    criterion: str = "accuracy",
+    reset_batchnorm: bool = True,
+) -> State:
     """The dual-matched average at the beta of MuDSC's grid (0.9 .. 0.1) with the highest
     merge-site accuracy, MuDSC's criterion (it reads the merge-site labels, as NP Merge does);
     the chosen candidate's merge itself, not matched again."""
@@ -158,8 +172,11 @@ def _auto_beta_average(site: MergeSite) -> State:
         labels=site.y,
         mode="global",
         bn_repair=True,
+        grid=grid,
+        criterion=criterion,
         seed=site.seed,
         sites=site.sites,
+        reset_batchnorm=reset_batchnorm,
     )
     log.info("beta=auto chose %g (accuracies %s)", choice.beta, choice.accuracies)
     return _cpu(choice.merged)
