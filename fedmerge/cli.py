@@ -339,6 +339,7 @@ def cmd_merge_experiment(args: argparse.Namespace) -> int:
         betas=betas,
         merge_samples=args.merge_samples,
         model_factory=factory,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     model = args.model_class or cfg.model
     title = (

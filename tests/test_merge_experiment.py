@@ -102,7 +102,12 @@ def test_one_shot_table_on_a_user_model_without_a_spec(user_file, tmp_path, caps
     assert abs(a["accuracy"] - mixed) < 0.05  # digits' test halves are about equal in size
     assert "user_model.py:Small" in result["title"]
     assert {r["model"] for r in result["rows"]} == {"Small"}  # the user's model was trained
-    assert "weight matching" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "weight matching" in captured.out
+    # One progress line per pair on stderr (the run is otherwise silent until its table).
+    progress = [line for line in captured.err.splitlines() if line.startswith("[pair ")]
+    assert len(progress) == 1 and progress[0].startswith("[pair 1/1, seed 0] ")
+    assert "merges, best " in progress[0] and "min left" in progress[0]
     warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
     assert warned == [  # model= too: --model-class replaced it
         "merge-experiment does not use model=mlp: the key was ignored",

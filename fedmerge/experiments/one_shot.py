@@ -400,20 +400,34 @@ def one_shot_experiment(
     betas: Sequence[float] = (0.25, 0.5, 0.75),
     merge_samples: int = 1000,
     model_factory: Callable[[int], nn.Module] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run every pair; returns (per-pair rows, summary rows)."""
+    """Run every pair; returns (per-pair rows, summary rows). ``progress`` gets one line per
+    finished pair (the pair, its merges' best row, the seconds spent and an estimate of what
+    is left)."""
     rows: list[dict[str, Any]] = []
-    for pair in pairs:
-        rows.extend(
-            one_shot_pair(
-                cfg,
-                pair_seed=pair,
-                epochs=epochs,
-                betas=betas,
-                merge_samples=merge_samples,
-                model_factory=model_factory,
-            )
+    start = time.perf_counter()
+    for k, pair in enumerate(pairs, start=1):
+        mine = one_shot_pair(
+            cfg,
+            pair_seed=pair,
+            epochs=epochs,
+            betas=betas,
+            merge_samples=merge_samples,
+            model_factory=model_factory,
         )
+        rows.extend(mine)
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            merges = [
+                r for r in mine if r["method"] not in ("model A", "model B", "logit ensemble")
+            ]
+            best = max(merges, key=lambda r: r["accuracy"]) if merges else None
+            left = elapsed / k * (len(pairs) - k)
+            line = f"[pair {k}/{len(pairs)}, seed {pair}] {len(merges)} merges"
+            if best is not None:
+                line += f", best {best['method']} {100 * best['accuracy']:.2f}%"
+            progress(f"{line}; {elapsed:.0f} s elapsed, about {left / 60:.1f} min left")
     return rows, summarise(rows)
 
 
