@@ -4,7 +4,7 @@ A merge function is ``merge(states, weights, *, reference, **hparams) -> state``
 function of state dicts (``{name: tensor}``) that never modifies its inputs. Weights are the
 clients' data sizes (normalised here). Integer buffers (``num_batches_tracked``) are copied
 from the reference, never averaged. Hyper-parameters are bound once with
-:func:`functools.partial`; :data:`MERGES` is the registry.
+:func:`functools.partial`.
 
 Neuron-matched averaging (Git Re-Basin, Ainsworth et al., ICLR 2023, arXiv 2209.04836;
 MuDSC, Xu et al., CVPR 2024, arXiv 2403.01753; FedMA, Wang et al., ICLR 2020): align every
@@ -388,11 +388,6 @@ def repair_batchnorm(
         raise ValueError("BatchNorm repair needs data at the merge site (proxy-size > 0)")
     reset_batchnorm_stats(work, inputs, batch_size=batch_size)
     return {k: v.detach().clone() for k, v in work.state_dict().items()}
-
-
-#: Merge functions by name (run-config values of ``merge``): bind hyper-parameters with
-#: :func:`functools.partial`.
-MERGES: dict[str, MergeFn] = {"average": average, "matched": matched_average}
 
 
 #: MuDSC's grid of weight-space shares for ``match-beta = auto``, in the order its code tries

@@ -36,7 +36,8 @@ __all__ = [
 MATCHER_NAMES: tuple[str, ...] = ("weight", "activation", "dual")
 #: What clients are aligned to (``match-reference``; :func:`fedmerge.merging.matched_average`).
 REFERENCES: tuple[str, ...] = ("global", "largest", "barycenter")
-#: FedWSA's aggregations (``wsa-merge``; the functions: :data:`fedmerge.merging.MERGES`).
+#: FedWSA's aggregations (``wsa-merge``: :func:`fedmerge.merging.average` or
+#: :func:`fedmerge.merging.matched_average`).
 WSA_MERGES: tuple[str, ...] = ("average", "matched")
 #: Scope fusion rules and layer sets of :mod:`fedmerge.scopes` (``wsa-fusion``, ``wsa-layers``).
 FUSION_RULES: tuple[str, ...] = ("moment", "mean", "global", "fixed")

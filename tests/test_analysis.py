@@ -305,7 +305,7 @@ def test_add_parsers_wires_analyse_into_a_command():
 
 
 def test_scaling_a_batchnorm_model_is_cancelled_by_repair_and_kept_without(data):
-    # Issue 15: repairing BatchNorm after scaling recomputes the statistics a scaled conv
+    # Repairing BatchNorm after scaling recomputes the statistics a scaled conv
     # feeds, which cancels the scaling of every conv before a BatchNorm; the paper's code
     # does not repair.
     cfg = CFG.replace(model="resnet20")

@@ -573,7 +573,7 @@ def test_a_long_cell_prints_its_rounds_and_jobs_share_the_cpus(capsys, monkeypat
     assert grid.cell_workers(cfg.replace(workers=3), jobs=2).workers == 3  # the spec's own
 
 
-# -- published results and plots in words (issue 15) ----------------------------------------------
+# -- published results and plots in words ---------------------------------------------------------
 PUBLISHED = """
 [published]
 source = "A. Author (2022), Table 3, FedAvg"
@@ -710,7 +710,7 @@ def test_report_names_partitions_in_words_and_draws_seed_ranges_and_published(
 
 
 def test_the_regimes_presets_hold_their_regimes():
-    """Issue 15's regimes: (a) independently initialised clients, (b) long local training on
+    """The regimes: (a) independently initialised clients, (b) long local training on
     Dir(0.5) with 16 clients, (c) WSA's lambda grid 0.1..10 over >= 30 rounds on #C=2 and
     Dir(0.1); each with >= 3 seeds and FedAvg as the paired reference."""
     init, local, wsa = (load_spec(f"regimes-{n}") for n in ("init", "local", "wsa"))

@@ -1,4 +1,4 @@
-"""Command-line keys a command never reads are named in a warning (issue 16)."""
+"""Command-line keys a command never reads are named in a warning."""
 
 from __future__ import annotations
 

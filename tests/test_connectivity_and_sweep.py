@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from fedmerge.bench import grid, sweep, wsa_overhead
+from fedmerge.bench import grid, wsa_overhead
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.experiments.connectivity import (
@@ -214,14 +214,6 @@ def test_report_rebuilds_a_sweep_folder_as_the_sweep_computed_it(tmp_path):
     report = (out / "report.md").read_text()
     assert "Cells: 4 of 6 finished; **2 missing**" in report
     assert "| fedwsa-l1.0 | " in report and "35.00 ± 35.36" in report
-
-
-def test_the_sweep_runner_is_gone_and_names_its_replacement(capsys):
-    argv = ["specs/wsa.toml", "--out", "runs/wsa", "--jobs", "2", "--report-only"]
-    assert sweep.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.rstrip().endswith("fedmerge bench specs/wsa.toml --out runs/wsa --jobs 2 --report")
-    assert not hasattr(sweep, "run_sweep") and not hasattr(sweep, "write_report")
 
 
 def test_a_bad_sweep_spec_stops_fedmerge_bench_before_anything_runs(tmp_path, capsys):

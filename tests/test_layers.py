@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fedmerge"
 
-#: The library core (issue 16): data, partitions, models, permutations, matching, merging,
+#: The library core: data, partitions, models, permutations, matching, merging,
 #: NP Merge, scopes, training, and the small modules they share.
 CORE = (
     "datasets",
@@ -128,7 +128,7 @@ def test_no_import_circle_between_fedmerge_modules():
     assert not cycles, cycles
 
 
-#: The modules that hold the run-config's checks (issue 16: no validator imports a method).
+#: The modules that hold the run-config's checks (no validator imports a method).
 VALIDATORS = ("config", "config_values", "components", "options", "errors")
 #: Method modules: the code of the methods themselves.
 METHODS = ("fedmerge.matching", "fedmerge.merging", "fedmerge.npmerge", "fedmerge.scopes")

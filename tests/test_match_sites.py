@@ -1,4 +1,4 @@
-"""``match-sites``: the activation sites the data-based matchers read (issue 15, item 3).
+"""``match-sites``: the activation sites the data-based matchers read.
 
 ``all`` stacks every site of a unit space as extra samples of one correlation (fedmerge's
 behaviour before the option); ``last`` reads one site per space, the last declared one, which

@@ -507,7 +507,8 @@ def test_registered_models_weight_matching_beats_identity(name, norm):
 
 @pytest.mark.parametrize("matcher", ["weight", "dual"])
 def test_running_statistics_are_permuted_but_never_scored(matcher):
-    # Issue 15: BatchNorm running statistics entered Git Re-Basin's cost and MuDSC's S_w.
+    # BatchNorm running statistics describe data, not computation: the reference codes of
+    # Git Re-Basin and MuDSC keep them out of the cost and S_w, and so must we.
     from fedmerge.models import model_spec
 
     model = _registered("resnet20", "batch", seed=0)

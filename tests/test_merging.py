@@ -9,7 +9,6 @@ import torch
 
 from fedmerge.errors import ConfigError
 from fedmerge.merging import (
-    MERGES,
     REFERENCES,
     MatchReport,
     average,
@@ -138,10 +137,6 @@ def test_repair_is_a_copy_for_models_without_batchnorm():
     state = _state(model)
     out = repair_batchnorm(model, state, torch.empty(0, 3, 8, 8))
     assert _equal(out, state, 0) and all(out[k] is not state[k] for k in state)
-
-
-def test_the_registry_holds_pure_merge_functions():
-    assert set(MERGES) == {"average", "matched"}
 
 
 @pytest.mark.parametrize(("matcher", "repairs"), [("activation", 5), ("weight", 0)])

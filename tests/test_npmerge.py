@@ -140,7 +140,8 @@ def test_learning_lowers_the_proxy_loss_and_stays_between_the_endpoints(pair):
 
 
 def test_without_a_held_out_part_the_learned_coefficients_are_kept(pair):
-    # Issue 15: np-holdout = 0 restored the starting logits (the plain aligned average).
+    # With np-holdout = 0 nothing can choose the best epoch: the last coefficients must stay
+    # (not the starting logits, the plain aligned average).
     model, (a, b), x, y = pair
     b_aligned = _aligned(model, a, b)
     report = NPReport()
@@ -435,7 +436,7 @@ def test_fednpmerge_runs_end_to_end_on_the_local_engine(tmp_path, monkeypatch):
 
 
 def test_merge_experiment_gives_np_merge_the_np_keys(monkeypatch):
-    # Issue 15: `fedmerge merge-experiment np-holdout=0` ran NP Merge with NPOptions().
+    # `fedmerge merge-experiment np-holdout=0` must reach NP Merge (not NPOptions()' defaults).
     from fedmerge.config import RunConfig
     from fedmerge.experiments import one_shot as merge_experiment
 

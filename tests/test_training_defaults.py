@@ -51,8 +51,8 @@ def test_a_diverging_run_warns_and_names_lr(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_fashion_mnist_learns_with_the_defaults(tmp_path, shared_data_root):
-    # Issue 15: with digits' settings (lr 0.05, batch 16) this run diverged (10% after 3
-    # rounds); with NIID-Bench's, which Fashion-MNIST now gets by default, it learns.
+    # With digits' settings (lr 0.05, batch 16) this run diverges (10% after 3 rounds);
+    # with NIID-Bench's, Fashion-MNIST's defaults, it learns.
     cfg = RunConfig.from_mapping(
         {
             "dataset": "fashion-mnist",

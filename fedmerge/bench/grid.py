@@ -7,9 +7,8 @@
 The spec (a TOML file, or a preset: ``niid-bench``, ``quick``) is described in
 :mod:`fedmerge.bench.grid_spec`. Every cell is one local-engine simulation; every cell's
 run-config, strategy name, data files and partition are checked before the first cell starts.
-It is fedmerge's one grid runner: the former ``python -m fedmerge.bench.sweep`` wrote the same
-folders from the same specs, so the bench resumes them, and ``--report`` (the sweep's
-``--report-only``) rebuilds their report.
+It is fedmerge's one grid runner; folders written by the sweep runner of earlier versions have
+its layout, so the bench resumes them and ``--report`` rebuilds their report.
 
 The results folder (``--out``, default ``runs/bench-<spec name>``)::
 

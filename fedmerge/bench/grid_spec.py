@@ -23,14 +23,13 @@ A spec is a TOML file, or the name of a preset shipped in ``fedmerge/bench/prese
 Every cell is one (dataset, partition, variant, grid combination, seed). Its run-config is
 ``[base]`` overridden by the cell's dataset, partition, combination and variant keys; one key
 may come from ``[base]`` and one axis, never from two axes (the merge order never matters).
-The specs of the former sweep runner (``python -m fedmerge.bench.sweep``, removed: seeds,
-base, partitions, variants) are bench specs, and their folders the bench's (see
+Specs without a dataset axis and without ``[grid]`` (seeds, base, partitions, variants: the
+sweep runner's of earlier versions) are bench specs too, and their folders the bench's (see
 :attr:`Cell.path`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import itertools
 import logging
@@ -190,12 +189,6 @@ class BenchSpec:
         values = self.published.values
         table = values.get(dataset_label, values.get(dataset_name, {}))
         return table.get(partition)
-
-    def replace_overrides(self, overrides: Mapping[str, Any]) -> BenchSpec:
-        """A copy whose cells all take ``overrides`` (validated again)."""
-        spec = dataclasses.replace(self, overrides=dict(overrides))
-        spec.validate()
-        return spec
 
     def validate(self) -> None:
         """Build every cell's run-config and check its strategy against the registry."""

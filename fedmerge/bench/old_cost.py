@@ -1,8 +1,8 @@
-"""The one-shot merge experiment with extra rows scored by the pre-issue-15 matching cost.
+"""The one-shot merge experiment with extra rows whose matching cost scores BatchNorm statistics.
 
     python -m fedmerge.bench.old_cost [fedmerge merge-experiment arguments]
 
-Until issue 15, BatchNorm running means and variances counted in the weight-space matching
+In earlier versions, BatchNorm running means and variances counted in the weight-space matching
 cost (Git Re-Basin's, MuDSC's ``S_weight``) as if they were weights. This runs
 ``fedmerge merge-experiment`` with the same arguments and adds, on the *same* trained pairs,
 the weight-matching, dual (every ``--betas`` value) and ``beta=auto`` rows with that old cost

@@ -47,7 +47,7 @@ def _permuted_except(
 
 #: State entries that are permuted but never scored: BatchNorm's running statistics. They
 #: describe the data a model saw, not what it computes; Git Re-Basin's and MuDSC's reference
-#: code leave them out of the similarity too (issue 15: scoring them changed 84-100% of the
+#: code leave them out of the similarity too (scoring them changed 84-100% of the
 #: assignments of a digits ResNet-20 pair).
 UNSCORED_ENTRIES = ("running_mean", "running_var")
 

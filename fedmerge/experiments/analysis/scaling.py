@@ -44,8 +44,8 @@ def scaling_rows(
 
     As in the paper's code, the averages are not BatchNorm-repaired by default: repairing
     after scaling recomputes the statistics a scaled convolution feeds, which cancels the
-    scaling for every convolution followed by BatchNorm (issue 15). ``repair=True``
-    (``--repair``) recomputes them on the proxy slice, as this probe did before.
+    scaling for every convolution followed by BatchNorm. ``repair=True``
+    (``--repair``) recomputes them on the proxy slice.
 
     Parameters
     ----------
