@@ -132,6 +132,7 @@ def align_one(
     seed: int = 0,
     max_sweeps: int = 100,
     sites: str = "all",
+    similarities: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     """``state`` with its units permuted to match ``target``'s, and the fraction moved
     (parameters as :func:`fedmerge.matching.match`)."""
@@ -148,8 +149,41 @@ def align_one(
         seed=seed,
         max_sweeps=max_sweeps,
         sites=sites,
+        similarities=similarities,
     )
     return apply_permutations(spec, perms, state), _fraction_moved(perms)
+
+
+#: Bytes of client models held at once while their activations are read in one pass.
+_READ_BYTES = 2**30
+
+
+def activation_similarities_of(
+    spec: PermutationSpec,
+    model: nn.Module,
+    target: State,
+    states: Sequence[State],
+    inputs: Tensor,
+    *,
+    sites: str = "all",
+) -> list[dict[str, Tensor]]:
+    """The activation similarities of every state against ``target`` (as
+    :func:`fedmerge.matching.activation_similarities`): the target's forward pass over
+    ``inputs`` is shared by as many client models as fit in 1 GiB at once."""
+    from .matching import activation_similarities  # local: SciPy's import only when matching
+
+    def loaded(state: State) -> nn.Module:
+        copied = copy.deepcopy(model)
+        copied.load_state_dict(state)
+        return copied.eval()
+
+    size = max(sum(t.numel() * t.element_size() for t in target.values()), 1)
+    chunk = max(1, min(len(states), _READ_BYTES // size))
+    reference, out = loaded(target), []
+    for start in range(0, len(states), chunk):
+        others = [loaded(s) for s in states[start : start + chunk]]
+        out.extend(activation_similarities(spec, reference, others, inputs, sites=sites))
+    return out
 
 
 def align_models(
@@ -168,6 +202,7 @@ def align_models(
     max_sweeps: int = 100,
     sites: str = "all",
     reset_batchnorm: bool = True,
+    similarities: Sequence[Mapping[str, Tensor]] | None = None,
     report: MatchReport | None = None,
 ) -> list[dict[str, Tensor]]:
     """Every model aligned to the ``mode`` reference (the alignment of :func:`matched_average`).
@@ -188,33 +223,38 @@ def align_models(
     else:
         target = states[max(range(len(states)), key=lambda k: w[k])]
     report = report if report is not None else MatchReport()
-    reads_data = matcher != "weight" and model is not None and inputs is not None
-    if reset_batchnorm and reads_data and model is not None and has_batchnorm(model):
-        # As MuDSC's code does for every model it merges: BatchNorm statistics recomputed on
-        # the data the activations are read on, so that each model's activations are read
-        # through statistics of that data, not of its own client's (the merge is repaired
-        # on the same data afterwards anyway).
-        assert inputs is not None
-        states = [repair_batchnorm(model, s, inputs) for s in states]
-        target = repair_batchnorm(model, target, inputs)
+    reads = matcher == "activation" or (matcher == "dual" and float(beta) < 1.0)
+    reads = reads and model is not None and inputs is not None
+    bn = model is not None and has_batchnorm(model)
     if mode == "barycenter":
         iterations = max(iterations, BARYCENTER_PASSES)
+    readers: list[State] | None = None  # the clients as their activations are read
     aligned: list[dict[str, Tensor]] = []
     for it in range(iterations):
         if it:
             target = average(aligned, w, reference=reference)
-            if (
-                matcher != "weight"
-                and model is not None
-                and inputs is not None
-                and has_batchnorm(model)
-            ):
-                # Averaged running statistics belong to no model: the data-based matchers
-                # would read the target's activations through wrong BatchNorm statistics.
-                target = repair_batchnorm(model, target, inputs)
         start = time.perf_counter()
+        sims: Sequence[Mapping[str, Tensor]] | None = None
+        if reads and it == 0 and similarities is not None:
+            sims = similarities  # computed by the caller for this pass's target
+        elif reads:
+            assert model is not None and inputs is not None
+            reader = target
+            if bn and (reset_batchnorm or it):
+                # As MuDSC's code does for every model it merges, every model's BatchNorm
+                # statistics are recomputed on the inputs its activations are read on (the
+                # clients' once, the target's each pass); an averaged target's statistics
+                # belong to no model and are recomputed even without reset_batchnorm.
+                if readers is None:
+                    readers = [
+                        repair_batchnorm(model, s, inputs) if reset_batchnorm else s for s in states
+                    ]
+                reader = repair_batchnorm(model, target, inputs)
+            sims = activation_similarities_of(
+                spec, model, reader, readers or states, inputs, sites=sites
+            )
         aligned = []
-        for state in states:
+        for k, state in enumerate(states):
             out, moved = align_one(
                 spec,
                 matcher,
@@ -226,6 +266,7 @@ def align_models(
                 seed=seed,
                 max_sweeps=max_sweeps,
                 sites=sites,
+                similarities=None if sims is None else sims[k],
             )
             report._moved.append(moved)
             aligned.append(out)
@@ -251,6 +292,7 @@ def matched_average(
     max_sweeps: int = 100,
     sites: str = "all",
     reset_batchnorm: bool = True,
+    similarities: Sequence[Mapping[str, Tensor]] | None = None,
     report: MatchReport | None = None,
 ) -> dict[str, Tensor]:
     """Align every model to a reference with ``matcher``, then take the weighted average.
@@ -290,6 +332,11 @@ def matched_average(
         Data-based matchers on a model with BatchNorm: recompute every model's running
         statistics on ``inputs`` before reading its activations (MuDSC's code does); False
         reads them through each model's own statistics.
+    similarities : sequence of mapping, optional
+        Per model, its activation similarities against the first pass's reference, already
+        computed (:func:`activation_similarities_of` on the models as they are read): the
+        first pass uses them instead of running the models (e.g. for every candidate of
+        :func:`select_beta`).
     report : MatchReport, optional
         Filled with timing and how many units moved.
 
@@ -314,6 +361,7 @@ def matched_average(
         max_sweeps=max_sweeps,
         sites=sites,
         reset_batchnorm=reset_batchnorm,
+        similarities=similarities,
         report=report,
     )
     return average(aligned, w, reference=reference if reference is not None else states[0])
@@ -447,6 +495,18 @@ def select_beta(
     losses: dict[float, float] = {}
     accuracies: dict[float, float] = {}
     merges: dict[float, tuple[dict[str, Tensor], MatchReport]] = {}
+    # The activations do not depend on beta: read once, shared by every candidate.
+    w = normalise_weights(weights, len(states))
+    if mode == "global" and reference is None:
+        raise ValueError("match-reference=global needs the global model as `reference`")
+    first = reference if mode == "global" else states[max(range(len(states)), key=lambda k: w[k])]
+    assert first is not None
+    bn = reset_batchnorm and has_batchnorm(model)
+    readers = [repair_batchnorm(model, s, inputs) for s in states] if bn else list(states)
+    read_first = repair_batchnorm(model, first, inputs) if bn else first
+    start = time.perf_counter()
+    sims = activation_similarities_of(spec, model, read_first, readers, inputs, sites=sites)
+    reading = time.perf_counter() - start
     for beta in grid:
         report = MatchReport()
         merged = matched_average(
@@ -464,6 +524,7 @@ def select_beta(
             max_sweeps=max_sweeps,
             sites=sites,
             reset_batchnorm=reset_batchnorm,
+            similarities=sims,
             report=report,
         )
         if bn_repair:
@@ -477,5 +538,5 @@ def select_beta(
         best = min(order, key=lambda b: (-accuracies[b], order.index(b)))
     else:
         best = min(order, key=lambda b: (losses[b], order.index(b)))
-    seconds = sum(r.seconds for _, r in merges.values())
+    seconds = reading + sum(r.seconds for _, r in merges.values())
     return BetaChoice(best, losses, accuracies, *merges[best], seconds)

@@ -63,13 +63,20 @@ Everything is pure PyTorch/NumPy/SciPy: no Flower. Permutations are returned on 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
 from ..errors import unknown_name
 from ..permutations import Permutations, PermutationSpec, State
-from .activations import _check_sites, activation_matching, selected_sites
+from .activations import (
+    _check_sites,
+    _solve_independently,
+    activation_matching,
+    activation_permutations,
+    activation_similarities,
+    selected_sites,
+)
 from .correlation import pearson_correlation
 from .dual import _check_beta, _dual, dual_matching
 from .weights import _check_sweeps, weight_matching, weight_objective
@@ -77,6 +84,8 @@ from .weights import _check_sweeps, weight_matching, weight_objective
 __all__ = [
     "MATCHERS",
     "activation_matching",
+    "activation_permutations",
+    "activation_similarities",
     "dual_matching",
     "match",
     "pearson_correlation",
@@ -117,6 +126,7 @@ def match(
     seed: int = 0,
     max_sweeps: int = 100,
     sites: str = "all",
+    similarities: Mapping[str, Tensor] | None = None,
 ) -> Permutations:
     """Align ``other_state`` to ``reference_state`` with the matcher called ``name``.
 
@@ -142,6 +152,11 @@ def match(
     sites : {"all", "last"}, default "all"
         Activation sites read (``activation``, ``dual`` with ``beta < 1``): every site of a
         permutation, or only its last (:func:`selected_sites`); checked for every matcher.
+    similarities : mapping of str to Tensor, optional
+        The activation similarities of ``other_state`` against ``reference_state``, already
+        computed (:func:`activation_similarities`, e.g. for many models in one pass over the
+        inputs): ``activation`` and ``dual`` use them instead of running the models, and then
+        need neither ``model`` nor ``inputs``.
 
     Returns
     -------
@@ -171,6 +186,22 @@ def match(
             other_state,
             None,
             beta=1.0,
+            max_sweeps=max_sweeps,
+            patience=5,
+            seed=seed,
+        )
+    if similarities is not None:
+        if name == "activation":
+            return activation_permutations(spec, similarities)
+        if beta == 0.0:
+            return _solve_independently(spec, similarities)
+        _check_sweeps(max_sweeps)
+        return _dual(
+            spec,
+            reference_state,
+            other_state,
+            similarities,
+            beta=beta,
             max_sweeps=max_sweeps,
             patience=5,
             seed=seed,

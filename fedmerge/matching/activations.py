@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -116,16 +116,21 @@ def _record(model: nn.Module, batch: Tensor, sites: list[Site]) -> list[Tensor]:
     return [outputs[k] for k in range(len(sites))]
 
 
-def _activation_correlations(
+def activation_similarities(
     spec: PermutationSpec,
     reference: nn.Module,
-    other: nn.Module,
+    others: Sequence[nn.Module],
     inputs: Tensor,
-    batch_size: int,
+    batch_size: int = 256,
     sites: str = "all",
-) -> dict[str, Tensor]:
-    """MuDSC ``S_act`` / Git Re-Basin's activation cost of every permutation (float64), read
-    at the sites :func:`selected_sites` picks."""
+) -> list[dict[str, Tensor]]:
+    """MuDSC ``S_act`` / Git Re-Basin's activation cost of every permutation (float64) of each
+    model of ``others`` against ``reference``, read at the sites :func:`selected_sites` picks.
+
+    One pass over ``inputs``: each batch runs through ``reference`` once and through every
+    model of ``others``, so the reference's forward pass is shared by all of them (the result
+    for each is the same, to the bit, as with ``others`` of one model).
+    """
     chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
     no_sites = [name for name, group in spec.perms.items() if not group.sites]
     if no_sites and len(no_sites) == len(spec.perms):
@@ -143,29 +148,49 @@ def _activation_correlations(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     owners = [(name, site) for name in spec.perms for site in chosen[name]]
     read = [site for _, site in owners]
-    post = {name: _PearsonSums() for name in spec.perms}
+    post = [{name: _PearsonSums() for name in spec.perms} for _ in others]
     # Pre-ReLU correlations, only to tell apart units that are dead on every input.
-    pre = {n: _PearsonSums() for n in spec.perms if any(s.relu for s in chosen[n])}
-    with torch.no_grad(), _evaluating(reference, other), python_attention():
+    relu = [n for n in spec.perms if any(s.relu for s in chosen[n])]
+    pre = [{n: _PearsonSums() for n in relu} for _ in others]
+    with torch.no_grad(), _evaluating(reference, *others), python_attention():
         for batch in inputs.split(batch_size):
             # One forward pass per model and batch records every site of every permutation.
-            ref_out = _record(reference, batch, read)
-            other_out = _record(other, batch, read)
-            for (name, site), a, b in zip(owners, ref_out, other_out, strict=True):
-                size = spec.perms[name].size
-                a, b = _unit_samples(a, site, size), _unit_samples(b, site, size)
-                if name in pre:
-                    pre[name].update(a, b)
-                if site.relu:
-                    a, b = F.relu(a), F.relu(b)
-                post[name].update(a, b)
-    scores = {
-        name: sums.correlation() if chosen[name] else _zeros(spec.perms[name].size)
-        for name, sums in post.items()
-    }
-    for name, sums in pre.items():
-        scores[name] += _TIE_BREAK * sums.correlation()
-    return scores
+            ref_out = [
+                _unit_samples(a, site, spec.perms[name].size)
+                for (name, site), a in zip(owners, _record(reference, batch, read), strict=True)
+            ]
+            for k, other in enumerate(others):
+                other_out = _record(other, batch, read)
+                for (name, site), a, b in zip(owners, ref_out, other_out, strict=True):
+                    b = _unit_samples(b, site, spec.perms[name].size)
+                    if name in pre[k]:
+                        pre[k][name].update(a, b)
+                    if site.relu:
+                        post[k][name].update(F.relu(a), F.relu(b))
+                    else:
+                        post[k][name].update(a, b)
+    out = []
+    for k in range(len(others)):
+        scores = {
+            name: sums.correlation() if chosen[name] else _zeros(spec.perms[name].size)
+            for name, sums in post[k].items()
+        }
+        for name, sums in pre[k].items():
+            scores[name] += _TIE_BREAK * sums.correlation()
+        out.append(scores)
+    return out
+
+
+def _activation_correlations(
+    spec: PermutationSpec,
+    reference: nn.Module,
+    other: nn.Module,
+    inputs: Tensor,
+    batch_size: int,
+    sites: str = "all",
+) -> dict[str, Tensor]:
+    """:func:`activation_similarities` of one model."""
+    return activation_similarities(spec, reference, [other], inputs, batch_size, sites)[0]
 
 
 def _zeros(size: int) -> Tensor:
@@ -223,9 +248,15 @@ def activation_matching(
     ConfigError
         (key ``match-sites``) for an unknown ``sites``.
     """
-    perms = _solve_independently(
+    return activation_permutations(
         spec, _activation_correlations(spec, reference, other, inputs, batch_size, sites)
     )
+
+
+def activation_permutations(spec: PermutationSpec, scores: Mapping[str, Tensor]) -> Permutations:
+    """Activation matching's permutations from its similarities (:func:`activation_similarities`):
+    one assignment per family; families without activation sites stay in place."""
+    perms = _solve_independently(spec, scores)
     for family in _families(spec):
         if not any(spec.perms[name].sites for name in family):
             perms.update({name: torch.arange(spec.perms[name].size) for name in family})
