@@ -22,7 +22,7 @@ from fedmerge.matching import (
     weight_objective,
 )
 from fedmerge.matching.assignment import _solve_family
-from fedmerge.matching.correlation import _PearsonSums
+from fedmerge.matching.correlation import _PearsonMany, _PearsonSums
 from fedmerge.models import MODELS, NORMS, build_model
 from fedmerge.permutations import (
     Axis,
@@ -560,3 +560,24 @@ def test_a_shared_reference_pass_gives_each_clients_own_assignment(name, matcher
         alone = match(matcher, spec, read_ref, read, model=model, inputs=inputs, beta=beta)
         expected = apply_permutations(spec, alone, state)
         assert all(torch.equal(aligned[k], expected[k]) for k in expected)
+
+
+def test_many_pairs_sharing_one_side_are_each_pairs_own_sums_to_the_bit():
+    # The reference's side is converted and summed once for every model; each correlation must
+    # be what a _PearsonSums of that pair alone gives (two sites a batch, three batches).
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        [(torch.randn(6, 40, generator=g), [torch.randn(6, 40, generator=g) for _ in range(3)])
+         for _site in range(2)]
+        for _batch in range(3)
+    ]  # fmt: skip
+    many = _PearsonMany(3)
+    alone = [_PearsonSums() for _ in range(3)]
+    for batch in batches:
+        many.next_batch()
+        for k in range(3):
+            for site, (x, ys) in enumerate(batch):
+                many.update(k, site, x, ys[k])
+                alone[k].update(x, ys[k])
+    for k in range(3):
+        assert torch.equal(many.correlation(k), alone[k].correlation())

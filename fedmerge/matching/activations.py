@@ -20,7 +20,7 @@ from ..permutations import (
 )
 from ..spec_inference.check import python_attention
 from .assignment import _families, _solve_family
-from .correlation import _PearsonSums
+from .correlation import _PearsonMany
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,12 @@ def activation_similarities(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     owners = [(name, site) for name in spec.perms for site in chosen[name]]
     read = [site for _, site in owners]
-    post = [{name: _PearsonSums() for name in spec.perms} for _ in others]
+    # Per permutation, the reference's side of every correlation is summed once for all the
+    # models (_PearsonMany), and its activations are read once per batch.
+    post = {name: _PearsonMany(len(others)) for name in spec.perms}
     # Pre-ReLU correlations, only to tell apart units that are dead on every input.
     relu = [n for n in spec.perms if any(s.relu for s in chosen[n])]
-    pre = [{n: _PearsonSums() for n in relu} for _ in others]
+    pre = {n: _PearsonMany(len(others)) for n in relu}
     with torch.no_grad(), _evaluating(reference, *others), python_attention():
         for batch in inputs.split(batch_size):
             # One forward pass per model and batch records every site of every permutation.
@@ -159,24 +161,26 @@ def activation_similarities(
                 _unit_samples(a, site, spec.perms[name].size)
                 for (name, site), a in zip(owners, _record(reference, batch, read), strict=True)
             ]
+            ref_relu = [
+                F.relu(a) if site.relu else a for (_, site), a in zip(owners, ref_out, strict=True)
+            ]
+            for sums in (*post.values(), *pre.values()):
+                sums.next_batch()
             for k, other in enumerate(others):
                 other_out = _record(other, batch, read)
-                for (name, site), a, b in zip(owners, ref_out, other_out, strict=True):
+                for i, ((name, site), b) in enumerate(zip(owners, other_out, strict=True)):
                     b = _unit_samples(b, site, spec.perms[name].size)
-                    if name in pre[k]:
-                        pre[k][name].update(a, b)
-                    if site.relu:
-                        post[k][name].update(F.relu(a), F.relu(b))
-                    else:
-                        post[k][name].update(a, b)
+                    if name in pre:
+                        pre[name].update(k, i, ref_out[i], b)
+                    post[name].update(k, i, ref_relu[i], F.relu(b) if site.relu else b)
     out = []
     for k in range(len(others)):
         scores = {
-            name: sums.correlation() if chosen[name] else _zeros(spec.perms[name].size)
-            for name, sums in post[k].items()
+            name: sums.correlation(k) if chosen[name] else _zeros(spec.perms[name].size)
+            for name, sums in post.items()
         }
-        for name, sums in pre[k].items():
-            scores[name] += _TIE_BREAK * sums.correlation()
+        for name, sums in pre.items():
+            scores[name] += _TIE_BREAK * sums.correlation(k)
         out.append(scores)
     return out
 

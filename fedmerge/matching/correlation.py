@@ -62,6 +62,66 @@ class _PearsonSums:
         return corr.clamp(-1.0, 1.0)
 
 
+class _Side:
+    """Streaming float64 sums of one set of units (rows), shifted by their first sample."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, v: Tensor) -> Tensor:
+        """Add ``(units, samples)``; returns the shifted float64 samples (for the cross sums)."""
+        v = v.detach()
+        if self.count == 0:
+            self.shift = v[:, :1].clone()
+            self.s = v.new_zeros(v.shape[0], dtype=torch.float64)
+            self.ss = torch.zeros_like(self.s)
+        v = (v - self.shift).to(torch.float64)
+        self.count += v.shape[1]
+        self.s += v.sum(1)
+        self.ss += torch.linalg.vector_norm(v, dim=1).square()
+        return v
+
+
+class _PearsonMany:
+    """The Pearson correlations of one set of units ``x`` against several ``y_k`` on the same
+    samples, the ``x`` side converted and summed once: exactly :class:`_PearsonSums` of each
+    pair (the same operations on the same values in the same order).
+
+    ``update(k, key, x, y)``: samples of ``x`` and of ``y_k``; ``key`` names where ``x`` came
+    from in this batch (a site), so that the ``x`` side is added once per key and batch,
+    whichever ``k`` comes first. :meth:`next_batch` between batches.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.x, self.ys = _Side(), [_Side() for _ in range(k)]
+        self.sxy: list[Tensor | None] = [None] * k
+        self._shifted: dict[object, Tensor] = {}
+
+    def next_batch(self) -> None:
+        self._shifted.clear()
+
+    def update(self, k: int, key: object, x: Tensor, y: Tensor) -> None:
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"{x.shape[1]} samples of x but {y.shape[1]} of y")
+        if key not in self._shifted:
+            self._shifted[key] = self.x.add(x)
+        xs = self._shifted[key]
+        ys = self.ys[k].add(y.to(xs.device))
+        cross = xs @ ys.T
+        current = self.sxy[k]
+        self.sxy[k] = cross if current is None else current.add_(cross)
+
+    def correlation(self, k: int) -> Tensor:
+        """The ``(units_x, units_y_k)`` correlation matrix, as :meth:`_PearsonSums.correlation`."""
+        x, y, sxy = self.x, self.ys[k], self.sxy[k]
+        if sxy is None:
+            raise ValueError("no samples to correlate")
+        sums = _PearsonSums()
+        sums.count, sums.sx, sums.sxx = x.count, x.s, x.ss
+        sums.sy, sums.syy, sums.sxy = y.s, y.ss, sxy
+        return sums.correlation()
+
+
 def pearson_correlation(x: Tensor, y: Tensor) -> Tensor:
     """Pearson correlation between the columns of ``x`` and the columns of ``y``.
 
