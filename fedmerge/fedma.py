@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .matching.bbp import bbp_map
 from .models import model_spec
 from .options import FedMAOptions
-from .permutations import Axis, PermutationSpec, axis_index, check_spec
+from .permutations import Axis, PermutationSpec, State, axis_index, check_spec
 
 __all__ = [
     "ChainLayer",
@@ -61,7 +61,6 @@ __all__ = [
     "spec_at",
 ]
 
-State = Mapping[str, Tensor]
 _STATISTICS = ("running_mean", "running_var")
 
 

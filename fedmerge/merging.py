@@ -38,11 +38,10 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, unknown_name
 from .options import BETA_CRITERIA, REFERENCES  # the names live with MatchOptions
-from .permutations import PermutationSpec, apply_permutations
+from .permutations import PermutationSpec, State, apply_permutations
 
 log = logging.getLogger(__name__)
 
-State = Mapping[str, Tensor]
 #: ``merge(states, weights, *, reference) -> state``.
 MergeFn = Callable[..., dict[str, Tensor]]
 

@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 State = Mapping[str, Tensor]
+#: A state dict a function builds and hands over (its caller may change it).
+StateDict = dict[str, Tensor]
 Permutations = dict[str, Tensor]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from logging import INFO
 from typing import Any
 
@@ -25,10 +25,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedmerge.permutations import State
+
 from .merges import MergeFn, fedavg_average
 from .validation import client_states
-
-State = Mapping[str, torch.Tensor]
 
 
 def _takes_seed(merge: MergeFn) -> bool:

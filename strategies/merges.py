@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from fedmerge.models import model_spec
 from fedmerge.npmerge import Alignment, NPOptions, NPReport, np_merge
 from fedmerge.npmerge.finetune import fine_tune_like_np
 from fedmerge.options import FineTuneOptions, MatchOptions
-from fedmerge.permutations import PermutationSpec
+from fedmerge.permutations import PermutationSpec, State
 from fedmerge.proxy import Proxy, ProxyLike, as_proxy
 from fedmerge.training import train
 
@@ -51,7 +51,6 @@ __all__ = [
     "fedavg_average",
 ]
 
-State = Mapping[str, Tensor]
 Report = dict[str, float]
 #: ``merge(states, weights, reference, *, seed) -> (merged, report)``.
 MergeFn = Callable[..., tuple[dict[str, Tensor], Report] | dict[str, Tensor]]

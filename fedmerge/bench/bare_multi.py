@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-State = dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]  # its own: the bare baseline imports nothing of fedmerge
 
 
 def train_clients(
     model: nn.Module,
-    global_state: State,
+    global_state: StateDict,
     shards: Sequence[tuple[torch.Tensor, torch.Tensor]],
     seeds: Sequence[int],
     *,
@@ -38,7 +38,7 @@ def train_clients(
     momentum: float,
     weight_decay: float,
     sync: Callable[[], None] = lambda: None,
-) -> tuple[list[State], float]:
+) -> tuple[list[StateDict], float]:
     """Train each shard from ``global_state`` with ``torch.optim.SGD``; (states, loop seconds).
 
     ``sync`` waits for the device (CUDA) before a loop's time is taken.
@@ -67,7 +67,7 @@ def train_clients(
     return states, loop
 
 
-def average(states: Sequence[State], sizes: Sequence[int], reference: State) -> State:
+def average(states: Sequence[StateDict], sizes: Sequence[int], reference: StateDict) -> StateDict:
     """FedAvg of ``states`` weighted by ``sizes``; integer buffers taken from the first."""
     total = sum(sizes)
     out = {}
@@ -93,7 +93,7 @@ def _process_main(conn: Connection, model: nn.Module, shards: list, options: dic
 
 def measure_bare_processes(
     model: nn.Module,
-    initial_state: State,
+    initial_state: StateDict,
     shards: Sequence[tuple[torch.Tensor, torch.Tensor]],
     seeds_per_round: Sequence[Sequence[int]],
     processes: int,
@@ -125,7 +125,7 @@ def measure_bare_processes(
             start = time.perf_counter()
             for conn, share in zip(conns, shares, strict=True):
                 conn.send((global_state, [seeds[i] for i in share]))
-            states: list[State | None] = [None] * len(shards)
+            states: list[StateDict | None] = [None] * len(shards)
             slowest = 0.0
             for conn, share in zip(conns, shares, strict=True):
                 got, loop = conn.recv()

@@ -24,17 +24,17 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from ..experiments import one_shot
-from ..experiments.one_shot import MergeSite, State
+from ..experiments.one_shot import MergeSite, StateDict
 
 #: The grid ``match-beta = auto`` tried before it followed MuDSC's code.
 EARLIER_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 OWN = " (own BN stats)"
 
 
-def earlier_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], State]]:
+def earlier_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], StateDict]]:
     """The rows as fedmerge matched before (see the module docstring)."""
     average = one_shot._aligned_average
-    rows: dict[str, Callable[[MergeSite], State]] = {
+    rows: dict[str, Callable[[MergeSite], StateDict]] = {
         "activation matching" + OWN: partial(average, matcher="activation", reset_batchnorm=False)
     }
     for beta in betas:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from ..experiments import one_shot
-from ..experiments.one_shot import MergeSite, State
+from ..experiments.one_shot import MergeSite, StateDict
 from ..matching import weights
 
 OLD = " (old cost)"
@@ -34,15 +34,15 @@ def old_cost() -> Iterator[None]:
         weights.scored = current
 
 
-def _with_old_cost(method: Callable[[MergeSite], State]) -> Callable[[MergeSite], State]:
-    def run(site: MergeSite) -> State:
+def _with_old_cost(method: Callable[[MergeSite], StateDict]) -> Callable[[MergeSite], StateDict]:
+    def run(site: MergeSite) -> StateDict:
         with old_cost():
             return method(site)
 
     return run
 
 
-def old_cost_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], State]]:
+def old_cost_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], StateDict]]:
     """The rows whose merge reads the weight-space cost, each run with the old cost."""
     rows = one_shot.merge_methods(betas)
     names = ["weight matching", *(f"dual (MuDSC) beta={b:g}" for b in betas)]

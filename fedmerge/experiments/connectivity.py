@@ -18,7 +18,7 @@ B's function is unchanged by the alignment, so both paths share their end points
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..merging import has_batchnorm, reset_batchnorm_stats
+from ..permutations import State
 from ..scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
 from ..training import evaluate, train
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-State = Mapping[str, torch.Tensor]
 
 #: Training inputs the data-based matchers (activation, dual) read.
 MATCH_SAMPLES = 2000

@@ -43,15 +43,13 @@ from ..matching import match
 from ..merging import BETA_GRID, average, has_batchnorm, repair_batchnorm
 from ..models import model_spec
 from ..npmerge import Alignment, NPOptions, np_merge
-from ..permutations import PermutationSpec, apply_permutations
+from ..permutations import PermutationSpec, StateDict, apply_permutations
 from ..training import resolve_device, train
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
 log = logging.getLogger(__name__)
-
-State = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -60,8 +58,8 @@ class MergeSite:
     the activation sites the data-based matchers read (``match-sites``)."""
 
     model: nn.Module
-    a: State
-    b: State
+    a: StateDict
+    b: StateDict
     x: Tensor
     y: Tensor
     seed: int
@@ -74,7 +72,7 @@ class MergeSite:
 
 
 #: Extra one-shot rows: name -> ``fn(site) -> merged state`` (NP Merge registers here).
-EXTRA_METHODS: dict[str, Callable[[MergeSite], State]] = {}
+EXTRA_METHODS: dict[str, Callable[[MergeSite], StateDict]] = {}
 
 
 def class_halves(y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -94,13 +92,13 @@ def merge_site_indices(y: Tensor, num_classes: int, size: int, seed: int) -> np.
     return np.sort(np.concatenate(picks))
 
 
-def _cpu(state: dict[str, Tensor]) -> State:
+def _cpu(state: dict[str, Tensor]) -> StateDict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def _aligned_average(
     site: MergeSite, matcher: str, beta: float = 0.5, *, reset_batchnorm: bool = True
-) -> State:
+) -> StateDict:
     """B aligned to A by ``matcher``, then averaged with A. The data-based matchers read both
     models' activations through BatchNorm statistics recomputed on the merge-site inputs (as
     MuDSC's code does), unless ``reset_batchnorm`` is False (each model's own statistics)."""
@@ -124,16 +122,16 @@ def _aligned_average(
 
 def merge_methods(
     betas: Sequence[float], np_options: NPOptions | None = None
-) -> dict[str, Callable[[MergeSite], State]]:
+) -> dict[str, Callable[[MergeSite], StateDict]]:
     """The weight-space merges of the table, in row order (NP Merge with ``np_options``)."""
-    methods: dict[str, Callable[[MergeSite], State]] = {
+    methods: dict[str, Callable[[MergeSite], StateDict]] = {
         "plain average": lambda s: average([s.a, s.b], reference=s.a),
         "weight matching": lambda s: _aligned_average(s, "weight"),
         "activation matching": lambda s: _aligned_average(s, "activation"),
     }
     for beta in betas:
 
-        def dual_row(site: MergeSite, b: float = beta) -> State:
+        def dual_row(site: MergeSite, b: float = beta) -> StateDict:
             return _aligned_average(site, "dual", b)
 
         methods[f"dual (MuDSC) beta={beta:g}"] = dual_row
@@ -142,7 +140,7 @@ def merge_methods(
     # fine-tuning of the weight-matched average on the same labelled slice.
     options = np_options if np_options is not None else NPOptions()
 
-    def np_row(site: MergeSite) -> State:
+    def np_row(site: MergeSite) -> StateDict:
         return np_merge_site(site, options=options)
 
     methods["NP Merge (weight-aligned)"] = np_row
@@ -157,7 +155,7 @@ def _auto_beta_average(
     grid: Sequence[float] = BETA_GRID,
     criterion: str = "accuracy",
     reset_batchnorm: bool = True,
-) -> State:
+) -> StateDict:
     """The dual-matched average at the beta of MuDSC's grid (0.9 .. 0.1) with the highest
     merge-site accuracy, MuDSC's criterion (it reads the merge-site labels, as NP Merge does);
     the chosen candidate's merge itself, not matched again."""
@@ -182,7 +180,7 @@ def _auto_beta_average(
     return _cpu(choice.merged)
 
 
-def _fine_tuned_matched_average(site: MergeSite) -> State:
+def _fine_tuned_matched_average(site: MergeSite) -> StateDict:
     """The weight-matched average, fine-tuned with SGD on the merge-site data (10 epochs)."""
     model = copy.deepcopy(site.model)
     model.load_state_dict(_aligned_average(site, "weight"))
@@ -202,7 +200,7 @@ class _LogitMean(nn.Module):
 
 
 def _ensemble_accuracy(
-    model: nn.Module, a: State, b: State, x: Tensor, y: Tensor, device: torch.device
+    model: nn.Module, a: StateDict, b: StateDict, x: Tensor, y: Tensor, device: torch.device
 ) -> float:
     ensemble = _LogitMean(_loaded(model, a, device), _loaded(model, b, device))
     return float(_correct(ensemble, x, y, 1024).double().mean())
@@ -220,7 +218,7 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
     return torch.cat(hits)
 
 
-def _loaded(template: nn.Module, state: State, device: torch.device) -> nn.Module:
+def _loaded(template: nn.Module, state: StateDict, device: torch.device) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -284,7 +282,7 @@ def one_shot_pair(
     x_test, y_test = data.x_test, data.y_test
     test_first, _ = class_halves(y_test, data.num_classes)
 
-    def score(name: str, state: State, seconds: float) -> dict[str, Any]:
+    def score(name: str, state: StateDict, seconds: float) -> dict[str, Any]:
         # One pass over the test set; the per-half accuracies come from the same predictions.
         hits = _correct(_loaded(template, state, device), x_test, y_test, cfg.eval_batch_size)
         acc = float(hits.double().mean())

@@ -54,7 +54,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
-from ..permutations import PermutationSpec
+from ..permutations import PermutationSpec, State
 from .fusion import fuse
 from .learning import _loss, _repaired_buffers, _set_mode, learn_coefficients
 from .options import NPOptions, NPReport
@@ -88,8 +88,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-State = Mapping[str, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------

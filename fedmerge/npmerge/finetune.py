@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..permutations import State
 from ..training import batches as training_batches
 from .fusion import _Adam
 from .learning import _set_mode, _split
 from .options import _EVAL_BATCH, NPOptions
 
 __all__ = ["FineTuneReport", "fine_tune_like_np"]
-
-State = Mapping[str, Tensor]
 
 
 @dataclass

@@ -11,9 +11,7 @@ from torch import Tensor
 from ..merging import (
     average,
 )
-
-State = Mapping[str, Tensor]
-
+from ..permutations import State
 
 # ---------------------------------------------------------------------------------------------
 # The fused parameters as a function of the logits

@@ -17,11 +17,10 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
+from ..permutations import State
 from ..training import batches as training_batches
 from .fusion import _Adam, _Fusion, _nbytes
 from .options import _EVAL_BATCH, NPOptions, NPReport
-
-State = Mapping[str, Tensor]
 
 # ---------------------------------------------------------------------------------------------
 # Learning one problem

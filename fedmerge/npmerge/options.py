@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from torch import Tensor
 
 from ..options import NP_ALIGNS, NP_BN_MODES, NP_FORMS, NP_INITS, NP_PARAMS, NPOptions
 
 __all__ = ["NP_ALIGNS", "NP_BN_MODES", "NP_FORMS", "NP_INITS", "NP_PARAMS", "NPOptions", "NPReport"]
 
-State = Mapping[str, Tensor]
 
 # Held-out loss and proxy-loss evaluation batch (no gradients, so memory is small).
 _EVAL_BATCH = 1024

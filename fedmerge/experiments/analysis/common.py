@@ -11,13 +11,12 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...federation import DataSpec, load_data
+from ...permutations import StateDict
 from ...training import train
 
 if TYPE_CHECKING:
     from ...config import RunConfig
 
-
-State = dict[str, Tensor]
 
 #: Model sets of :func:`soups` and :func:`scaling`.
 SETTINGS: tuple[str, ...] = ("shared", "independent")
@@ -51,7 +50,7 @@ class TrainSettings:
         return cls(n, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
 
 
-def _cpu(state: dict[str, Tensor]) -> State:
+def _cpu(state: dict[str, Tensor]) -> StateDict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
@@ -63,7 +62,7 @@ def fit(
     *,
     seed: int,
     device: torch.device | str = "cpu",
-) -> State:
+) -> StateDict:
     """Train ``model`` in place and return its state dict (a CPU copy)."""
     train(
         model,
@@ -80,7 +79,7 @@ def fit(
     return _cpu(model.state_dict())
 
 
-def _loaded(template: nn.Module, state: State, device: torch.device | str) -> nn.Module:
+def _loaded(template: nn.Module, state: StateDict, device: torch.device | str) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(state)
     return model.to(device).eval()

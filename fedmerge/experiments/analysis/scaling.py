@@ -14,7 +14,7 @@ from ...merging import average, repair_batchnorm
 if TYPE_CHECKING:
     from ...datasets import FederatedDataset
 
-from .common import CASES, State, _loaded, accuracy, agreement, outputs
+from .common import CASES, StateDict, _loaded, accuracy, agreement, outputs
 from .soups import ModelSet
 
 
@@ -26,7 +26,7 @@ def scaled_indices(case: str, n: int) -> list[int]:
     return {"one": [0], "half": list(range(max(1, n // 2))), "all": list(range(n))}[case]
 
 
-def scale_parameters(state: State, names: set[str], factor: float) -> State:
+def scale_parameters(state: StateDict, names: set[str], factor: float) -> StateDict:
     """``state`` with the entries in ``names`` (the parameters) multiplied by ``factor``."""
     return {k: v * factor if k in names else v.clone() for k, v in state.items()}
 
@@ -74,7 +74,7 @@ def scaling_rows(
     names = {name for name, _ in t.named_parameters()}
     n = len(models.states)
 
-    def merged_logits(states: Sequence[State]) -> Tensor:
+    def merged_logits(states: Sequence[StateDict]) -> Tensor:
         state = average(states)
         if repair:
             state = repair_batchnorm(t, state, xs)

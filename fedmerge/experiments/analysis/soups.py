@@ -25,7 +25,7 @@ from .common import (
     FEATURE_HEADS,
     INDEPENDENT_DATA,
     SETTINGS,
-    State,
+    StateDict,
     TrainSettings,
     _cpu,
     _loaded,
@@ -45,20 +45,20 @@ class ModelSet:
 
     setting: str
     template: nn.Module
-    states: tuple[State, ...]
+    states: tuple[StateDict, ...]
     sizes: tuple[int, ...]
 
 
 def fedavg_rounds(
     template: nn.Module,
-    state: State,
+    state: StateDict,
     shards: Sequence[tuple[Tensor, Tensor]],
     settings: TrainSettings,
     *,
     rounds: int,
     seed: int,
     device: torch.device | str = "cpu",
-) -> State:
+) -> StateDict:
     """``rounds`` rounds of FedAvg (all clients, data-size weights) from ``state``."""
     for r in range(1, rounds + 1):
         states = [
@@ -73,14 +73,14 @@ def fedavg_rounds(
 
 def _train_from(
     template: nn.Module,
-    state: State,
+    state: StateDict,
     x: Tensor,
     y: Tensor,
     settings: TrainSettings,
     *,
     seed: int,
     device: torch.device | str,
-) -> State:
+) -> StateDict:
     model = copy.deepcopy(template)
     model.load_state_dict(state)
     return fit(model, x, y, settings, seed=seed, device=device)
@@ -154,13 +154,13 @@ def train_model_set(
 
 def greedy_soup(
     template: nn.Module,
-    states: Sequence[State],
+    states: Sequence[StateDict],
     x: Tensor,
     y: Tensor,
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
-) -> tuple[State, list[int], float]:
+) -> tuple[StateDict, list[int], float]:
     """Greedy soup (Wortsman et al., ICML 2022) selected on a held-out set ``(x, y)``.
 
     Models are visited by decreasing held-out accuracy (ties: lower index first); one joins
@@ -187,7 +187,7 @@ def greedy_soup(
         ``(soup state, indices of the ingredients in the order added, held-out accuracy)``.
     """
 
-    def held_out(state: State) -> float:
+    def held_out(state: StateDict) -> float:
         model = _loaded(template, state, device)
         return accuracy(outputs(model, x, device=device, batch_size=batch_size)[0], y)
 
@@ -238,7 +238,7 @@ def soup_rows(
         raise ConfigError("proxy-size", 0, "an integer > 0 (the held-out slice)")
     t, xs, xt, yt = models.template, data.x_proxy, data.x_test, data.y_test
 
-    def test_outputs(state: State) -> tuple[Tensor, Tensor]:
+    def test_outputs(state: StateDict) -> tuple[Tensor, Tensor]:
         return outputs(_loaded(t, state, device), xt, device=device, batch_size=batch_size)
 
     per_model = [test_outputs(s) for s in models.states]
