@@ -169,20 +169,37 @@ def activation_similarities_of(
     """The activation similarities of every state against ``target`` (as
     :func:`fedmerge.matching.activation_similarities`): the target's forward pass over
     ``inputs`` is shared by as many client models as fit in 1 GiB at once."""
-    from .matching import activation_similarities  # local: SciPy's import only when matching
-
-    def loaded(state: State) -> nn.Module:
-        copied = copy.deepcopy(model)
-        copied.load_state_dict(state)
-        return copied.eval()
+    # local: SciPy's import only when matching
+    from .matching import _loaded, activation_similarities
 
     size = max(sum(t.numel() * t.element_size() for t in target.values()), 1)
     chunk = max(1, min(len(states), _READ_BYTES // size))
-    reference, out = loaded(target), []
+    reference, out = _loaded(model, target), []
     for start in range(0, len(states), chunk):
-        others = [loaded(s) for s in states[start : start + chunk]]
+        others = [_loaded(model, s) for s in states[start : start + chunk]]
         out.extend(activation_similarities(spec, reference, others, inputs, sites=sites))
     return out
+
+
+def _first_target(
+    states: Sequence[State], w: Sequence[float], mode: str, reference: State | None
+) -> State:
+    """What the first alignment pass aligns to: the global model, or the largest client."""
+    if mode == "global":
+        if reference is None:
+            raise ValueError("match-reference=global needs the global model as `reference`")
+        return reference
+    return states[max(range(len(states)), key=lambda k: w[k])]
+
+
+def _as_read(
+    model: nn.Module, states: Sequence[State], inputs: Tensor, reset_batchnorm: bool
+) -> list[State]:
+    """The models as the data-based matchers read their activations: with their BatchNorm
+    statistics recomputed on ``inputs`` (``reset_batchnorm``, MuDSC's code), or their own."""
+    if reset_batchnorm and has_batchnorm(model):
+        return [repair_batchnorm(model, s, inputs) for s in states]
+    return list(states)
 
 
 def align_models(
@@ -215,12 +232,7 @@ def align_models(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ConfigError("match-iterations", iterations, "an integer >= 1")
     w = normalise_weights(weights, len(states))
-    if mode == "global":
-        if reference is None:
-            raise ValueError("match-reference=global needs the global model as `reference`")
-        target: State = reference
-    else:
-        target = states[max(range(len(states)), key=lambda k: w[k])]
+    target = _first_target(states, w, mode, reference)
     report = report if report is not None else MatchReport()
     reads = matcher == "activation" or (matcher == "dual" and float(beta) < 1.0)
     reads = reads and model is not None and inputs is not None
@@ -245,9 +257,7 @@ def align_models(
                 # clients' once, the target's each pass); an averaged target's statistics
                 # belong to no model and are recomputed even without reset_batchnorm.
                 if readers is None:
-                    readers = [
-                        repair_batchnorm(model, s, inputs) if reset_batchnorm else s for s in states
-                    ]
+                    readers = _as_read(model, states, inputs, reset_batchnorm)
                 reader = repair_batchnorm(model, target, inputs)
             sims = activation_similarities_of(
                 spec, model, reader, readers or states, inputs, sites=sites
@@ -495,14 +505,9 @@ def select_beta(
     accuracies: dict[float, float] = {}
     merges: dict[float, tuple[dict[str, Tensor], MatchReport]] = {}
     # The activations do not depend on beta: read once, shared by every candidate.
-    w = normalise_weights(weights, len(states))
-    if mode == "global" and reference is None:
-        raise ValueError("match-reference=global needs the global model as `reference`")
-    first = reference if mode == "global" else states[max(range(len(states)), key=lambda k: w[k])]
-    assert first is not None
-    bn = reset_batchnorm and has_batchnorm(model)
-    readers = [repair_batchnorm(model, s, inputs) for s in states] if bn else list(states)
-    read_first = repair_batchnorm(model, first, inputs) if bn else first
+    first = _first_target(states, normalise_weights(weights, len(states)), mode, reference)
+    readers = _as_read(model, states, inputs, reset_batchnorm)
+    (read_first,) = _as_read(model, [first], inputs, reset_batchnorm)
     start = time.perf_counter()
     sims = activation_similarities_of(spec, model, read_first, readers, inputs, sites=sites)
     reading = time.perf_counter() - start

@@ -179,23 +179,26 @@ class MatchedMerge:
         """The matched average of ``states`` (BatchNorm-repaired), and its report."""
         o, proxy = self.options, self.proxy
         report: Report = {}
+        common: dict[str, Any] = {
+            "reference": reference,
+            "spec": self.spec,
+            "model": self.model,
+            "mode": o.reference,
+            "iterations": o.iterations,
+            "seed": seed,
+            "max_sweeps": o.max_sweeps,
+            "sites": o.sites,
+        }
         if o.auto_beta:  # the chosen candidate's merge is kept: no matching at it again
             assert proxy is not None and proxy.y is not None
             choice = select_beta(
                 list(states),
                 list(weights),
-                reference=reference,
-                spec=self.spec,
-                model=self.model,
                 inputs=proxy.x,
                 labels=proxy.y,
-                mode=o.reference,
-                iterations=o.iterations,
                 bn_repair=self.repair,
                 criterion=o.beta_criterion,
-                seed=seed,
-                max_sweeps=o.max_sweeps,
-                sites=o.sites,
+                **common,
             )
             report["match-beta"] = choice.beta
             merged, match, repaired = choice.merged, choice.report, self.repair
@@ -205,18 +208,11 @@ class MatchedMerge:
             merged = matched_average(
                 list(states),
                 list(weights),
-                reference=reference,
-                spec=self.spec,
                 matcher=o.method,
-                mode=o.reference,
-                iterations=o.iterations,
                 beta=0.5 if o.beta == "auto" else float(o.beta),  # only the dual matcher reads it
-                model=self.model,
                 inputs=None if proxy is None else proxy.x,
-                seed=seed,
-                max_sweeps=o.max_sweeps,
-                sites=o.sites,
                 report=match,
+                **common,
             )
             repaired, seconds = False, match.seconds
         if match.units_moved == 0:

@@ -3,10 +3,8 @@ runs it, on the same trained pairs in one run."""
 
 from __future__ import annotations
 
-import json
-
 import torch
-from test_old_cost import BN_MODEL
+from test_old_cost import BN_MODEL, run_small_bn_experiment
 
 from fedmerge.bench import mudsc_changes
 from fedmerge.experiments import one_shot
@@ -54,13 +52,7 @@ def test_the_earlier_rows_read_own_statistics_and_the_default_rows_recompute_the
 
 
 def test_the_run_adds_the_rows_to_the_table_and_leaves_no_extra_method(tmp_path):
-    path = tmp_path / "bn_model.py"
-    path.write_text(BN_MODEL)
-    out = tmp_path / "out"
-    args = ["dataset=digits", "--model-class", f"{path}:SmallBN", "--pairs", "0"]
-    args += ["--epochs", "1", "--betas", "0.5", "--merge-samples", "200", "--out", str(out)]
-    assert mudsc_changes.main(args) == 0
-    summary = json.loads((out / "merge-experiment.json").read_text())["summary"]
+    summary = run_small_bn_experiment(mudsc_changes.main, tmp_path)
     methods = [r["method"] for r in summary]
     assert "activation matching" in methods and "activation matching (own BN stats)" in methods
     assert "dual (MuDSC) beta=auto (5 betas, loss, own BN stats)" in methods

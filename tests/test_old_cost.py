@@ -61,14 +61,20 @@ def test_old_cost_rows_score_running_statistics_only_while_they_merge(monkeypatc
     assert weights.scored("bn.weight")
 
 
-def test_old_cost_run_adds_the_rows_to_the_table_and_leaves_no_extra_method(tmp_path):
+def run_small_bn_experiment(main, tmp_path) -> list[dict]:
+    """A before/after script's ``main`` on one pair of SmallBN models (one epoch, beta 0.5):
+    checks it exits 0 and returns the summary rows of its table."""
     path = tmp_path / "bn_model.py"
     path.write_text(BN_MODEL)
     out = tmp_path / "out"
     args = ["dataset=digits", "--model-class", f"{path}:SmallBN", "--pairs", "0"]
     args += ["--epochs", "1", "--betas", "0.5", "--merge-samples", "200", "--out", str(out)]
-    assert old_cost.main(args) == 0
-    summary = json.loads((out / "merge-experiment.json").read_text())["summary"]
+    assert main(args) == 0
+    return json.loads((out / "merge-experiment.json").read_text())["summary"]
+
+
+def test_old_cost_run_adds_the_rows_to_the_table_and_leaves_no_extra_method(tmp_path):
+    summary = run_small_bn_experiment(old_cost.main, tmp_path)
     methods = [r["method"] for r in summary]
     assert "weight matching" in methods and "weight matching (old cost)" in methods
     assert "dual (MuDSC) beta=auto (old cost)" in methods

@@ -25,6 +25,7 @@ from functools import partial
 
 from ..experiments import one_shot
 from ..experiments.one_shot import MergeSite, StateDict
+from .one_shot_rows import run_with_rows
 
 #: The grid ``match-beta = auto`` tried before it followed MuDSC's code.
 EARLIER_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -49,25 +50,8 @@ def earlier_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], Stat
     return rows
 
 
-def _betas(argv: Sequence[str]) -> list[float]:
-    from ..cli import build_parser
-    from ..cli_args import floats
-
-    args = build_parser().parse_args(["merge-experiment", *argv])
-    return floats(args.betas, "--betas")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..cli import main as cli_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = earlier_rows(_betas(argv))
-    one_shot.EXTRA_METHODS.update(extra)
-    try:
-        return cli_main(["merge-experiment", *argv])
-    finally:
-        for name in extra:
-            one_shot.EXTRA_METHODS.pop(name, None)
+    return run_with_rows(earlier_rows, argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from ..experiments import one_shot
 from ..experiments.one_shot import MergeSite, StateDict
 from ..matching import weights
+from .one_shot_rows import run_with_rows
 
 OLD = " (old cost)"
 
@@ -50,25 +51,8 @@ def old_cost_rows(betas: Sequence[float]) -> dict[str, Callable[[MergeSite], Sta
     return {name + OLD: _with_old_cost(rows[name]) for name in names}
 
 
-def _betas(argv: Sequence[str]) -> list[float]:
-    from ..cli import build_parser
-    from ..cli_args import floats
-
-    args = build_parser().parse_args(["merge-experiment", *argv])
-    return floats(args.betas, "--betas")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..cli import main as cli_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = old_cost_rows(_betas(argv))
-    one_shot.EXTRA_METHODS.update(extra)
-    try:
-        return cli_main(["merge-experiment", *argv])
-    finally:
-        for name in extra:
-            one_shot.EXTRA_METHODS.pop(name, None)
+    return run_with_rows(old_cost_rows, argv)
 
 
 if __name__ == "__main__":

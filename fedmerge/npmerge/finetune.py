@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..permutations import State
 from ..training import batches as training_batches
 from .fusion import _Adam
-from .learning import _set_mode, _split
-from .options import _EVAL_BATCH, NPOptions
+from .learning import _loss, _set_mode, _split
+from .options import NPOptions
 
 __all__ = ["FineTuneReport", "fine_tune_like_np"]
 
@@ -60,18 +59,10 @@ class FineTuneReport:
     seconds: float = 0.0
 
 
-@torch.no_grad()
 def _held_out(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Mean cross-entropy on ``(x, y)`` in the model's current mode; the model's buffers (BN
-    running statistics) are left as they were."""
-    if len(y) == 0:
-        return math.nan
-    state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
-    total = 0.0
-    for start in range(0, len(y), _EVAL_BATCH):
-        logits = functional_call(model, state, (x[start : start + _EVAL_BATCH],))
-        total += float(F.cross_entropy(logits, y[start : start + _EVAL_BATCH], reduction="sum"))
-    return total / len(y)
+    """NP Merge's held-out loss (:func:`~.learning._loss`) of the model as it is; its buffers
+    (BatchNorm running statistics) are read from a copy, so they stay as they were."""
+    return _loss(model, {k: v.clone() for k, v in model.state_dict().items()}, x, y)
 
 
 def fine_tune_like_np(
