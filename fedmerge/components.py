@@ -118,6 +118,7 @@ class DataOptions(Component):
     download: bool = False
     max_train_samples: int = 0
     max_test_samples: int = 0
+    validation_size: int = 0
     proxy_size: int = 0
     input_scaling: str = "standard"
     synthetic_alpha: float = 1.0
@@ -139,6 +140,12 @@ class DataOptions(Component):
             "max-test-samples",
             self.max_test_samples,
             "0 (all) or more",
+        )
+        check(
+            self.validation_size >= 0,
+            "validation-size",
+            self.validation_size,
+            "0 (evaluate on the test split) or more",
         )
         check(self.proxy_size >= 0, "proxy-size", self.proxy_size, "an integer >= 0")
         if self.input_scaling not in INPUT_SCALINGS:

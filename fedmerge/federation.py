@@ -34,6 +34,7 @@ class DataSpec:
     download: bool
     max_train_samples: int
     max_test_samples: int
+    validation_size: int
     proxy_size: int
     input_scaling: str
     seed: int
@@ -66,6 +67,7 @@ def load_data(spec: DataSpec) -> FederatedDataset:
         proxy_size=spec.proxy_size,
         max_train_samples=spec.max_train_samples,
         max_test_samples=spec.max_test_samples,
+        validation_size=spec.validation_size,
         seed=spec.seed,
         num_clients=spec.num_clients,
         synthetic_alpha=spec.synthetic_alpha,

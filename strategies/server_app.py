@@ -128,6 +128,12 @@ class RoundRecorder:
         self.model = make_model(cfg, data).to(self.device)
         # The test split moves to the device once, not every round.
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
+        if data.eval_split != "test":
+            log.info(
+                "central evaluation scores %d held-out training samples (validation-size), "
+                "not the test split: the 'test-' metrics of this run are validation metrics",
+                len(self.y_test),
+            )
         self.rows: list[dict[str, Any]] = list(rows or [])
         self.arrays = arrays  # the latest global model: the final one once start() returns
         self._last_end: float | None = None

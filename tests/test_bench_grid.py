@@ -664,9 +664,11 @@ def test_report_names_partitions_in_words_and_draws_seed_ranges_and_published(
     report = write_report(spec, tmp_path).read_text()
     monkeypatch.undo()
 
-    # Tables: partitions in words; the published row only in the best-round table.
-    final = report[report.index("Final-round accuracy") : report.index("Best-round accuracy")]
-    best = report[report.index("Best-round accuracy") : report.index("minus fedavg's")]
+    # Tables: the declared headline (final, the default) leads; partitions in words; the
+    # published row only in the best-round table.
+    assert report.index("**Headline: final-round accuracy**") < report.index("Best-round")
+    final = report[report.index("Final-round accuracy (%)") : report.index("Best-round accuracy")]
+    best = report[report.index("Best-round accuracy (%)") : report.index("Accuracy averaged")]
     assert "| variant | IID | #C=2 |" in final and "| variant | IID | #C=2 |" in best
     published = "| *published: A. Author (2022), Table 3, FedAvg (not run)* |"
     assert published not in final and f"{published} – | 50.00 ± 5.00 |" in best
@@ -759,6 +761,8 @@ strategy = "fedavg"
 strategy = "fedavg-ft"
 [variants.np]
 strategy = "fednpmerge"
+[variants.mft]
+strategy = "fedmatch-ft"
 [variants.dual-auto]
 strategy = "fedmatch"
 match-method = "dual"
@@ -784,10 +788,17 @@ def test_label_using_variants_are_also_paired_with_fedavg_fine_tuned(tmp_path):
     report = write_report(spec, tmp_path).read_text()
     rows = {r["variant"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
     assert {v for v, r in rows.items() if "labelled-reference" in r} == {"np", "dual-auto"}
+    # ... and with FedMatch's matched average fine-tuned on it (the controls: with neither)
+    assert {v for v, r in rows.items() if "matched-reference" in r} == {"np", "dual-auto"}
     for variant in ("np", "dual-auto"):
         final = {v: [curves[Cell("", "iid", v, "", s)][-1] for s in spec.seeds] for v in rows}
         diffs = [a - b for a, b in zip(final[variant], final["ft"], strict=True)]
         row = rows[variant]
+        matched = [a - b for a, b in zip(final[variant], final["mft"], strict=True)]
+        assert row["matched-reference"] == "mft" and row["matched-paired-seeds"] == 3
+        assert row["matched-final-minus-reference"] == pytest.approx(
+            [np.mean(matched), np.std(matched, ddof=1)]
+        )
         assert row["labelled-reference"] == "ft" and row["labelled-paired-seeds"] == 3
         assert row["labelled-final-minus-reference"] == pytest.approx(
             [np.mean(diffs), np.std(diffs, ddof=1)]
@@ -820,6 +831,8 @@ def test_label_using_variants_are_also_paired_with_fedavg_fine_tuned(tmp_path):
     assert "Accuracy after round 1 (%):" in report
     body = [ln for ln in table.splitlines() if ln.startswith("| ") and "variant" not in ln]
     assert [ln.split(" | ")[0][2:] for ln in body[:2]] == ["np", "dual-auto"]
+    assert "FedMatch's matched average fine-tuned on the same samples" in report
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
     assert "labelled-final-minus-reference-mean" in header
+    assert "matched-final-minus-reference-mean" in header
     assert "round-1-accuracy-mean" in header and "labelled-round-1-minus-reference-std" in header

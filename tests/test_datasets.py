@@ -359,6 +359,31 @@ def test_max_test_samples_is_one_stratified_subset_for_every_seed() -> None:
     assert torch.equal(a.x_train, full.x_train)  # the training split is untouched
 
 
+def _rows(x: torch.Tensor) -> set[tuple[float, ...]]:
+    return {tuple(r) for r in x.flatten(1).tolist()}
+
+
+def test_validation_split_replaces_the_test_split_and_leaves_training_alone() -> None:
+    # With a subsample, the validation samples come from the unused rest of the training
+    # split: the clients train on exactly the samples they train on without it.
+    keys = {"proxy_size": 50, "max_train_samples": 800, "seed": 2}
+    plain = load_dataset("digits", **keys)
+    tuned = load_dataset("digits", validation_size=200, **keys)
+    assert plain.eval_split == "test" and tuned.eval_split == "validation"
+    assert torch.equal(plain.x_train, tuned.x_train) and torch.equal(plain.x_proxy, tuned.x_proxy)
+    assert len(tuned.y_test) == 200
+    assert np.bincount(tuned.y_test.numpy(), minlength=10).min() >= 18  # stratified, ~20 a class
+    full = load_dataset("digits")
+    assert _rows(tuned.x_test) <= _rows(full.x_train)  # training samples, not test samples
+    assert not _rows(tuned.x_test) & (_rows(tuned.x_train) | _rows(tuned.x_proxy))
+    again = load_dataset("digits", validation_size=200, **keys)
+    assert torch.equal(again.x_test, tuned.x_test)  # seeded
+    # Without a subsample the validation samples are taken out of the clients' samples.
+    whole = load_dataset("digits", validation_size=100, seed=0)
+    assert len(whole.y_train) == len(full.y_train) - 100 and len(whole.y_test) == 100
+    assert not _rows(whole.x_test) & _rows(whole.x_train)
+
+
 def test_proxy_does_not_depend_on_max_train_samples() -> None:
     a = load_dataset("digits", proxy_size=64, seed=3)
     b = load_dataset("digits", proxy_size=64, max_train_samples=100, seed=3)
@@ -377,6 +402,8 @@ def test_proxy_does_not_depend_on_max_train_samples() -> None:
         ({"proxy_size": 1437}, "proxy-size"),
         ({"max_train_samples": -5}, "max-train-samples"),
         ({"max_test_samples": -1}, "max-test-samples"),
+        ({"validation_size": -1}, "validation-size"),
+        ({"validation_size": 1437}, "validation-size"),
         ({"seed": -1}, "seed"),
         ({"name": "synthetic", "synthetic_alpha": -0.1}, "synthetic-alpha"),
         ({"name": "synthetic", "synthetic_beta": -1.0}, "synthetic-beta"),

@@ -86,9 +86,12 @@ def is_done(folder: Path, num_rounds: int) -> bool:
 
 
 def split_cells(spec: BenchSpec, out: Path) -> tuple[list[Cell], list[Cell]]:
-    """``(done, todo)``. A finished cell whose config differs from the spec's raises."""
+    """``(done, todo)`` among the cells whose keys are known (a tuned row's once its trials
+    chose). A finished cell whose config differs from the spec's raises."""
     done, todo = [], []
     for cell in spec.cells():
+        if not spec.ready(cell):
+            continue
         cfg = spec.config(cell, out)
         folder = out / cell.path
         if is_done(folder, cfg.num_rounds):
@@ -97,6 +100,20 @@ def split_cells(spec: BenchSpec, out: Path) -> tuple[list[Cell], list[Cell]]:
         else:
             todo.append(cell)
     return done, todo
+
+
+def split_trials(spec: BenchSpec, out: Path) -> list[tuple[Cell, str]]:
+    """The trials (``[tune]``) not finished in ``out``; a finished one whose config differs
+    from the spec's raises."""
+    todo = []
+    for cell, label in spec.trial_cells():
+        cfg = spec.trial_config(cell, label, out)
+        folder = out / spec.trial_path(cell, label)
+        if is_done(folder, cfg.num_rounds):
+            _check_same_config(folder, cfg, cell)
+        else:
+            todo.append((cell, label))
+    return todo
 
 
 def _check_same_config(folder: Path, cfg: RunConfig, cell: Cell) -> None:
@@ -184,9 +201,10 @@ class _CellProgress:
         if now - self.last < self.every or int(row["round"]) >= self.num_rounds:
             return
         self.last = now
+        split = "validation" if self.label.startswith("tune/") else "test"
         print(
             f"  ... {self.label}: round {int(row['round'])}/{self.num_rounds}, "
-            f"test-accuracy {float(row['test-accuracy']):.4f}",
+            f"{split}-accuracy {float(row['test-accuracy']):.4f}",
             flush=True,
         )
 
@@ -312,50 +330,79 @@ def cell_workers(cfg: RunConfig, jobs: int) -> RunConfig:
     return cfg.replace(workers=workers_per_job(jobs))
 
 
-def run_cells(
-    spec: BenchSpec, out: Path, cells: list[Cell], *, jobs: int, threads: int
-) -> list[tuple[Cell, str]]:
-    """Run ``cells`` (``jobs`` processes at a time; ``jobs == 1`` runs them in this process)
-    and print a line per finished cell. Returns the failed cells with their errors."""
-    tasks = [
+Task = tuple[str, Path, RunConfig]  # (label, final folder, config writing to its partial)
+
+
+def cell_tasks(spec: BenchSpec, out: Path, cells: list[Cell], jobs: int) -> list[Task]:
+    """The tasks of ``cells``: each runs in its partial folder, then moves into place."""
+    return [
         (
-            cell,
-            str(out / cell.path),
+            cell.label,
+            out / cell.path,
             cell_workers(spec.config(cell, out, partial_dir(out, cell).name), jobs),
         )
         for cell in cells
     ]
+
+
+def trial_tasks(
+    spec: BenchSpec, out: Path, trials: list[tuple[Cell, str]], jobs: int
+) -> list[Task]:
+    """The tasks of ``trials`` (``[tune]``), in their folders under ``tune/``."""
+    tasks = []
+    for cell, label in trials:
+        final = out / spec.trial_path(cell, label)
+        cfg = spec.trial_config(cell, label, out, f".{final.name}.partial")
+        tasks.append((final.relative_to(out).as_posix(), final, cell_workers(cfg, jobs)))
+    return tasks
+
+
+def run_cells(
+    spec: BenchSpec, out: Path, cells: list[Cell], *, jobs: int, threads: int
+) -> list[tuple[str, str]]:
+    """Run ``cells`` (``jobs`` processes at a time; ``jobs == 1`` runs them in this process)
+    and print a line per finished cell. Returns the failed cells' labels with their errors."""
+    return run_tasks(cell_tasks(spec, out, cells, jobs), jobs=jobs, threads=threads)
+
+
+def run_tasks(tasks: list[Task], *, jobs: int, threads: int) -> list[tuple[str, str]]:
+    """Run cells or trials given as tasks; see :func:`run_cells`."""
     from ..results import read_metrics
 
-    failed: list[tuple[Cell, str]] = []
+    failed: list[tuple[str, str]] = []
     start = time.perf_counter()
 
-    def finished(i: int, cell: Cell, seconds: float | None, error: str | None) -> None:
+    def finished(i: int, task: Task, seconds: float | None, error: str | None) -> None:
+        label, folder, _ = task
         eta = (time.perf_counter() - start) / i * (len(tasks) - i)
         if error is None:
-            acc = read_metrics(out / cell.path)[-1]["test-accuracy"]
+            acc = read_metrics(folder)[-1]["test-accuracy"]
             what = f"test-accuracy {acc:.4f}, {seconds:.1f} s"
+            if label.startswith("tune/"):
+                what = what.replace("test-accuracy", "validation-accuracy")
         else:
-            failed.append((cell, error))
+            failed.append((label, error))
             what = f"FAILED: {error}"
-        print(f"[{i}/{len(tasks)}] {cell.label}: {what}  (ETA {eta / 60:.1f} min)", flush=True)
+        print(f"[{i}/{len(tasks)}] {label}: {what}  (ETA {eta / 60:.1f} min)", flush=True)
 
     if jobs == 1:
-        for i, (cell, folder, cfg) in enumerate(tasks, 1):
+        for i, task in enumerate(tasks, 1):
+            label, folder, cfg = task
             try:
-                seconds = run_cell(folder, cfg.to_mapping(), threads, cell.label)
+                seconds = run_cell(str(folder), cfg.to_mapping(), threads, label)
             except Exception as exc:  # noqa: BLE001  (one failed cell must not stop the grid)
-                finished(i, cell, None, f"{type(exc).__name__}: {exc}")
+                finished(i, task, None, f"{type(exc).__name__}: {exc}")
             else:
-                finished(i, cell, seconds, None)
+                finished(i, task, seconds, None)
         return failed
     pool = ProcessPoolExecutor(
         jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
     )
     with pool:
         futures = {
-            pool.submit(run_cell, folder, cfg.to_mapping(), threads, cell.label): cell
-            for cell, folder, cfg in tasks
+            pool.submit(run_cell, str(folder), cfg.to_mapping(), threads, label): task
+            for task in tasks
+            for label, folder, cfg in [task]
         }
         for i, fut in enumerate(as_completed(futures), 1):
             try:
@@ -382,8 +429,13 @@ def default_threads(jobs: int) -> int:
 
 def run_bench(
     spec: BenchSpec, out: Path, *, jobs: int | None = None, threads: int | None = None
-) -> list[tuple[Cell, str]]:
-    """Run every cell of ``spec`` not yet finished in ``out``; returns the failed cells.
+) -> list[tuple[str, str]]:
+    """Run every trial and cell of ``spec`` not yet finished in ``out``; returns the failed
+    ones (label, error).
+
+    With a ``[tune]`` table the trials run first (on the validation split); each tuned row's
+    cells then run with the keys its trials chose (:mod:`fedmerge.bench.tuning`). A row
+    whose trials did not all finish does not run.
 
     Parameters
     ----------
@@ -396,9 +448,32 @@ def run_bench(
     threads : int, optional
         Torch threads per cell (default: :func:`default_threads`).
     """
+    from .tuning import choose
+
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         (out / "spec.toml").write_text(spec.text)
+        failed: list[tuple[str, str]] = []
+        trials = split_trials(spec, out)
+        if trials:
+            jobs_now = max(1, min(jobs or available_cpus(), len(trials)))
+            print(
+                f"{spec.source}: {len(trials)} of {len(spec.trial_cells())} tuning trials to "
+                f"run (scored on {spec.tuning.validation_size if spec.tuning else 0} held-out "
+                "training samples, not the test split)",
+                flush=True,
+            )
+            preflight(spec, [c for c, _ in trials], out)
+            failed += run_tasks(
+                trial_tasks(spec, out, trials, jobs_now),
+                jobs=jobs_now,
+                threads=threads or default_threads(jobs_now),
+            )
+        if spec.tuning is not None:
+            spec = spec.with_choices(choose(spec, out))
+            waiting = {c.group for c in spec.cells() if not spec.ready(c)}
+            for group in waiting:
+                print(f"not run: {'/'.join(p for p in group if p)} (its tuning trials failed)")
         done, todo = split_cells(spec, out)
         jobs = max(1, min(jobs or available_cpus(), len(todo) or 1))
         threads = threads or default_threads(jobs)
@@ -410,18 +485,26 @@ def run_bench(
             flush=True,
         )
         if not todo:
-            return []
+            return failed
         preflight(spec, todo, out)
         if jobs > 1:  # the workers load their own copies
             from ..datasets import clear_dataset_cache
 
             _forget_shards()
             clear_dataset_cache()
-        return run_cells(spec, out, todo, jobs=jobs, threads=threads)
+        return failed + run_cells(spec, out, todo, jobs=jobs, threads=threads)
 
 
 def dry_run(spec: BenchSpec, out: Path, jobs: int | None) -> None:
     """Print every cell with its state, the counts, and a time estimate from finished cells."""
+    trials = set(split_trials(spec, out))
+    for cell, label in spec.trial_cells():
+        state = "to run" if (cell, label) in trials else "done  "
+        print(f"  {state}  {spec.trial_path(cell, label).as_posix()} (tuning trial)")
+    if spec.tuning is not None:
+        from .tuning import read_choices
+
+        spec = read_choices(spec, out)
     done, todo = split_cells(spec, out)
     axes = [
         (len(spec.datasets), "datasets"),
@@ -433,9 +516,16 @@ def dry_run(spec: BenchSpec, out: Path, jobs: int | None) -> None:
     shape = " x ".join(f"{n} {name}" for n, name in axes if n)
     waiting = set(todo)
     for cell in spec.cells():
-        print(f"  {'to run' if cell in waiting else 'done  '}  {cell.label}")
-    print(f"{spec.source}: {len(done) + len(todo)} cells ({shape}); {len(done)} done, "
-          f"{len(todo)} to run; results in {out}")  # fmt: skip
+        state = "to run" if cell in waiting else "done  "
+        if not spec.ready(cell):
+            state = "to run"
+            print(f"  {state}  {cell.label} (after its tuning trials)")
+            continue
+        print(f"  {state}  {cell.label}")
+    later = sum(not spec.ready(c) for c in spec.cells())
+    after = f" (and {later} after their tuning trials)" if later else ""
+    print(f"{spec.source}: {len(done) + len(todo) + later} cells ({shape}); {len(done)} done, "
+          f"{len(todo)} to run{after}; results in {out}")  # fmt: skip
     measured = [_cell_seconds(out / c.path) for c in done]
     seconds = [s for s in measured if s is not None]
     if todo and seconds:
@@ -526,7 +616,7 @@ def cmd(args: argparse.Namespace) -> int:
         return 0
     if args.report and not out.is_dir():
         raise FedmergeError(f"--out: {out} is not a results folder; nothing to report on")
-    failed: list[tuple[Cell, str]] = []
+    failed: list[tuple[str, str]] = []
     if not args.report:
         try:
             with quiet_repeats():
@@ -538,8 +628,8 @@ def cmd(args: argparse.Namespace) -> int:
 
     report = write_report(spec, out, target)
     print(f"report: {report}")
-    for cell, error in failed:
-        print(f"failed: {cell.label}: {error}", file=sys.stderr)
+    for label, error in failed:
+        print(f"failed: {label}: {error}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} cell(s) failed; run the same command again to retry them")
     return 1 if failed else 0

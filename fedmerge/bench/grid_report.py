@@ -53,6 +53,7 @@ from ..config import RunConfig
 from ..options import MatchOptions
 from ..results import read_metrics
 from .grid_spec import BenchSpec, Cell
+from .tuning import read_choices, tuning_lines
 
 Group = tuple[str, str, str, str]
 _PARTITION_FILE = "partition.json"
@@ -82,6 +83,8 @@ def finished_runs(spec: BenchSpec, out: Path) -> dict[Cell, list[dict[str, Any]]
     """Per finished cell, its per-round metrics (cells in spec order)."""
     runs = {}
     for cell in spec.cells():
+        if not spec.ready(cell):
+            continue  # a tuned row whose trials have not chosen: its cells cannot be known
         folder = out / cell.path
         try:
             rows = read_metrics(folder)
@@ -116,7 +119,12 @@ def summarize_group(
         "variant": first.variant,
         "combo": first.combo,
         "strategy": spec.config(first, out).strategy,
-        "keys": {**spec.variants[first.variant], **spec.combos[first.combo]},
+        "keys": {
+            **spec.variants[first.variant],
+            **spec.combos[first.combo],
+            **spec.chosen.get(first.group, {}),
+        },
+        "tuned": spec.chosen.get(first.group),
         "seeds": len(runs),
         "seeds-expected": len(spec.seeds),
         "final-accuracy": _mean_std(final),
@@ -159,12 +167,22 @@ def uses_server_labels(cfg: RunConfig) -> bool:
     return matching and MatchOptions.from_config(cfg).auto_beta
 
 
-def labelled_control_variant(spec: BenchSpec) -> str | None:
-    """The grid's FedAvg-ft variant (by strategy, first one), or None."""
+def labelled_control_variant(spec: BenchSpec, strategy: str = LABELLED_CONTROL) -> str | None:
+    """The grid's first variant of a control strategy (default FedAvg-ft), or None."""
     for variant, keys in spec.variants.items():
-        if keys.get("strategy") == LABELLED_CONTROL:
+        if keys.get("strategy") == strategy:
             return variant
     return None
+
+
+#: The controls a label-using variant is paired with: report prefix -> control strategy.
+CONTROLS = {"labelled-": LABELLED_CONTROL, "matched-": MATCHED_CONTROL}
+
+
+def spec_controls(spec: BenchSpec) -> list[str]:
+    """The grid's control variants (:data:`CONTROLS`): not paired with each other."""
+    found = (labelled_control_variant(spec, strategy) for strategy in CONTROLS.values())
+    return [v for v in found if v]
 
 
 def reference_variant(spec: BenchSpec) -> str:
@@ -184,6 +202,8 @@ def seed_metrics(spec: BenchSpec) -> dict[str, Metric]:
         "final": lambda rows: rows[-1]["test-accuracy"],
         "last-rounds": lambda rows: last_rounds_accuracy(rows, spec.last_rounds),
     }
+    if spec.headline == "best":
+        metrics["best"] = lambda rows: max(r["test-accuracy"] for r in rows)
     for r in spec.report_rounds:
         metrics[f"round-{r}"] = partial(round_accuracy, number=r)
     return metrics
@@ -252,10 +272,12 @@ def summarize(spec: BenchSpec, out: Path, target: float | None = None) -> dict[s
         row = summarize_group(spec, out, cells, [runs[c] for c in cells], goal)
         metrics = seed_metrics(spec)
         row |= paired_difference(cells, runs, reference_variant(spec), metrics)
-        control = labelled_control_variant(spec)
-        if control and group[2] != control and uses_server_labels(spec.config(cells[0], out)):
-            versus = paired_difference(cells, runs, control, metrics)
-            row |= {f"labelled-{k}": v for k, v in versus.items()}
+        labels = uses_server_labels(spec.config(cells[0], out))
+        for prefix, strategy in CONTROLS.items():
+            control = labelled_control_variant(spec, strategy)
+            if labels and control and group[2] not in (control, *spec_controls(spec)):
+                versus = paired_difference(cells, runs, control, metrics)
+                row |= {f"{prefix}{k}": v for k, v in versus.items()}
         rows.append(row)
     return {
         "source": spec.source,
@@ -277,6 +299,9 @@ CSV_COLUMNS = (
     "labelled-final-minus-reference", "labelled-paired-seeds", "labelled-ahead-of-reference",
     "last-rounds-minus-reference", "last-rounds-ahead-of-reference",
     "labelled-last-rounds-minus-reference", "labelled-last-rounds-ahead-of-reference",
+    "matched-reference", "matched-final-minus-reference", "matched-paired-seeds",
+    "matched-ahead-of-reference", "matched-last-rounds-minus-reference",
+    "matched-last-rounds-ahead-of-reference",
 )  # fmt: skip
 
 
@@ -287,6 +312,8 @@ _PAIRS = (
     "last-rounds-accuracy",
     "last-rounds-minus-reference",
     "labelled-last-rounds-minus-reference",
+    "matched-final-minus-reference",
+    "matched-last-rounds-minus-reference",
     "best-accuracy",
     "rounds-to-target",
     "seconds-per-round",
@@ -296,7 +323,8 @@ _PAIRS = (
 
 def _round_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The ``report-rounds`` keys of the rows (``round-R-...``, ``labelled-round-R-...``)."""
-    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(("round-", "labelled-round-")))
+    prefixes = ("round-", *(f"{p}round-" for p in CONTROLS))
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(prefixes))
     return list(keys)
 
 
@@ -416,14 +444,15 @@ def _paired(
     ``prefix="labelled-"``: the label-using variants minus the labelled-data control."""
     mine = [r for r in rows if r.get(f"{prefix}paired-seeds")]
     reference = mine[0][f"{prefix}reference"]
-    which = (
-        f", for the variants that learn from the server's labelled proxy slice; {reference} "
-        "is FedAvg fine-tuned on the same samples"
-        if prefix
-        else ""
-    )
+    which = {
+        "labelled-": f", for the variants that learn from the server's labelled proxy slice; "
+        f"{reference} is FedAvg fine-tuned on the same samples",
+        "matched-": f", for the variants that learn from the server's labelled proxy slice; "
+        f"{reference} is FedMatch's matched average fine-tuned on the same samples",
+    }.get(prefix, "")
     what = {
         "final": "Final-round accuracy",
+        "best": "Best-round accuracy",
         "last-rounds": f"Accuracy averaged over each seed's last {mine[0]['last-rounds']} rounds",
     }.get(metric) or f"Accuracy after round {metric.removeprefix('round-')}"
     ahead = ahead_key(metric)
@@ -445,6 +474,41 @@ def _paired(
         values = [cell.get((label, p), "") for p in partitions]
         if any(values):
             lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return lines
+
+
+#: Per headline, its column of the summary rows and its name in the report.
+HEADLINE_COLUMNS = {
+    "final": ("final-accuracy", "final-round accuracy"),
+    "best": ("best-accuracy", "best-round accuracy"),
+    "last-rounds": ("last-rounds-accuracy", "accuracy averaged over each seed's last rounds"),
+}
+
+
+def _headline(
+    spec: BenchSpec,
+    rows: list[dict[str, Any]],
+    partitions: list[str],
+    titles: dict[str, str],
+    published: Mapping[str, tuple[str, dict[str, tuple[float, float | None]]]],
+) -> list[str]:
+    """The section's lead: the headline metric the spec declared, its table (with the
+    published row where it compares with this metric), and its paired comparisons with the
+    reference and the label controls."""
+    column, name = HEADLINE_COLUMNS[spec.headline]
+    if spec.headline == "last-rounds":
+        name = f"accuracy averaged over each seed's last {rows[0]['last-rounds']} rounds"
+    lines = [
+        f'**Headline: {name}** (`headline = "{spec.headline}"`, declared in the spec '
+        "before the run; the other metrics below are secondary).",
+        "",
+        f"{name[0].upper()}{name[1:]} (%):",
+        "",
+        *_pivot(rows, partitions, column, titles, published.get(column)),
+    ]
+    for prefix in ("", *CONTROLS):
+        if any(r.get(f"{prefix}paired-seeds") for r in rows):
+            lines += ["", *_paired(rows, partitions, titles, prefix, spec.headline)]
     return lines
 
 
@@ -564,6 +628,7 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
     """Write ``summary.json``, ``results.csv``, the plots and ``report.md``; returns the last."""
     from ..plots import dataset_label, partition_heatmaps
 
+    spec = read_choices(spec, out, write=True)
     summary = summarize(spec, out, target)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_csv(summary, out / "results.csv")
@@ -599,20 +664,28 @@ def write_report(spec: BenchSpec, out: Path, target: float | None = None) -> Pat
         row_of = {}  # the published row, in the table of the metric it compares with
         if published and spec.published is not None:
             row_of[spec.published.metric] = (_published_label(spec), published)
-        lines += ["", f"## {dataset}", "", "Final-round accuracy (%):", ""]
-        lines += _pivot(rows, partitions, "final-accuracy", titles, row_of.get("final-accuracy"))
-        lines += ["", "Best-round accuracy (%):", ""]
-        lines += _pivot(rows, partitions, "best-accuracy", titles, row_of.get("best-accuracy"))
+        lines += ["", f"## {dataset}", ""]
+        lines += _headline(spec, rows, partitions, titles, row_of)
         k = rows[0]["last-rounds"]
-        lines += ["", f"Accuracy averaged over each seed's last {k} rounds (%):", ""]
-        lines += _pivot(rows, partitions, "last-rounds-accuracy", titles)
+        for metric, title in (
+            ("final", "Final-round accuracy"),
+            ("best", "Best-round accuracy"),
+            ("last-rounds", f"Accuracy averaged over each seed's last {k} rounds"),
+        ):
+            if metric != spec.headline:
+                column = HEADLINE_COLUMNS[metric][0]
+                lines += ["", f"{title} (%):", ""]
+                lines += _pivot(rows, partitions, column, titles, row_of.get(column))
         for n in spec.report_rounds:
             lines += ["", f"Accuracy after round {n} (%):", ""]
             lines += _pivot(rows, partitions, f"round-{n}-accuracy", titles)
-        for prefix in ("", "labelled-"):
+        for prefix in ("", *CONTROLS):
             if any(r.get(f"{prefix}paired-seeds") for r in rows):
                 for metric in seed_metrics(spec):
-                    lines += ["", *_paired(rows, partitions, titles, prefix, metric)]
+                    if metric != spec.headline:  # the headline's tables lead the section
+                        lines += ["", *_paired(rows, partitions, titles, prefix, metric)]
+        if spec.tuning is not None:
+            lines += ["", *tuning_lines(spec, out, dataset)]
         lines += _accuracy_plots(spec, out, dataset, partitions, titles, curves, published)
         cells = [c for c in all_cells if dataset_title(spec, c) == dataset]
         counts = _heatmaps(spec, out, cells)

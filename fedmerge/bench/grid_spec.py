@@ -14,6 +14,17 @@ A spec is a TOML file, or the name of a preset shipped in ``fedmerge/bench/prese
     [variants.NAME]                      # explicit variants: a strategy and its keys
     [strategy-keys.fedprox]              # keys of the variant `strategies` makes for fedprox
     [grid]                               # further axes: key = [values]; every combination runs
+    headline = "final"                   # optional (default "final"): what the report leads
+                                         #   with, declared before the run: "final" (last round),
+                                         #   "best" (best round), "last-rounds" (last k's mean)
+    [tune]                               # optional: hyper-parameters chosen on validation
+    validation-size = 2000               #   training samples held out and scored instead of
+                                         #   the test split (which the trials never read)
+    seeds = [0]                          #   seeds of the trials (default: the first seed)
+    [tune.VARIANT]                       #   a variant's grid, key = [values]: per dataset and
+    proximal-mu = [0.001, 0.01, 0.1]     #   partition, the trial with the best headline
+                                         #   metric on validation (mean over the tuning seeds)
+                                         #   gives the keys of the variant's cells
     [published]                          # optional: published results drawn beside the runs
     source = "who, where"                #   named in the plots and tables (never run here)
     metric = "final-accuracy"            #   or "best-accuracy": the column they compare with
@@ -26,10 +37,18 @@ may come from ``[base]`` and one axis, never from two axes (the merge order neve
 Specs without a dataset axis and without ``[grid]`` (seeds, base, partitions, variants: the
 sweep runner's of earlier versions) are bench specs too, and their folders the bench's (see
 :attr:`Cell.path`).
+
+Tuning: each ``[tune.VARIANT]`` combination is a *trial*, run for every (dataset, partition,
+grid combination) of the variant with ``validation-size`` set, so it is scored on training
+samples held out for the purpose (:func:`fedmerge.datasets.load_dataset`), never on the test
+split; trials live under ``tune/`` in the results folder. The chosen keys (see
+:mod:`fedmerge.bench.tuning`) are the last layer of the variant's cells; until every trial of
+a row finished, that row's cells do not run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import logging
@@ -59,8 +78,14 @@ TOP_LEVEL_KEYS = (
     "variants",
     "strategy-keys",
     "grid",
+    "headline",
+    "tune",
     "published",
 )
+#: The per-seed accuracies a spec may declare as its headline (and tune on).
+HEADLINES = ("final", "best", "last-rounds")
+#: Keys of ``[tune]`` itself; its tables are the variants' grids.
+TUNE_KEYS = ("validation-size", "seeds")
 #: The summary columns a ``[published]`` result can stand beside.
 PUBLISHED_METRICS = ("final-accuracy", "best-accuracy")
 #: Keys the bench sets itself for every cell: a spec table must not set them.
@@ -112,6 +137,16 @@ class Published:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """A ``[tune]`` table: the validation split and, per variant, its trials."""
+
+    validation_size: int
+    seeds: tuple[int, ...]
+    #: variant -> trial label (``key=value,...``) -> its keys
+    trials: dict[str, dict[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
 class BenchSpec:
     """A parsed, validated grid (see the module docstring for the TOML form)."""
 
@@ -137,6 +172,12 @@ class BenchSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: the ``[published]`` table, if any
     published: Published | None = None
+    #: the per-seed accuracy the report leads with (one of :data:`HEADLINES`)
+    headline: str = "final"
+    #: the ``[tune]`` table, if any
+    tuning: Tuning | None = None
+    #: per row (:attr:`Cell.group`) of a tuned variant, the keys its trials chose
+    chosen: dict[tuple[str, str, str, str], dict[str, Any]] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         """Every cell, in run order (dataset, partition, variant, combination, seed)."""
@@ -147,12 +188,64 @@ class BenchSpec:
         """Every row of the results table, in cell order."""
         return list(dict.fromkeys(cell.group for cell in self.cells()))
 
-    def keys(self, cell: Cell) -> dict[str, Any]:
-        """The run-config keys of ``cell`` (without seed, output-dir and run-name)."""
+    def keys(self, cell: Cell, *, chosen: bool = True) -> dict[str, Any]:
+        """The run-config keys of ``cell`` (without seed, output-dir and run-name);
+        ``chosen=False`` leaves out the keys its trials chose."""
         merged: dict[str, Any] = {}
-        for _, table in self._layers(cell):
+        for _, table in self._layers(cell, chosen=chosen):
             merged.update(table)
         return merged
+
+    # -- tuning ----------------------------------------------------------------------------
+    def is_tuned(self, group: tuple[str, str, str, str]) -> bool:
+        """Whether a row's variant has a ``[tune.VARIANT]`` grid."""
+        return self.tuning is not None and group[2] in self.tuning.trials
+
+    def ready(self, cell: Cell) -> bool:
+        """Whether ``cell``'s keys are known: its variant is not tuned, or its trials chose."""
+        return not self.is_tuned(cell.group) or cell.group in self.chosen
+
+    def trial_cells(self) -> list[tuple[Cell, str]]:
+        """Every trial: ``(cell, trial label)``, the cell of a tuned row at a tuning seed."""
+        if self.tuning is None:
+            return []
+        return [
+            (Cell(*group, seed), label)
+            for group in self.groups()
+            if self.is_tuned(group)
+            for label in self.tuning.trials[group[2]]
+            for seed in self.tuning.seeds
+        ]
+
+    @staticmethod
+    def trial_path(cell: Cell, label: str) -> Path:
+        """A trial's folder relative to the results folder: ``tune/<row>/<trial>/s<seed>``."""
+        return Path("tune", *[p for p in cell.group if p], label, f"s{cell.seed}")
+
+    def trial_config(
+        self, cell: Cell, label: str, out: Path, run_name: str | None = None
+    ) -> RunConfig:
+        """The run-config of one trial: the row's keys, the trial's, and the validation split."""
+        assert self.tuning is not None
+        folder = out / self.trial_path(cell, label)
+        values = {
+            **self.keys(cell, chosen=False),
+            **self.tuning.trials[cell.variant][label],
+            **self.overrides,
+            "validation-size": self.tuning.validation_size,
+            "seed": cell.seed,
+            "output-dir": str(folder.parent),
+            "run-name": run_name or folder.name,
+        }
+        try:
+            return RunConfig.from_mapping(values)
+        except ConfigError as exc:
+            where = f"tune.{cell.variant}" if exc.key in values else "tune"
+            raise FedmergeError(f"{self.source} [{where}] trial {label}: {exc}") from None
+
+    def with_choices(self, chosen: Mapping[tuple[str, str, str, str], dict[str, Any]]) -> BenchSpec:
+        """This spec with the keys its trials chose (see :mod:`fedmerge.bench.tuning`)."""
+        return dataclasses.replace(self, chosen=dict(chosen))
 
     def config(self, cell: Cell, out: Path, run_name: str | None = None) -> RunConfig:
         """The validated run-config of ``cell`` writing to ``out/<cell path>`` (or to the
@@ -191,16 +284,19 @@ class BenchSpec:
         return table.get(partition)
 
     def validate(self) -> None:
-        """Build every cell's run-config and check its strategy against the registry."""
+        """Build every cell's and every trial's run-config and check the strategies against
+        the registry."""
         from ..strategies.registry import STRATEGIES
 
         for cell in self.cells():
             cfg = self.config(cell, Path("."))
             if cfg.strategy not in STRATEGIES:
                 raise self._located(cell, unknown_name("strategy", cfg.strategy, STRATEGIES))
+        for cell, label in self.trial_cells():
+            self.trial_config(cell, label, Path("."))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _layers(self, cell: Cell) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _layers(self, cell: Cell, chosen: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
         yield "base", self.base
         if cell.dataset:
             yield f"datasets.{cell.dataset}", self.datasets[cell.dataset]
@@ -211,6 +307,8 @@ class BenchSpec:
             self.variant_tables.get(cell.variant, f"variants.{cell.variant}"),
             self.variants[cell.variant],
         )
+        if chosen and cell.group in self.chosen:
+            yield f"tune.{cell.variant} (chosen on validation)", self.chosen[cell.group]
         if self.overrides:
             yield "command line", self.overrides
 
@@ -301,6 +399,8 @@ def parse_spec(
         variant_tables=variant_tables,
         overrides=dict(overrides or {}),
         published=_published(raw.get("published"), source),
+        headline=_headline(raw.get("headline", "final"), source),
+        tuning=_tuning(raw.get("tune"), raw.get("seeds", [0]), variants, source),
     )
     _check_axes_disjoint(spec)
     _check_published(spec)
@@ -401,19 +501,20 @@ def _variants(raw: Mapping[str, Any], source: str) -> tuple[dict[str, dict], dic
     return variants, tables
 
 
-def _combos(grid: Any, source: str) -> dict[str, dict[str, Any]]:
+def _combos(grid: Any, source: str, where: str = "grid") -> dict[str, dict[str, Any]]:
     """Every combination of the ``[grid]`` values, labelled ``key=value,key=value``."""
     if not isinstance(grid, dict):
-        raise _fail(source, "grid", f"got {grid!r}; allowed: a table of key = [values]")
+        raise _fail(source, where, f"got {grid!r}; allowed: a table of key = [values]")
     if not grid:
         return {"": {}}
     for key, values in grid.items():
-        if key in RESERVED_KEYS:
-            raise _fail(source, "grid", f"key {key!r} is set by the bench: {RESERVED_KEYS[key]}")
+        if key in RESERVED_KEYS or key == "validation-size":
+            why = RESERVED_KEYS.get(key, "the trials' validation split is [tune]'s")
+            raise _fail(source, where, f"key {key!r} is set by the bench: {why}")
         if not isinstance(values, list) or not values or len(set(map(repr, values))) < len(values):
             raise _fail(
                 source,
-                "grid",
+                where,
                 f"key {key!r}: got {values!r}; allowed: a list of distinct values "
                 "(a single value belongs in [base])",
             )
@@ -421,8 +522,48 @@ def _combos(grid: Any, source: str) -> dict[str, dict[str, Any]]:
     combos = {}
     for values in itertools.product(*grid.values()):
         label = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
-        combos[_check_name(label, "grid", source)] = dict(zip(keys, values, strict=True))
+        combos[_check_name(label, where, source)] = dict(zip(keys, values, strict=True))
     return combos
+
+
+def _headline(value: Any, source: str) -> str:
+    if value in HEADLINES:
+        return str(value)
+    raise _fail(source, "headline", f"got {value!r}; allowed: {', '.join(map(repr, HEADLINES))}")
+
+
+def _tuning(
+    value: Any, seeds: Any, variants: Mapping[str, dict[str, Any]], source: str
+) -> Tuning | None:
+    """The ``[tune]`` table: ``validation-size``, ``seeds`` and one grid per variant."""
+    if value is None:
+        return None
+    allowed = "`validation-size`, `seeds` and [tune.VARIANT] tables of key = [values]"
+    if not isinstance(value, dict):
+        raise _fail(source, "tune", f"got {value!r}; allowed: a table of {allowed}")
+    size = value.get("validation-size")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+        raise _fail(
+            source,
+            "tune",
+            f"key 'validation-size': got {size!r}; allowed: an integer >= 1 (training samples "
+            "held out to score the trials, so that the test split is never read)",
+        )
+    tune_seeds = value.get("seeds", list(seeds[:1]) if isinstance(seeds, list) else seeds)
+    trials: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, grid in value.items():
+        if name in TUNE_KEYS:
+            continue
+        if not isinstance(grid, dict):
+            raise _fail(source, "tune", f"key {name!r}: got {grid!r}; allowed: {allowed}")
+        if name not in variants:
+            raise _fail(source, f"tune.{name}", str(unknown_name("variant", name, variants)))
+        trials[name] = _combos(grid, source, where=f"tune.{name}")
+        if trials[name] == {"": {}}:
+            raise _fail(source, f"tune.{name}", "no keys: give key = [values] to choose from")
+    if not trials:
+        raise _fail(source, "tune", f"no [tune.VARIANT] tables: {allowed}")
+    return Tuning(validation_size=size, seeds=_seeds(tune_seeds, source), trials=trials)
 
 
 def _last_rounds(value: Any, source: str) -> int:

@@ -41,6 +41,7 @@ from .common import (
     _STREAM_PROXY,
     _STREAM_SUBSAMPLE,
     _STREAM_TEST,
+    _STREAM_VALIDATION,
     _check_int,
     _check_nonnegative_float,
     _read_only,
@@ -76,6 +77,7 @@ def load_dataset(
     proxy_size: int = 0,
     max_train_samples: int = 0,
     max_test_samples: int = 0,
+    validation_size: int = 0,
     seed: int = 0,
     num_clients: int = 10,
     synthetic_alpha: float = 1.0,
@@ -107,8 +109,18 @@ def load_dataset(
         test samples, drawn with a fixed seed (the same subset for every ``seed``, so runs of
         several seeds are scored on the same samples): for evaluations that would otherwise
         cost more than the training they score.
+    validation_size : int
+        ``0`` evaluates on the test split. Otherwise that many training samples (seeded,
+        class-stratified) are held out as a validation split and take the test split's place
+        (``x_test``/``y_test``; :attr:`FederatedDataset.eval_split` says ``"validation"``), so
+        that hyper-parameters can be chosen without reading the test split. They are drawn
+        from the training samples the proxy and the subsample left unused, so the clients
+        train on the same samples as with ``validation_size = 0``; only when too few are left
+        (``max_train_samples`` = 0 or close to the split) are they taken out of the clients'
+        samples.
     seed : int
-        Seed (``>= 0``) of the proxy split, the subsample and the ``synthetic`` generator.
+        Seed (``>= 0``) of the proxy split, the validation split, the subsample and the
+        ``synthetic`` generator.
         The test split never depends on it, except for ``synthetic``, which is generated
         from it.
     num_clients : int
@@ -142,6 +154,7 @@ def load_dataset(
     _check_int("proxy-size", proxy_size, minimum=0)
     _check_int("max-train-samples", max_train_samples, minimum=0)
     _check_int("max-test-samples", max_test_samples, minimum=0)
+    _check_int("validation-size", validation_size, minimum=0)
     _check_int("seed", seed, minimum=0)
     _check_int("num-clients", num_clients, minimum=1)
     _check_nonnegative_float("synthetic-alpha", synthetic_alpha)
@@ -179,6 +192,10 @@ def load_dataset(
         chosen = _stratified_indices(y_all[keep], max_train_samples, _rng(seed, _STREAM_SUBSAMPLE))
         keep = keep[chosen]
 
+    validation_idx = np.empty(0, dtype=np.int64)
+    if validation_size > 0:
+        keep, validation_idx = _validation_split(y_all, proxy_idx, keep, validation_size, seed)
+
     if len(keep) == n_train:
         # Nothing removed: hand out the cached tensors themselves (no copy, see docstring).
         x_train, y_train, groups = arrays.x_train, arrays.y_train, arrays.groups
@@ -189,7 +206,12 @@ def load_dataset(
     proxy_t = torch.from_numpy(proxy_idx)
     x_test, x_proxy, mean, std = arrays.x_test, arrays.x_train[proxy_t], arrays.mean, arrays.std
     y_test = arrays.y_test
-    if 0 < max_test_samples < len(y_test):
+    eval_split = "test"
+    if validation_size > 0:
+        validation_t = torch.from_numpy(validation_idx)
+        x_test, y_test = arrays.x_train[validation_t], arrays.y_train[validation_t]
+        eval_split = "validation"
+    elif 0 < max_test_samples < len(y_test):
         chosen = _stratified_indices(y_test.numpy(), max_test_samples, _rng(0, _STREAM_TEST))
         test_t = torch.from_numpy(np.sort(chosen))
         x_test, y_test = x_test[test_t], y_test[test_t]
@@ -216,7 +238,30 @@ def load_dataset(
         groups=groups,
         mean=mean,
         std=std,
+        eval_split=eval_split,
     )
+
+
+def _validation_split(
+    y_all: np.ndarray, proxy_idx: np.ndarray, keep: np.ndarray, size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(training indices, validation indices)``: ``size`` class-stratified samples from
+    the training samples neither the proxy nor the clients use; when fewer than ``size`` are
+    unused, from the clients' samples (which then lose them)."""
+    rng = _rng(seed, _STREAM_VALIDATION)
+    unused = np.setdiff1d(np.arange(len(y_all)), np.concatenate([proxy_idx, keep]))
+    if len(unused) >= size:
+        return keep, unused[_stratified_indices(y_all[unused], size, rng)]
+    if size >= len(keep):
+        raise ConfigError(
+            "validation-size",
+            size,
+            f"an integer >= 0 and < {len(keep)} (the training samples left after the proxy "
+            "slice and the subsample)",
+            hint="The validation split is held out of the training split, so some must remain",
+        )
+    chosen = _stratified_indices(y_all[keep], size, rng)
+    return np.delete(keep, chosen), keep[chosen]
 
 
 def clear_dataset_cache() -> None:

@@ -13,6 +13,7 @@ _STREAM_SYNTHETIC = 0
 _STREAM_PROXY = 1
 _STREAM_SUBSAMPLE = 2
 _STREAM_TEST = 3
+_STREAM_VALIDATION = 4
 
 
 # --------------------------------------------------------------------------------------------

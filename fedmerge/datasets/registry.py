@@ -31,7 +31,9 @@ class FederatedDataset:
     y_train : torch.Tensor
         ``int64`` training labels in ``[0, num_classes)``.
     x_test, y_test : torch.Tensor
-        The fixed test split, normalised with the training statistics.
+        The split central evaluation scores: the fixed test split, or a validation split
+        held out of the training split (``eval_split``); normalised with the training
+        statistics.
     x_proxy, y_proxy : torch.Tensor
         The server's proxy slice, held out of the training split (0 rows unless
         ``proxy_size > 0``); normalised like the rest.
@@ -47,6 +49,9 @@ class FederatedDataset:
     mean, std : tuple of float
         Per-channel statistics (in [0, 1] pixel units) of the full training split that were
         used to normalise; empty for ``synthetic``, whose features are left as generated.
+    eval_split : {"test", "validation"}
+        What ``x_test``/``y_test`` hold (``validation-size`` > 0: training samples held out
+        for choosing hyper-parameters, so that the test split is never read).
     """
 
     name: str
@@ -62,6 +67,7 @@ class FederatedDataset:
     groups: np.ndarray | None
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    eval_split: str = "test"
 
 
 @dataclass(frozen=True)
