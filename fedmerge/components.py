@@ -292,8 +292,15 @@ class ServerOptions(Component):
     fedopt_beta_2: float = 0.99
     fedopt_tau: float = 0.001
     trimmed_beta: float = 0.2
+    merge_threads: int = 1
 
     def check(self) -> None:
+        check(
+            self.merge_threads >= 0,
+            "merge-threads",
+            self.merge_threads,
+            "an integer >= 0 (0: leave torch's thread setting)",
+        )
         ft, fe = self.fraction_train, self.fraction_evaluate
         check(0 < ft <= 1, "fraction-train", ft, "a number in (0, 1]")
         check(0 <= fe <= 1, "fraction-evaluate", fe, "a number in [0, 1]")

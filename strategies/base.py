@@ -13,9 +13,10 @@ reports, and ``merge-time`` (seconds).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from logging import INFO
 from typing import Any
 
@@ -50,6 +51,11 @@ class MergeStrategy(FedAvg):
         :mod:`.merges`; ``seed`` may be left out and ``report`` too). ``None``: FedAvg's mean.
     seed : int
         Each round's merge gets ``seed + server_round``.
+    merge_threads : int
+        Torch threads the merge runs on, set for the merge and restored after it (run-config
+        key ``merge-threads``). 1 (default): as under fedmerge's engines, whose server runs on
+        one thread; in a user's ServerApp beside Ray actors or other processes it keeps the
+        merge from oversubscribing the cores. 0: torch's setting as it is.
     **kwargs
         Passed to ``FedAvg`` (``fraction_train``, ``min_train_nodes``, ...).
 
@@ -60,12 +66,24 @@ class MergeStrategy(FedAvg):
     >>> strategy = MergeStrategy(merge=keep_first, fraction_evaluate=0.0)
     """
 
-    def __init__(self, *, merge: MergeFn | None = None, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        merge: MergeFn | None = None,
+        seed: int = 0,
+        merge_threads: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if merge is not None and not callable(merge):
             raise TypeError(f"merge must be a function, got {type(merge).__name__}")
+        if isinstance(merge_threads, bool) or not isinstance(merge_threads, int):
+            raise TypeError(f"merge_threads must be an int, got {merge_threads!r}")
+        if merge_threads < 0:
+            raise ValueError(f"merge_threads must be >= 0 (0: torch's), got {merge_threads}")
         self.merge_fn = merge
         self.seed = seed
+        self.merge_threads = merge_threads
         self._merge_takes_seed = merge is not None and _takes_seed(merge)
         self._sent: dict[str, torch.Tensor] | None = None
 
@@ -114,17 +132,31 @@ class MergeStrategy(FedAvg):
             metrics["merge-time"] = time.perf_counter() - start
         return ArrayRecord(merged), metrics, states, weights
 
+    @contextlib.contextmanager
+    def merge_threads_set(self) -> Iterator[None]:
+        """Torch on :attr:`merge_threads` threads inside, its setting restored after."""
+        previous = torch.get_num_threads()
+        if self.merge_threads:
+            torch.set_num_threads(self.merge_threads)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
+
     def merge_states(
         self, states: Sequence[State], weights: Sequence[float], server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """One round's merge: the merge function's (merged, report), or FedAvg's mean."""
+        """One round's merge (on :attr:`merge_threads` threads): the merge function's
+        (merged, report), or FedAvg's mean."""
         if self.merge_fn is None:
             return fedavg_average(states, weights), {}
         reference = self._sent if self._sent is not None else dict(states[0])
-        if self._merge_takes_seed:
-            out = self.merge_fn(states, weights, reference, seed=self.seed + server_round)
-        else:
-            out = self.merge_fn(states, weights, reference)
+        with self.merge_threads_set():
+            if self._merge_takes_seed:
+                out = self.merge_fn(states, weights, reference, seed=self.seed + server_round)
+            else:
+                out = self.merge_fn(states, weights, reference)
         if isinstance(out, tuple):
             merged, report = out
             return merged, dict(report)

@@ -58,6 +58,7 @@ from fedmerge.client import FEDMA_PHASE as PHASE_KEY
 from fedmerge.fedma import average_last, chain_layers, fedma_widths, match_chain, match_layer
 from fedmerge.models import model_spec
 from fedmerge.options import FedMAOptions
+from fedmerge.permutations import State
 
 from .base import MergeStrategy
 from .checkpoint import reply_digest
@@ -195,13 +196,26 @@ class FedMA(MergeStrategy):
         if CLASS_COUNTS_KEY in metrics:
             del metrics[CLASS_COUNTS_KEY]  # per-client counts; their weighted mean means nothing
         replied = [r.metadata.src_node_id for r in valid]
-        dropped = len(self.nodes) - len(replied)
-        mb_up = sum(_mb(r.content.array_records[self.arrayrecord_key]) for r in valid)
-        phase, layer = self.phase, self.phase + 1
         if not valid:  # nobody left: the FedMA round ends without a new model
             self.phase, self.nodes, self.outbox, self.frozen = 0, [], {}, []
             return None, None
         states, weights = client_states(valid, self.weighted_by_key)
+        with self.merge_threads_set():
+            return self._merge_phase(valid, replied, states, weights, metrics, server_round)
+
+    def _merge_phase(
+        self,
+        valid: list[Message],
+        replied: list[int],
+        states: list[State],
+        weights: list[float],
+        metrics: MetricRecord,
+        server_round: int,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The phase's matching (or the output layer's average) and its metrics."""
+        phase, layer = self.phase, self.phase + 1
+        dropped = len(self.nodes) - len(replied)
+        mb_up = sum(_mb(r.content.array_records[self.arrayrecord_key]) for r in valid)
         report: dict[str, float] = {}
         out: dict[str, torch.Tensor] | None
         if self.options.one_shot:  # every layer now, no retraining between them

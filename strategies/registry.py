@@ -79,6 +79,11 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def _ours(cfg: RunConfig) -> dict[str, Any]:
+    """:func:`_common` and what fedmerge's strategies take besides (``merge-threads``)."""
+    return {**_common(cfg), "merge_threads": cfg.merge_threads}
+
+
 def _fedopt(cfg: RunConfig) -> dict[str, Any]:
     return {
         "eta": cfg.fedopt_eta,
@@ -132,40 +137,40 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
             options=WSAOptions.from_config(c),
             merge=matched_merge(c) if c.wsa_merge == "matched" else None,
             seed=c.seed,
-            **_common(c),
+            **_ours(c),
         ),
         "fedmerge FedWSA: Weight Scope Alignment, fused target scope (wsa-*)",
     ),
     "fedavg-ft": (
-        lambda c: validated(FedAvgFineTuned)(**finetune_options(c), **_common(c)),
+        lambda c: validated(FedAvgFineTuned)(**finetune_options(c), **_ours(c)),
         "fedmerge FedAvg fine-tuned on the proxy slice with NP Merge's label budget "
         "(finetune-*, np-*, proxy-size): a control for fednpmerge",
     ),
     "fedmatch-ft": (
-        lambda c: validated(FedMatchFineTuned)(**fedmatch_ft_options(c), **_common(c)),
+        lambda c: validated(FedMatchFineTuned)(**fedmatch_ft_options(c), **_ours(c)),
         "fedmerge FedMatch's matched average fine-tuned like fedavg-ft (match-*, finetune-*, "
         "np-*, proxy-size): the control fednpmerge must beat",
     ),
     "fedavg-bn": (
         lambda c: validated(FedAvgRepaired)(
-            **dict(zip(("model", "proxy"), run_proxy(c), strict=True)), seed=c.seed, **_common(c)
+            **dict(zip(("model", "proxy"), run_proxy(c), strict=True)), seed=c.seed, **_ours(c)
         ),
         "fedmerge FedAvg + BatchNorm statistics recomputed on the proxy slice (proxy-size): "
         "the control for fedmatch's and fednpmerge's BN repair",
     ),
     "fedmatch": (
-        lambda c: validated(FedMatch)(**fedmatch_options(c), **_common(c)),
+        lambda c: validated(FedMatch)(**fedmatch_options(c), **_ours(c)),
         "fedmerge FedMatch: clients aligned by neuron matching, then averaged (match-*)",
     ),
     "fedma": (
         lambda c: validated(FedMA)(
-            model=run_proxy(c)[0], options=FedMAOptions.from_config(c), seed=c.seed, **_common(c)
+            model=run_proxy(c)[0], options=FedMAOptions.from_config(c), seed=c.seed, **_ours(c)
         ),
         "fedmerge FedMA: layer-by-layer BBP-MAP matching with frozen-prefix retraining, one "
         "Flower round per phase; the global model may grow (fedma-*; mlp, cnn, vgg9)",
     ),
     "fednpmerge": (
-        lambda c: validated(FedNPMerge)(**fednpmerge_options(c), **_common(c)),
+        lambda c: validated(FedNPMerge)(**fednpmerge_options(c), **_ours(c)),
         "fedmerge FedNPMerge: aligned clients merged with per-parameter coefficients learned "
         "on the server proxy slice (np-*, match-*, proxy-size)",
     ),

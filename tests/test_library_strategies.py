@@ -123,6 +123,35 @@ def test_merge_strategy_calls_the_merge_function_and_never_averages(monkeypatch)
     assert strategy.merge_name == "keep_largest"
 
 
+@pytest.mark.parametrize(("merge_threads", "inside"), [(1, 1), (2, 2), (0, 3)])
+def test_the_merge_runs_on_merge_threads_and_torch_gets_its_setting_back(merge_threads, inside):
+    seen = []
+
+    def first(states, weights, reference):
+        seen.append(torch.get_num_threads())
+        return dict(states[0])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        strategy = MergeStrategy(merge=first, merge_threads=merge_threads)
+        strategy.aggregate_train(1, _replies(strategy, _states(2), [1, 1]))
+        assert seen == [inside] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="merge_threads must be >= 0"):
+        MergeStrategy(merge=first, merge_threads=-1)
+
+
+def test_registry_strategies_take_merge_threads_from_the_run_config():
+    from fedmerge.strategies.registry import build_strategy
+
+    cfg = RunConfig.from_mapping({"strategy": "fedmatch", "merge-threads": 2})
+    assert build_strategy(cfg).merge_threads == 2
+    with pytest.raises(ConfigError, match="merge-threads"):
+        RunConfig.from_mapping({"merge-threads": -1})
+
+
 def test_a_merge_function_may_omit_seed_and_the_report():
     strategy = MergeStrategy(merge=lambda states, weights, reference: dict(states[0]))
     arrays, metrics = strategy.aggregate_train(1, _replies(strategy, _states(2), [1, 1]))
