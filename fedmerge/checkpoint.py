@@ -48,8 +48,12 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-#: Run-config keys a resumed run may change: where things are, not what is computed.
-RESUME_FREE_KEYS = ("resume", "output-dir", "run-name", "data-root", "download", "log")
+#: Keys ``fedmerge run --resume DIR`` lets a user change: where the data is and what is logged,
+#: not what is computed.
+RESUME_OVERRIDES = ("data-root", "download", "log")
+#: Run-config keys a resumed run may differ in from the checkpoint's: those, and where the
+#: run is (set by the resume itself).
+RESUME_FREE_KEYS = ("resume", "output-dir", "run-name", *RESUME_OVERRIDES)
 #: Bumped when the layout of the checkpoint changes; older files are refused, not misread.
 FORMAT = 1
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_FILE, wait_until_unlocked
+from .checkpoint import CHECKPOINT_FILE, RESUME_OVERRIDES, wait_until_unlocked
 from .config import RunConfig
 from .errors import ConfigError, FedmergeError, unknown_name
 from .federation import DataSpec, load_data, make_model, partition_indices
@@ -84,10 +84,6 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> RunConfig:
 
 class AlreadyFinished(FedmergeError):
     """``--resume`` of a run that finished: there is nothing to do (the CLI exits 0)."""
-
-
-#: Overrides ``fedmerge run --resume DIR`` accepts: where the data is, not what is computed.
-RESUME_OVERRIDES = ("data-root", "download", "log")
 
 
 def resume_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:

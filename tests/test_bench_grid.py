@@ -518,6 +518,30 @@ def test_sigkill_mid_cell_then_resume_gives_the_same_table(finished, tmp_path):
     assert _numbers(resumed) == _numbers(uninterrupted)
 
 
+@pytest.mark.slow
+def test_sigint_to_the_bench_alone_stops_the_cells_in_progress(tmp_path):
+    """A SIGINT sent to the bench process only (a scheduler, ``kill -INT``, ``timeout -s
+    INT``; a terminal's Ctrl-C reaches the workers too): the bench stops its cells in
+    progress instead of waiting minutes for them, keeps what finished, and exits 130."""
+    from test_resume import _processes_with
+
+    spec_file, out = tmp_path / "long.toml", tmp_path / "out"
+    spec_file.write_text(TINY.replace("num-rounds = 2", "num-rounds = 5000"))
+    proc = _bench(spec_file, out, jobs=2)
+    try:
+        _wait(lambda: any((p / "metrics.json").exists() for p in _partials(out)), proc)
+        assert len(_processes_with(str(spec_file))) >= 1
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(20) == 130  # without stopping them: when the 5000-round cells end
+        time.sleep(1.0)  # a worker whose bench is gone exits within 0.5 s
+        before = _snapshot(out)
+        time.sleep(1.0)
+        assert _snapshot(out) == before, "a cell went on after the bench stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- scaling ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_scaling_sweeps_on_digits(tmp_path, capsys):

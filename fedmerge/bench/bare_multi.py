@@ -68,7 +68,10 @@ def train_clients(
 
 
 def average(states: Sequence[StateDict], sizes: Sequence[int], reference: StateDict) -> StateDict:
-    """FedAvg of ``states`` weighted by ``sizes``; integer buffers taken from the first."""
+    """FedAvg of ``states`` weighted by ``sizes``; integer buffers taken from the first.
+
+    The bare baseline's own (not :func:`fedmerge.merging.average`): it is what a user would
+    write without fedmerge, and the baseline imports nothing of fedmerge by design."""
     total = sum(sizes)
     out = {}
     for key, ref in reference.items():

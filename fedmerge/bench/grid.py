@@ -30,6 +30,7 @@ mixing results. A lock file keeps two benches from writing into one folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -398,7 +399,7 @@ def run_tasks(tasks: list[Task], *, jobs: int, threads: int) -> list[tuple[str, 
     pool = ProcessPoolExecutor(
         jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
     )
-    with pool:
+    with pool, _stopped_on_interrupt(pool):
         futures = {
             pool.submit(run_cell, str(folder), cfg.to_mapping(), threads, label): task
             for task in tasks
@@ -417,6 +418,23 @@ def run_tasks(tasks: list[Task], *, jobs: int, threads: int) -> list[tuple[str, 
             else:
                 finished(i, futures[fut], seconds, None)
     return failed
+
+
+@contextmanager
+def _stopped_on_interrupt(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """On Ctrl-C (or a SIGINT sent to this process alone), stop the cells in progress rather
+    than wait for them: leaving the pool waits for its running cells, which take minutes. Their
+    partial folders are removed when the bench runs again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        # The pool's processes (a private attribute of ProcessPoolExecutor, stable since 3.8).
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                process.kill()
+        raise
 
 
 def default_threads(jobs: int) -> int:
