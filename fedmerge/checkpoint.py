@@ -39,6 +39,7 @@ import torch
 
 from .config import RunConfig
 from .errors import FedmergeError
+from .run_files import atomic_write
 
 try:  # POSIX; elsewhere runs go unlocked
     import fcntl
@@ -82,35 +83,6 @@ class Checkpoint:
             "rows": self.rows,
             "config": self.config,
         }
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new, never a mix.
-
-    A temporary file in the same folder is written and flushed to disk (``fsync``), then
-    renamed over ``path`` (``os.replace`` is atomic within a file system), then the folder is
-    synced so that the rename itself survives a power loss.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on some platforms (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:

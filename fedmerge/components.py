@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
 from .errors import ConfigError, unknown_name
+from .sinks import check_log
 
 __all__ = [
     "COMPONENTS",
@@ -350,7 +351,6 @@ class ResultsOptions(Component):
     log: str = "files"  # results sinks, comma separated (fedmerge.sinks.SINKS)
 
     def check(self) -> None:
-        from .sinks import check_log  # known sink names, their optional packages installed
 
         check(bool(self.output_dir), "output-dir", self.output_dir, "a folder path")
         check_log(self.log)

@@ -17,27 +17,27 @@ Layout of ``<output-dir>/<run-name>/``::
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
 from .config import RunConfig
 from .errors import ConfigError
 from .plots import plot_accuracy, plot_scope_spread  # noqa: F401  (results and their plots)
+from .run_files import METRICS_CSV as METRICS_CSV
+from .run_files import METRICS_JSON as METRICS_JSON
+from .run_files import atomic_write
+from .run_files import read_metrics as read_metrics
+from .run_files import write_json as write_json
+from .run_files import write_metrics as write_metrics
 
 log = logging.getLogger(__name__)
 
-METRICS_JSON = "metrics.json"
-METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
 MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy.png"
@@ -94,36 +94,8 @@ def clear_run_dir(run_dir: Path) -> list[str]:
     return removed
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def write_metrics(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write the per-round table as JSON and CSV (columns: union of all rows' keys)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / METRICS_JSON, list(rows))
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(run_dir / METRICS_CSV, buf.getvalue().encode())
-
-
 def save_model(run_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
     """Save a state dict as ``model.pt`` (atomically)."""
     buf = io.BytesIO()
     torch.save(dict(state), buf)
-    _atomic_write(run_dir / MODEL_FILE, buf.getvalue())
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-round rows of a finished (or interrupted) run."""
-    return json.loads((Path(run_dir) / METRICS_JSON).read_text())
+    atomic_write(run_dir / MODEL_FILE, buf.getvalue())

@@ -30,10 +30,11 @@ from torch import nn
 
 from .errors import ConfigError
 from .options import FUSION_RULES, LAYER_SETS  # the names live with WSAOptions
+from .step import EPS as _EPS
+from .step import layer_stats, wsa  # the math of the WSA term lives with the step's
 
 # Keeps s > 0 in log/division when a layer collapses (e.g. an all-zero weight); far below any
 # real layer's spread (1e-3..1 for the models here).
-_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,6 @@ def scope_names(state: Mapping[str, torch.Tensor], layers: str = "conv-linear") 
     return tuple(names)
 
 
-def layer_stats(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable per-tensor mean and (population) standard deviation, stacked."""
-    mus, variances = [], []
-    for w in tensors:
-        var, mu = torch.var_mean(w.reshape(-1), correction=0)  # one pass over the tensor
-        mus.append(mu)
-        variances.append(var)
-    return torch.stack(mus), torch.stack(variances).sqrt()
-
-
 def scope_of(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> Scope:
     """The scope of the named tensors of a state dict (no gradients)."""
     with torch.no_grad():
@@ -121,16 +112,6 @@ def target_from_config(config: Mapping[str, object]) -> Scope | None:
         tuple(cast("list[float]", config["wsa-mu"])),
         tuple(cast("list[float]", config["wsa-sigma"])),
     )
-
-
-def gaussian_kl(
-    mu: torch.Tensor, sigma: torch.Tensor, mu_t: torch.Tensor, sigma_t: torch.Tensor
-) -> torch.Tensor:
-    """``sum_l KL(N(mu_l, sigma_l^2) || N(mu_t_l, sigma_t_l^2))``."""
-    sigma = sigma.clamp_min(_EPS)
-    sigma_t = sigma_t.clamp_min(_EPS)
-    kl = torch.log(sigma_t / sigma) + (sigma**2 + (mu - mu_t) ** 2) / (2 * sigma_t**2) - 0.5
-    return kl.sum()
 
 
 class WSARegularizer:
@@ -179,8 +160,6 @@ class WSARegularizer:
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """``lambda * sum_l KL`` for the model's current weights (differentiable): the one
         definition of the term, :func:`fedmerge.step.wsa`, which the vectorised path maps."""
-        from .step import wsa  # step imports this module's layer_stats and gaussian_kl
-
         return wsa(self._parameters(model), self.mu_t, self.sigma_t, self.lam, self.reverse)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import ConfigError
+from .run_files import write_metrics
 
 #: The sink every run writes to, whether ``log`` names it or not.
 FILES = "files"
@@ -115,8 +116,6 @@ class FileSink(BaseSink):
         self._write()
 
     def _write(self) -> None:
-        from .results import write_metrics  # results imports config, which imports this module
-
         write_metrics(self.run_dir, self.rows)
 
 

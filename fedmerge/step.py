@@ -27,9 +27,30 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from .scopes import gaussian_kl, layer_stats
+__all__ = ["cross_entropy", "gaussian_kl", "layer_stats", "loss", "proximal", "sgd_update", "wsa"]
 
-__all__ = ["cross_entropy", "loss", "proximal", "sgd_update", "wsa"]
+#: Floor of the standard deviations in the WSA term (a layer of equal weights has sigma 0).
+EPS = 1e-12
+
+
+def layer_stats(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable per-tensor mean and (population) standard deviation, stacked."""
+    mus, variances = [], []
+    for w in tensors:
+        var, mu = torch.var_mean(w.reshape(-1), correction=0)  # one pass over the tensor
+        mus.append(mu)
+        variances.append(var)
+    return torch.stack(mus), torch.stack(variances).sqrt()
+
+
+def gaussian_kl(
+    mu: torch.Tensor, sigma: torch.Tensor, mu_t: torch.Tensor, sigma_t: torch.Tensor
+) -> torch.Tensor:
+    """``sum_l KL(N(mu_l, sigma_l^2) || N(mu_t_l, sigma_t_l^2))``."""
+    sigma = sigma.clamp_min(EPS)
+    sigma_t = sigma_t.clamp_min(EPS)
+    kl = torch.log(sigma_t / sigma) + (sigma**2 + (mu - mu_t) ** 2) / (2 * sigma_t**2) - 0.5
+    return kl.sum()
 
 
 def cross_entropy(

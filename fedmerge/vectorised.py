@@ -47,8 +47,8 @@ Semantics reproduced per client (``training.train`` is the specification)
   :func:`fedmerge.training.proximal_term`; reference = the job's starting state) when
   ``proximal_mu > 0``, ``+ wsa_lambda * KL`` over the target's named parameters
   (:func:`fedmerge.step.wsa`, as :class:`fedmerge.scopes.WSARegularizer`: mean and population
-  standard deviation of :func:`fedmerge.scopes.layer_stats`, the KL of
-  :func:`fedmerge.scopes.gaussian_kl` in either direction, ``wsa_reverse``). Every client has
+  standard deviation of :func:`fedmerge.step.layer_stats`, the KL of
+  :func:`fedmerge.step.gaussian_kl` in either direction, ``wsa_reverse``). Every client has
   its own coefficients, reference and target; terms that a client does not use are exactly
   zero for it (coefficient 0; WSA layers outside its target sit on the target).
 - **SGD**: :func:`fedmerge.step.sgd_update`, the update of :class:`fedmerge.training.SGD`, on

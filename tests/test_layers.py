@@ -52,13 +52,13 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, *, module_level_only: bool = False) -> set[str]:
+def _imports(path: Path) -> set[str]:
     """Absolute names of the modules ``path`` imports (relative imports resolved)."""
     tree = ast.parse(path.read_text())
     package = _module_name(path).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
-    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    nodes = list(ast.walk(tree))
     out: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -94,8 +94,8 @@ def test_the_library_core_imports_no_experiment_runner_strategy_or_flower_code()
 
 
 def test_no_import_circle_between_fedmerge_modules():
-    """Module-level imports only: a cycle there is what breaks imports (or forces the lazy,
-    in-function imports this test does not count)."""
+    """Every import counted, in functions too: a circle held open by a lazy, in-function
+    import is still a circle a reader has to untangle."""
     paths = {
         _module_name(p): p
         for p in [*PACKAGE.rglob("*.py"), *(ROOT / "strategies").rglob("*.py")]
@@ -104,7 +104,7 @@ def test_no_import_circle_between_fedmerge_modules():
     graph = {
         name: {
             target
-            for target in _imports(path, module_level_only=True)
+            for target in _imports(path)
             if target in paths and target != name and not name.startswith(f"{target}.")
         }
         for name, path in paths.items()

@@ -23,14 +23,13 @@ from fedmerge.scopes import (
     Scope,
     WSARegularizer,
     fuse_scopes,
-    gaussian_kl,
-    layer_stats,
     scope_names,
     scope_of,
     sigma_spread,
     target_from_config,
     target_to_config,
 )
+from fedmerge.step import gaussian_kl, layer_stats
 
 
 def test_scope_names_pick_conv_and_linear_weights():

@@ -52,7 +52,7 @@ import numpy as np
 from ..config import RunConfig
 from ..options import MatchOptions
 from ..results import read_metrics
-from .grid_spec import BenchSpec, Cell
+from .grid_spec import BenchSpec, Cell, last_rounds_accuracy
 from .tuning import read_choices, tuning_lines
 
 Group = tuple[str, str, str, str]
@@ -70,13 +70,6 @@ def _mean_std(values: Sequence[float | None]) -> list[float] | None:
 def rounds_to_target(rows: Sequence[dict[str, Any]], target: float) -> int | None:
     """The first round whose test accuracy reaches ``target`` (None if none does)."""
     return next((int(r["round"]) for r in rows if r["test-accuracy"] >= target), None)
-
-
-def last_rounds_accuracy(rows: list[dict[str, Any]], k: int) -> float:
-    """Mean test accuracy over the run's last ``k`` rounds (round 0, the initial model, never
-    counts; all rounds if the run has fewer)."""
-    trained = [r["test-accuracy"] for r in rows if r["round"] > 0] or [rows[-1]["test-accuracy"]]
-    return statistics.fmean(trained[-k:])
 
 
 def finished_runs(spec: BenchSpec, out: Path) -> dict[Cell, list[dict[str, Any]]]:

@@ -53,6 +53,7 @@ import difflib
 import itertools
 import logging
 import re
+import statistics
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -323,6 +324,13 @@ class BenchSpec:
         else:
             hint += f"[variants.{cell.variant}])"
         return FedmergeError(f"{self.source} cell {cell.label}: {exc}{hint}")
+
+
+def last_rounds_accuracy(rows: list[dict[str, Any]], k: int) -> float:
+    """Mean test accuracy over the run's last ``k`` rounds (round 0, the initial model, never
+    counts; all rounds if the run has fewer)."""
+    trained = [r["test-accuracy"] for r in rows if r["round"] > 0] or [rows[-1]["test-accuracy"]]
+    return statistics.fmean(trained[-k:])
 
 
 # -- reading a spec ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .grid_spec import BenchSpec, Cell
+from .grid_spec import BenchSpec, Cell, last_rounds_accuracy
 
 TUNING_FILE = "tuning.json"
 Group = tuple[str, str, str, str]
@@ -24,8 +24,6 @@ Group = tuple[str, str, str, str]
 
 def headline_metric(spec: BenchSpec) -> Callable[[list[dict[str, Any]]], float]:
     """The spec's headline as a function of one run's per-round metrics."""
-    from .grid_report import last_rounds_accuracy
-
     if spec.headline == "best":
         return lambda rows: max(float(r["test-accuracy"]) for r in rows)
     if spec.headline == "last-rounds":
