@@ -3,13 +3,45 @@ runs it, on the same trained pairs in one run."""
 
 from __future__ import annotations
 
+import json
+
 import torch
-from test_old_cost import BN_MODEL, run_small_bn_experiment
 
 from fedmerge.bench import mudsc_changes
 from fedmerge.experiments import one_shot
 from fedmerge.experiments.one_shot import MergeSite
 from fedmerge.merging import BETA_GRID
+
+BN_MODEL = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SmallBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+"""
+
+
+def run_small_bn_experiment(main, tmp_path) -> list[dict]:
+    """A before/after script's ``main`` on one pair of SmallBN models (one epoch, beta 0.5):
+    checks it exits 0 and returns the summary rows of its table."""
+    path = tmp_path / "bn_model.py"
+    path.write_text(BN_MODEL)
+    out = tmp_path / "out"
+    args = ["dataset=digits", "--model-class", f"{path}:SmallBN", "--pairs", "0"]
+    args += ["--epochs", "1", "--betas", "0.5", "--merge-samples", "200", "--out", str(out)]
+    assert main(args) == 0
+    return json.loads((out / "merge-experiment.json").read_text())["summary"]
 
 
 def _site(tmp_path) -> MergeSite:

@@ -1,5 +1,5 @@
-"""``fedmerge merge-experiment`` with extra rows on the same trained pairs: the runner the
-one-shot before/after scripts share (``old_cost``, ``mudsc_changes``)."""
+"""``fedmerge merge-experiment`` with extra rows on the same trained pairs: the runner of the
+one-shot before/after script (``mudsc_changes``), for any later one."""
 
 from __future__ import annotations
 
