@@ -14,12 +14,13 @@ vectorised path (:mod:`fedmerge.vectorised`) calls too.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -210,17 +211,77 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``; model left in eval mode."""
+    sums = evaluation_sums(model, x, y, batch_size=batch_size, device=device)
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    return combine_sums(sums, len(y))
+
+
+EvalSums = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def evaluation_sums(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> EvalSums:
+    """Per batch of ``batch_size`` samples, in order: (summed cross-entropy, correct count).
+
+    The parts of :func:`evaluate`: batches evaluated elsewhere (a worker process each share
+    of whole batches) and combined in order by :func:`combine_sums` give its result to the bit.
+    """
     device = torch.device(device)
     model.to(device)
     model.eval()
-    if len(y) == 0:
-        return float("nan"), float("nan")
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    sums = []
     for start in range(0, len(y), batch_size):
         xb = x[start : start + batch_size].to(device)
         yb = y[start : start + batch_size].to(device)
         logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    return float(loss_sum) / len(y), float(correct) / len(y)
+        sums.append((F.cross_entropy(logits, yb, reduction="sum"), (logits.argmax(1) == yb).sum()))
+    return sums
+
+
+def evaluation_share(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> EvalSums:
+    """:func:`evaluation_sums` on the CPU, positional (what a worker process runs)."""
+    return evaluation_sums(model, x, y, batch_size=batch_size)
+
+
+def evaluate_in_shares(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    shares: int,
+    run: Callable[[Callable[..., EvalSums], list[tuple[Any, ...]]], list[EvalSums] | None],
+) -> tuple[float, float] | None:
+    """:func:`evaluate` on the CPU with its batches cut into ``shares`` contiguous shares of
+    whole batches, each evaluated by ``run`` (``run(evaluation_share, args)``, e.g. a worker
+    pool's ``map``, one share a process), the sums added in batch order: equal to
+    :func:`evaluate` to the bit. None when ``run`` returns None (then evaluate here)."""
+    batches = -(-len(y) // batch_size)
+    shares = min(shares, batches)
+    bounds = [batch_size * (batches * k // shares) for k in range(shares + 1)]
+    args = [(model, x[a:b], y[a:b], batch_size) for a, b in itertools.pairwise(bounds)]
+    parts = run(evaluation_share, args)
+    if parts is None:
+        return None
+    return combine_sums([s for part in parts for s in part], len(y))
+
+
+def combine_sums(sums: EvalSums, n: int) -> tuple[float, float]:
+    """Mean loss and accuracy over ``n`` samples from per-batch sums, added in their order."""
+    device = sums[0][0].device if sums else torch.device("cpu")
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for loss, hits in sums:
+        loss_sum += loss.to(device)
+        correct += hits.to(device)
+    return float(loss_sum) / n, float(correct) / n

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import flwr
 import torch
@@ -54,7 +54,7 @@ from fedmerge.results import (
     write_metrics,
 )
 from fedmerge.sinks import ResultsSink, make_sinks
-from fedmerge.training import evaluate, resolve_device
+from fedmerge.training import evaluate, evaluate_in_shares, resolve_device
 
 from .checkpoint import RoundTracker, load_strategy_state, strategy_state
 from .registry import build_strategy
@@ -87,6 +87,15 @@ def main(grid: Grid, context: Context) -> None:
 DIVERGENCE_FACTOR = 2.0
 
 
+class WorkerPool(Protocol):
+    """What the central evaluation needs of the local engine's worker processes
+    (:class:`fedmerge.engine.workers.WorkerPool`; the ServerApp does not import the engine)."""
+
+    size: int
+
+    def map(self, fn: Any, args: Sequence[tuple[Any, ...]]) -> list[Any] | None: ...
+
+
 class RoundRecorder:
     """Flower's ``evaluate_fn``: centralized test evaluation and timing (:meth:`__call__`),
     then the round recorded (:meth:`record`): its row handed to the results sinks
@@ -110,6 +119,8 @@ class RoundRecorder:
         The global model already reached (a resumed run: its checkpoint's).
     sinks : sequence of ResultsSink, optional
         Where each round's row goes, in order; started and closed by the caller.
+    pool : WorkerPool, optional
+        The local engine's worker processes: they share the central evaluation.
     """
 
     def __init__(
@@ -121,8 +132,10 @@ class RoundRecorder:
         rows: list[dict[str, Any]] | None = None,
         arrays: ArrayRecord | None = None,
         sinks: Sequence[ResultsSink] = (),
+        pool: WorkerPool | None = None,
     ) -> None:
         self.cfg, self.data, self.run_dir, self.tracker = cfg, data, run_dir, tracker
+        self.pool = pool
         self.sinks = list(sinks)
         self.device = resolve_device(cfg.device)
         self.model = make_model(cfg, data).to(self.device)
@@ -159,15 +172,26 @@ class RoundRecorder:
 
     def evaluate_model(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         """Test loss and accuracy of the global model ``state`` on the test split (a resized
-        model when FedMA's global model grew)."""
+        model when FedMA's global model grew).
+
+        With the local engine's worker processes (``workers`` >= 2, CPU), the test split's
+        batches are shared out among them while no client trains, each worker one contiguous
+        share of whole batches, and the per-batch sums are added in batch order: the result
+        equals the evaluation in this process to the bit, on every core at once."""
         self.model = fit_model(self.model, state)
-        return evaluate(
-            self.model,
-            self.x_test,
-            self.y_test,
-            batch_size=self.cfg.eval_batch_size,
-            device=self.device,
-        )
+        size, pool = self.cfg.eval_batch_size, self.pool
+        if pool is not None and pool.size >= 2 and self.device.type == "cpu":
+            shared = evaluate_in_shares(
+                self.model,
+                self.x_test,
+                self.y_test,
+                batch_size=size,
+                shares=pool.size,
+                run=pool.map,
+            )
+            if shared is not None:
+                return shared
+        return evaluate(self.model, self.x_test, self.y_test, batch_size=size, device=self.device)
 
     def round_row(
         self, r: int, loss: float, acc: float, start: float, end: float
@@ -297,16 +321,20 @@ def _run_locked(grid: Grid, cfg: RunConfig, run_dir: Path, sinks: list[ResultsSi
     strategy = build_strategy(cfg)
     # Flower's engines return replies in arrival order; the local engine in a fixed order.
     sort_replies = not getattr(grid, "deterministic_reply_order", False)
+    # The local engine's worker processes (None elsewhere) share the central evaluation.
+    pool = getattr(grid, "pool", None)
     if checkpoint is None:
         arrays = ArrayRecord(make_model(cfg, data, seed=cfg.seed).state_dict())
         tracker = RoundTracker(strategy, 0, sort_replies)
-        recorder = RoundRecorder(cfg, data, run_dir, tracker, sinks=sinks)
+        recorder = RoundRecorder(cfg, data, run_dir, tracker, sinks=sinks, pool=pool)
     else:
         load_strategy_state(strategy, checkpoint.strategy)
         set_rng_state(checkpoint.rng)
         arrays = ArrayRecord(checkpoint.arrays)
         tracker = RoundTracker(strategy, checkpoint.round, sort_replies)
-        recorder = RoundRecorder(cfg, data, run_dir, tracker, checkpoint.rows, arrays, sinks)
+        recorder = RoundRecorder(
+            cfg, data, run_dir, tracker, checkpoint.rows, arrays, sinks, pool=pool
+        )
         log.info("resuming after round %d of %d", checkpoint.round, cfg.num_rounds)
     with ExitStack() as closing:  # every sink started is closed, however the run ends
         for sink in sinks:  # a resumed run's FileSink drops rows written after the checkpoint

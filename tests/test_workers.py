@@ -171,6 +171,36 @@ def test_two_workers_give_exactly_the_metrics_of_one(tmp_path, name):
     assert len(rows[1]) == 4 and rows[1] == rows[2]
 
 
+def test_central_evaluation_shared_by_the_workers_equals_the_in_process_one(tmp_path):
+    # 6 batches of 64 test samples: with 2 workers each evaluates 3, the sums added in order.
+    rows = _rows_by_workers(tmp_path, **{"eval-batch-size": 64})
+    assert len(rows[1]) == 4 and rows[1] == rows[2]
+
+
+def test_pool_map_evaluates_shares_that_combine_to_evaluate_to_the_bit():
+    from fedmerge.models import build_model
+    from fedmerge.training import combine_sums, evaluate, evaluation_share
+
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 8, 8), 10, seed=0)
+    x, y = torch.randn(300, 1, 8, 8), torch.randint(0, 10, (300,))
+    with WorkerPool(constant_client(), 2) as pool:
+        parts = pool.map(
+            evaluation_share, [(model, x[:128], y[:128], 64), (model, x[128:], y[128:], 64)]
+        )
+        assert parts is not None and [len(p) for p in parts] == [2, 3]
+        assert combine_sums([s for p in parts for s in p], 300) == evaluate(
+            model, x, y, batch_size=64
+        )
+        assert pool.map(evaluation_share, [(model, x, y, 64)] * 3) is None  # 3 shares, 2 workers
+        assert pool.map(_raises, [()]) is None  # a raise: the caller computes it itself
+        assert len(pool.pids()) == 2
+
+
+def _raises() -> None:
+    raise ValueError("no")
+
+
 def test_vectorised_training_runs_in_the_workers(tmp_path):
     rows = _rows_by_workers(tmp_path, vectorise=True)
     # Each worker trains its share of the round together; vmap sums in another order than

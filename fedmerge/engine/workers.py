@@ -110,8 +110,19 @@ def _worker_main(
             break
         if task is None:
             break
+        if task[0] == "function":
+            conn.send(_run_function(task[1], task[2]))
+            continue
         conn.send(run_task(app, batch_train, task))
     conn.close()
+
+
+def _run_function(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """``(True, fn(*args))``, or ``(False, reason)`` when it raised (:meth:`WorkerPool.map`)."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the caller computes it itself instead
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -226,6 +237,41 @@ class WorkerPool:
             else:
                 keep.append(w)
         self._late = keep
+
+    # -- the server's work between rounds --------------------------------------------------
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]]) -> list[Any] | None:
+        """``[fn(*a) for a in args]``, each on its own free worker at once (the server's work
+        while no client trains, e.g. its evaluation split into shares); None when there are
+        fewer free workers than ``args``, or a worker failed or died (the caller then does it
+        itself). ``fn`` and ``args`` are pickled: a top-level function and plain data."""
+        self.start()
+        if len(args) > len(self._free):
+            return None
+        workers = self._free[: len(args)]
+        results: list[Any] = [None] * len(args)
+        failed = False
+        try:
+            for worker, a in zip(workers, args, strict=True):
+                worker.conn.send(("function", fn, a))
+        except Exception as exc:  # noqa: BLE001 - unpicklable work, or a dead worker
+            log.warning("worker pool: cannot send %s (%s); computing it here", fn.__name__, exc)
+            failed = True
+            sent = workers[: workers.index(worker)]
+        else:
+            sent = workers
+        for i, worker in enumerate(sent):
+            try:
+                ok, value = worker.conn.recv()
+            except (EOFError, OSError):
+                self._free.remove(worker)
+                self._lost(worker, running=None)
+                failed = True
+                continue
+            if not ok:
+                log.warning("worker pool: %s raised %s; computing it here", fn.__name__, value)
+                failed = True
+            results[i] = value
+        return None if failed else results
 
     # -- running a round -----------------------------------------------------------------
     def run(self, tasks: Sequence[Task], timeout: float | None) -> list[Result | None]:
