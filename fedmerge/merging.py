@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +41,6 @@ from .options import BETA_CRITERIA, REFERENCES  # the names live with MatchOptio
 from .permutations import PermutationSpec, State, apply_permutations
 
 log = logging.getLogger(__name__)
-
-#: ``merge(states, weights, *, reference) -> state``.
-MergeFn = Callable[..., dict[str, Tensor]]
 
 #: Minimum align-then-average passes of ``match-reference=barycenter``.
 BARYCENTER_PASSES = 3

@@ -72,10 +72,11 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
+from ..options import NPOptions
 from ..permutations import PermutationSpec, State
 from .fusion import fuse
 from .learning import _loss, _repaired_buffers, _set_mode, learn_coefficients
-from .options import NPOptions, NPReport
+from .report import NPReport
 
 __all__ = [
     "Alignment",

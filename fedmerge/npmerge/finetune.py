@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..options import NPOptions
 from ..permutations import State
 from ..training import batches as training_batches
 from .fusion import _Adam
 from .learning import _loss, _set_mode, _split
-from .options import NPOptions
 
 __all__ = ["FineTuneReport", "fine_tune_like_np"]
 

@@ -17,10 +17,11 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
+from ..options import NPOptions
 from ..permutations import State
 from ..training import batches as training_batches
 from .fusion import _Adam, _Fusion, _nbytes
-from .options import _EVAL_BATCH, NPOptions, NPReport
+from .report import _EVAL_BATCH, NPReport
 
 # ---------------------------------------------------------------------------------------------
 # Learning one problem

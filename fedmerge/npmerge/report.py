@@ -1,13 +1,12 @@
-"""NP Merge's per-merge report; its options (the np-* keys) live in :mod:`fedmerge.options`."""
+"""NP Merge's per-merge report (what a merge did: problems, steps, losses, memory); its options,
+the np-* keys, are :class:`fedmerge.options.NPOptions`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from ..options import NP_ALIGNS, NP_BN_MODES, NP_FORMS, NP_INITS, NP_PARAMS, NPOptions
-
-__all__ = ["NP_ALIGNS", "NP_BN_MODES", "NP_FORMS", "NP_INITS", "NP_PARAMS", "NPOptions", "NPReport"]
+__all__ = ["NPReport"]
 
 
 # Held-out loss and proxy-loss evaluation batch (no gradients, so memory is small).
