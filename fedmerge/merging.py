@@ -37,7 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, unknown_name
-from .options import BETA_CRITERIA, REFERENCES  # the names live with MatchOptions
+from .options import (  # the names live with MatchOptions
+    BETA_CRITERIA,
+    DEFAULT_MATCH_BETA,
+    DEFAULT_MATCH_MAX_SWEEPS,
+    DEFAULT_MATCH_SITES,
+    REFERENCES,
+)
 from .permutations import PermutationSpec, State, apply_permutations
 
 log = logging.getLogger(__name__)
@@ -124,10 +130,10 @@ def align_one(
     *,
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
-    beta: float = 0.5,
+    beta: float = DEFAULT_MATCH_BETA,
     seed: int = 0,
-    max_sweeps: int = 100,
-    sites: str = "all",
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
+    sites: str = DEFAULT_MATCH_SITES,
     similarities: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     """``state`` with its units permuted to match ``target``'s, and the fraction moved
@@ -161,7 +167,7 @@ def activation_similarities_of(
     states: Sequence[State],
     inputs: Tensor,
     *,
-    sites: str = "all",
+    sites: str = DEFAULT_MATCH_SITES,
 ) -> list[dict[str, Tensor]]:
     """The activation similarities of every state against ``target`` (as
     :func:`fedmerge.matching.activation_similarities`): the target's forward pass over
@@ -208,12 +214,12 @@ def align_models(
     matcher: str = "weight",
     mode: str = "global",
     iterations: int = 1,
-    beta: float = 0.5,
+    beta: float = DEFAULT_MATCH_BETA,
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
     seed: int = 0,
-    max_sweeps: int = 100,
-    sites: str = "all",
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
+    sites: str = DEFAULT_MATCH_SITES,
     reset_batchnorm: bool = True,
     similarities: Sequence[Mapping[str, Tensor]] | None = None,
     report: MatchReport | None = None,
@@ -291,12 +297,12 @@ def matched_average(
     matcher: str = "weight",
     mode: str = "global",
     iterations: int = 1,
-    beta: float = 0.5,
+    beta: float = DEFAULT_MATCH_BETA,
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
     seed: int = 0,
-    max_sweeps: int = 100,
-    sites: str = "all",
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
+    sites: str = DEFAULT_MATCH_SITES,
     reset_batchnorm: bool = True,
     similarities: Sequence[Mapping[str, Tensor]] | None = None,
     report: MatchReport | None = None,
@@ -478,8 +484,8 @@ def select_beta(
     grid: Sequence[float] = BETA_GRID,
     criterion: str = "accuracy",
     seed: int = 0,
-    max_sweeps: int = 100,
-    sites: str = "all",
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
+    sites: str = DEFAULT_MATCH_SITES,
     reset_batchnorm: bool = True,
 ) -> BetaChoice:
     """The dual matcher's ``beta`` whose matched average scores best on the labelled data.

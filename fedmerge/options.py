@@ -148,6 +148,13 @@ def _flag(key: str, value: Any) -> None:
         raise ConfigError(key, value, "true or false")
 
 
+#: Defaults of the matching keys (match-beta, match-max-sweeps, match-sites), written once:
+#: MatchOptions and the keyword defaults of the library's matching functions read them.
+DEFAULT_MATCH_BETA = 0.5
+DEFAULT_MATCH_MAX_SWEEPS = 100
+DEFAULT_MATCH_SITES = "all"
+
+
 @dataclass(frozen=True)
 class MatchOptions(Options):
     """Neuron matching before averaging (FedMatch, FedNPMerge's alignment, FedWSA matched).
@@ -182,11 +189,11 @@ class MatchOptions(Options):
     method: str = "weight"
     reference: str = "global"
     iterations: int = 1
-    beta: float | str = 0.5
+    beta: float | str = DEFAULT_MATCH_BETA
     beta_criterion: str = "accuracy"
     bn_repair: bool = True
-    max_sweeps: int = 100
-    sites: str = "all"
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS
+    sites: str = DEFAULT_MATCH_SITES
 
     def __post_init__(self) -> None:
         if self.method not in MATCHER_NAMES:

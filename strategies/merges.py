@@ -37,7 +37,7 @@ from fedmerge.merging import (
 from fedmerge.models import model_spec
 from fedmerge.npmerge import Alignment, NPOptions, NPReport, np_merge
 from fedmerge.npmerge.finetune import fine_tune_like_np
-from fedmerge.options import FineTuneOptions, MatchOptions
+from fedmerge.options import DEFAULT_MATCH_BETA, FineTuneOptions, MatchOptions
 from fedmerge.permutations import PermutationSpec, State
 from fedmerge.proxy import Proxy, ProxyLike, as_proxy
 from fedmerge.training import train
@@ -209,7 +209,7 @@ class MatchedMerge:
                 list(states),
                 list(weights),
                 matcher=o.method,
-                beta=0.5 if o.beta == "auto" else float(o.beta),  # only the dual matcher reads it
+                beta=DEFAULT_MATCH_BETA if o.beta == "auto" else float(o.beta),  # dual only
                 inputs=None if proxy is None else proxy.x,
                 report=match,
                 **common,

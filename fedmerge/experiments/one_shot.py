@@ -43,6 +43,7 @@ from ..matching import match
 from ..merging import BETA_GRID, average, has_batchnorm, repair_batchnorm
 from ..models import model_spec
 from ..npmerge import Alignment, NPOptions, np_merge
+from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_SITES
 from ..permutations import PermutationSpec, StateDict, apply_permutations
 from ..training import resolve_device, train
 
@@ -63,7 +64,7 @@ class MergeSite:
     x: Tensor
     y: Tensor
     seed: int
-    sites: str = "all"
+    sites: str = DEFAULT_MATCH_SITES
 
     @property
     def spec(self) -> PermutationSpec:
@@ -97,7 +98,7 @@ def _cpu(state: dict[str, Tensor]) -> StateDict:
 
 
 def _aligned_average(
-    site: MergeSite, matcher: str, beta: float = 0.5, *, reset_batchnorm: bool = True
+    site: MergeSite, matcher: str, beta: float = DEFAULT_MATCH_BETA, *, reset_batchnorm: bool = True
 ) -> StateDict:
     """B aligned to A by ``matcher``, then averaged with A. The data-based matchers read both
     models' activations through BatchNorm statistics recomputed on the merge-site inputs (as
@@ -433,7 +434,7 @@ def np_merge_site(
     site: MergeSite,
     *,
     matcher: str = "weight",
-    beta: float = 0.5,
+    beta: float = DEFAULT_MATCH_BETA,
     options: NPOptions | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:

@@ -68,6 +68,7 @@ from collections.abc import Callable, Mapping
 from torch import Tensor, nn
 
 from ..errors import unknown_name
+from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_MAX_SWEEPS, DEFAULT_MATCH_SITES
 from ..permutations import Permutations, PermutationSpec, State
 from .activations import (
     _check_sites,
@@ -122,10 +123,10 @@ def match(
     *,
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
-    beta: float = 0.5,
+    beta: float = DEFAULT_MATCH_BETA,
     seed: int = 0,
-    max_sweeps: int = 100,
-    sites: str = "all",
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
+    sites: str = DEFAULT_MATCH_SITES,
     similarities: Mapping[str, Tensor] | None = None,
 ) -> Permutations:
     """Align ``other_state`` to ``reference_state`` with the matcher called ``name``.

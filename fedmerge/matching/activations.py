@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import unknown_name
-from ..options import MATCH_SITES
+from ..options import DEFAULT_MATCH_SITES, MATCH_SITES
 from ..permutations import (
     PermGroup,
     Permutations,
@@ -49,7 +49,7 @@ def _evaluating(*models: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def selected_sites(group: PermGroup, sites: str = "all") -> tuple[Site, ...]:
+def selected_sites(group: PermGroup, sites: str = DEFAULT_MATCH_SITES) -> tuple[Site, ...]:
     """The activation sites of one permutation that the matchers read (``match-sites``).
 
     ``"all"``: every site of ``group`` (their samples are stacked into one correlation).
@@ -122,7 +122,7 @@ def activation_similarities(
     others: Sequence[nn.Module],
     inputs: Tensor,
     batch_size: int = 256,
-    sites: str = "all",
+    sites: str = DEFAULT_MATCH_SITES,
 ) -> list[dict[str, Tensor]]:
     """MuDSC ``S_act`` / Git Re-Basin's activation cost of every permutation (float64) of each
     model of ``others`` against ``reference``, read at the sites :func:`selected_sites` picks.
@@ -191,7 +191,7 @@ def _activation_correlations(
     other: nn.Module,
     inputs: Tensor,
     batch_size: int,
-    sites: str = "all",
+    sites: str = DEFAULT_MATCH_SITES,
 ) -> dict[str, Tensor]:
     """:func:`activation_similarities` of one model."""
     return activation_similarities(spec, reference, [other], inputs, batch_size, sites)[0]
@@ -216,7 +216,7 @@ def activation_matching(
     inputs: Tensor,
     *,
     batch_size: int = 256,
-    sites: str = "all",
+    sites: str = DEFAULT_MATCH_SITES,
 ) -> Permutations:
     """Git Re-Basin activation matching: align ``other``'s units to ``reference``'s.
 

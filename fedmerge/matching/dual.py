@@ -9,6 +9,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_MAX_SWEEPS, DEFAULT_MATCH_SITES
 from ..permutations import (
     Permutations,
     PermutationSpec,
@@ -81,12 +82,12 @@ def dual_matching(
     other: nn.Module,
     inputs: Tensor | None,
     *,
-    beta: float = 0.5,
-    max_sweeps: int = 100,
+    beta: float = DEFAULT_MATCH_BETA,
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
     patience: int = 5,
     seed: int = 0,
     batch_size: int = 256,
-    sites: str = "all",
+    sites: str = DEFAULT_MATCH_SITES,
 ) -> Permutations:
     """MuDSC dual-space matching: align ``other``'s units to ``reference``'s.
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..options import DEFAULT_MATCH_MAX_SWEEPS
 from ..permutations import (
     Permutations,
     PermutationSpec,
@@ -137,7 +138,7 @@ def weight_matching(
     reference: State,
     other: State,
     *,
-    max_sweeps: int = 100,
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
     seed: int = 0,
     init: Permutations | None = None,
 ) -> Permutations:

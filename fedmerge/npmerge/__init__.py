@@ -72,7 +72,7 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
-from ..options import NPOptions
+from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_MAX_SWEEPS, DEFAULT_MATCH_SITES, NPOptions
 from ..permutations import PermutationSpec, State
 from .fusion import fuse
 from .learning import _loss, _repaired_buffers, _set_mode, learn_coefficients
@@ -122,9 +122,9 @@ class Alignment:
     matcher: str = "weight"
     mode: str = "global"
     iterations: int = 1
-    beta: float = 0.5
-    max_sweeps: int = 100
-    sites: str = "all"
+    beta: float = DEFAULT_MATCH_BETA
+    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS
+    sites: str = DEFAULT_MATCH_SITES
 
     def __post_init__(self) -> None:
         if self.mode not in REFERENCES:
