@@ -10,6 +10,12 @@ the merge and the growth of the process's peak resident memory during it (``ru_m
 minus before, SciPy and the models already loaded: what the merge itself added), next to
 NP Merge's own count of its learning state (``np-state-mb``: coefficients, Adam moments,
 gradients, kept copies). CPU only; on CUDA the strategy reports ``np-peak-cuda-mb`` instead.
+
+For NP Merge also the seconds of one of its Adam steps (its learning time over its steps,
+held-out evaluations included) against one plain training step of the same network on a
+batch of the same size (SGD with momentum, after the merge, in the same process): the ratio
+says how far NP Merge is from the cost of its arithmetic, a forward and backward pass of the
+merged network per step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import resource
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported in the child, after its memory baseline
+    import torch
 
 
 def _measure(model_name: str, method: str, clients: int, proxy: int, form: str) -> dict:
@@ -57,12 +67,36 @@ def _measure(model_name: str, method: str, clients: int, proxy: int, form: str) 
         )
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
+    out = {
         "seconds": seconds,
         "peak-growth-mb": (after - before) / 1024,  # ru_maxrss is in KiB on Linux
         "state-mb": report.state_bytes / 2**20,
         "steps": report.steps,
     }
+    if report.steps:
+        out["np-step-s"] = report.seconds / report.steps
+        out["train-step-s"] = _train_step_seconds(model, x, y, NPOptions().batch_size)
+    return out
+
+
+def _train_step_seconds(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int = 20
+) -> float:
+    """Seconds of one plain SGD step (forward, backward, update) of ``model`` on a batch."""
+    import torch.nn.functional as F
+
+    from ..training import SGD
+
+    model.train()
+    opt = SGD(list(model.parameters()), lr=0.01, momentum=0.9)
+    xb, yb = x[:batch_size], y[:batch_size]
+    for i in range(steps + 3):  # 3 warm-up steps
+        if i == 3:
+            start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'model':<9} {'method':<20} {'seconds':>8} {'peak +MB':>9} {'state MB':>9} {'steps':>6}"
+        f" {'s/step':>7} {'train s/step':>12} {'ratio':>6}"
     )
     for model in args.models.split(","):
         methods = [("matched", "-")] + [("npmerge", f) for f in args.forms.split(",")]
@@ -105,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             name = "matched average" if method == "matched" else f"NP Merge ({form})"
+            step = ""
+            if "np-step-s" in r:
+                ratio = r["np-step-s"] / r["train-step-s"]
+                step = f" {r['np-step-s']:>7.4f} {r['train-step-s']:>12.4f} {ratio:>6.2f}"
             print(
                 f"{model:<9} {name:<20} {r['seconds']:>8.2f} {r['peak-growth-mb']:>9.1f} "
-                f"{r['state-mb']:>9.2f} {r['steps']:>6}",
+                f"{r['state-mb']:>9.2f} {r['steps']:>6}{step}",
                 flush=True,
             )
     return 0
