@@ -68,3 +68,15 @@ def test_other_partitions_and_zero_sigma_add_no_noise():
     for spec in (_spec(partition="iid"), _spec(**{"partition-sigma": 0.0})):
         for pid in range(NUM_CLIENTS):
             assert torch.equal(client_shard(spec, pid)[0], _clean(spec, pid)[0])
+
+
+def test_the_data_spec_holds_every_data_and_partition_key_and_nothing_else():
+    """DataSpec (the cache key of loaded data and partitions) lists the data and partition
+    components' fields, the seed and the clients: a key added to a component and not here
+    would let two different datasets share one cache entry."""
+    from dataclasses import fields
+
+    from fedmerge.components import DataOptions, PartitionOptions
+
+    expected = {f.name for f in fields(DataOptions)} | {f.name for f in fields(PartitionOptions)}
+    assert {f.name for f in fields(DataSpec)} == expected | {"seed", "num_clients"}
