@@ -29,7 +29,7 @@ from flwr.supercore import log
 from fedmerge.permutations import State
 
 from .merges import MergeFn, fedavg_average
-from .validation import client_states
+from .replies import client_states
 
 
 def _takes_seed(merge: MergeFn) -> bool:

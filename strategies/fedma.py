@@ -62,7 +62,7 @@ from fedmerge.permutations import State
 
 from .base import MergeStrategy
 from .checkpoint import reply_digest
-from .validation import client_states, metric_list
+from .replies import client_states, metric_list
 
 
 def _mb(arrays: ArrayRecord) -> float:

@@ -43,7 +43,8 @@ from .finetune import (
     finetune_options,
 )
 from .npmerge import FedNPMerge, fednpmerge_options
-from .validation import ValidatedReplies, metric_list, metric_number, validated
+from .replies import metric_list, metric_number
+from .validation import ValidatedReplies, validated
 from .wsa import FedWSA
 
 

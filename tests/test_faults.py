@@ -12,10 +12,10 @@ import pytest
 import torch
 from fedmerge.clients.client_app import app as client_app
 from fedmerge.strategies.registry import STRATEGIES, build_strategy
+from fedmerge.strategies.replies import _view
 from fedmerge.strategies.server_app import app as server_app
 from fedmerge.strategies.validation import (
     ValidatedReplies,
-    _view,
     array_signature,
     filter_replies,
     validate_reply,
