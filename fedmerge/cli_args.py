@@ -1,5 +1,5 @@
 """Command-line helpers shared by ``fedmerge`` (:mod:`fedmerge.cli`) and ``fedmerge analyse``
-(:mod:`fedmerge.bench.analyses`): comma-separated numbers, and ``key=value`` overrides
+(:mod:`fedmerge.commands.analyse`): comma-separated numbers, and ``key=value`` overrides
 mixed with options.
 
 Imports neither torch nor rich: the parsers that use it stay fast.

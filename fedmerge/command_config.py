@@ -100,3 +100,10 @@ def warn_unused(command: str, args: argparse.Namespace, read: set[str]) -> list[
     for key in keys:
         log.warning("%s does not use %s=%s: the key was ignored", command, key, overrides[key])
     return keys
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every command that reads a run-config takes: ``--config FILE`` and
+    ``key=value`` overrides."""
+    p.add_argument("--config", help="TOML file of run-config keys (or a pyproject.toml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")

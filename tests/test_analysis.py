@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fedmerge.bench import analyses
+from fedmerge.commands import analyse as analyses
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.experiments import analysis
@@ -293,7 +293,7 @@ def test_analyse_reports_bad_options_in_one_line(tmp_path, capsys):
 
 
 def test_adding_the_parsers_imports_no_torch():
-    code = "import sys, fedmerge.bench.analyses; assert 'torch' not in sys.modules"
+    code = "import sys, fedmerge.commands.analyse; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

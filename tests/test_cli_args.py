@@ -9,8 +9,8 @@ import math
 import pytest
 
 from fedmerge import cli
-from fedmerge.bench import analyses
 from fedmerge.cli_args import floats, overrides_last, value_options
+from fedmerge.commands import analyse as analyses
 from fedmerge.errors import ConfigError, FedmergeError
 
 
@@ -32,10 +32,12 @@ def test_floats_parses_and_names_the_flag_in_both_error_forms():
     assert math.isnan(floats("nan", "--lambdas")[0])
 
 
-def test_both_commands_use_the_shared_helpers():
+def test_every_command_uses_the_shared_helpers():
+    from fedmerge.commands import experiments
+
     assert not hasattr(cli, "_floats") and not hasattr(cli, "_overrides_last")
     assert not hasattr(analyses, "_floats") and not hasattr(analyses, "_OVERRIDE")
-    assert cli.floats is floats and cli.overrides_last is overrides_last
+    assert cli.overrides_last is overrides_last and experiments.floats is floats
     assert analyses.floats is floats and analyses.overrides_last is overrides_last
     # --factors keeps its messages: the analyses' form (config key ...), positive numbers only
     with pytest.raises(ConfigError, match=r"'--factors': got '0'; allowed: .* > 0"):

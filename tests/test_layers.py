@@ -41,6 +41,7 @@ FORBIDDEN = (
     "fedmerge.runner",
     "fedmerge.cli",
     "fedmerge.command_config",
+    "fedmerge.commands",
     "strategies",
     "clients",
     "flwr",

@@ -12,7 +12,7 @@
 proxy-size...). Each probe prints its table and writes ``DIR/<probe>.json`` (config, title,
 rows), ``DIR/<probe>.md`` (the table in Markdown) and its PNG plot(s); ``all`` runs the three,
 ``soups`` and ``scaling`` on the same trained models. The same commands run as
-``python -m fedmerge.bench.analyses PROBE ...``. What each probe does and every choice it makes:
+``python -m fedmerge.commands.analyse PROBE ...``. What each probe does and every choice it makes:
 :mod:`fedmerge.analysis`.
 """
 
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli_args import floats, overrides_last
-from ..command_config import command_config, warn_unused
+from ..command_config import command_config, config_args, warn_unused
 from ..config import RunConfig
 from ..errors import ConfigError, FedmergeError, unknown_name
 
@@ -307,8 +307,7 @@ def _add_probes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     """Add the four probe sub-commands to a sub-parsers action."""
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="TOML file of run-config keys (or a pyproject.toml)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
+        config_args(p)
         p.add_argument("--out", default="runs/analyses", help="output folder")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -373,7 +372,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedmerge.bench.analyses PROBE [key=value ...] [options]``."""
+    """``python -m fedmerge.commands.analyse PROBE [key=value ...] [options]``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog="fedmerge analyse", description="Weight-averaging analyses (arXiv 2411.09263)."
