@@ -278,7 +278,8 @@ def test_data_root_override(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(grid.DATA_ROOT_ENV, str(tmp_path / "nowhere"))
     assert grid.main(["quick", "--out", str(tmp_path / "o"), "--jobs", "1"]) == 2
     err = capsys.readouterr().err
-    assert "nowhere" in err and "fashion-mnist/iid/fedavg/s0" in err
+    # (the tuning trials run first: the first one named is a trial's cell)
+    assert "nowhere" in err and "preset quick, cell fashion-mnist/iid/" in err
     assert not list((tmp_path / "o").glob("*/*/*/s0"))
 
 
@@ -752,13 +753,15 @@ def test_the_regimes_presets_hold_their_regimes():
         cfg = local.config(cell, Path("."))
         assert (cfg.partition, cfg.partition_beta, cfg.num_clients) == ("dirichlet", 0.5, 16)
         assert cfg.local_epochs >= 10
-    lambdas = set()
     for cell in wsa.cells():
-        cfg = wsa.config(cell, Path("."))
-        assert cfg.num_rounds >= 30
-        if cfg.strategy == "fedwsa":
-            lambdas.add(cfg.wsa_lambda)
+        assert wsa.config(cell, Path(".")).num_rounds >= 30
+    # WSA's lambda is chosen on validation from the grid 0.1..10, and the headline declared.
+    assert wsa.tuning is not None and wsa.headline == "last-rounds"
+    lambdas = {keys["wsa-lambda"] for keys in wsa.tuning.trials["fedwsa"].values()}
     assert min(lambdas) == 0.1 and max(lambdas) == 10.0 and len(lambdas) >= 4
+    for cell, label in wsa.trial_cells():
+        cfg = wsa.trial_config(cell, label, Path("."))
+        assert cfg.validation_size > 0 and cfg.num_rounds >= 30
     partitions = {
         (p["partition"], p.get("partition-k"), p.get("partition-beta"))
         for p in wsa.partitions.values()
