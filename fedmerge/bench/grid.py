@@ -628,6 +628,10 @@ def cmd(args: argparse.Namespace) -> int:
     data_root = args.data_root or os.environ.get(DATA_ROOT_ENV)
     overrides = {"data-root": str(Path(data_root).expanduser().resolve())} if data_root else {}
     spec = load_spec(source, overrides)
+    # Everything the bench will need, imported now rather than hours later: code that changes
+    # on disk while a bench runs (a git pull) must not reach it half-way.
+    from . import grid_report, tuning  # noqa: F401
+
     out = args.out or Path("runs") / f"bench-{Path(str(source)).stem}"
     if args.dry_run:
         dry_run(spec, out, args.jobs)
