@@ -401,9 +401,8 @@ def run_tasks(tasks: list[Task], *, jobs: int, threads: int) -> list[tuple[str, 
     )
     with pool, _stopped_on_interrupt(pool):
         futures = {
-            pool.submit(run_cell, str(folder), cfg.to_mapping(), threads, label): task
+            pool.submit(run_cell, str(task[1]), task[2].to_mapping(), threads, task[0]): task
             for task in tasks
-            for label, folder, cfg in [task]
         }
         for i, fut in enumerate(as_completed(futures), 1):
             try:

@@ -52,7 +52,7 @@ import numpy as np
 from ..config import RunConfig
 from ..options import MatchOptions
 from ..results import read_metrics
-from .grid_spec import BenchSpec, Cell, last_rounds_accuracy
+from .grid_spec import BenchSpec, Cell, accuracy_metric, last_rounds_accuracy
 from .tuning import read_choices, tuning_lines
 
 Group = tuple[str, str, str, str]
@@ -191,12 +191,8 @@ def seed_metrics(spec: BenchSpec) -> dict[str, Metric]:
     """The per-seed accuracies the report compares between variants, by name: ``final``
     (last round), ``last-rounds`` (:func:`last_rounds_accuracy`) and ``round-R`` for each
     of the spec's ``report-rounds`` (None where a run has no round R)."""
-    metrics: dict[str, Metric] = {
-        "final": lambda rows: rows[-1]["test-accuracy"],
-        "last-rounds": lambda rows: last_rounds_accuracy(rows, spec.last_rounds),
-    }
-    if spec.headline == "best":
-        metrics["best"] = lambda rows: max(r["test-accuracy"] for r in rows)
+    names = ["final", "last-rounds", *(["best"] if spec.headline == "best" else [])]
+    metrics: dict[str, Metric] = {n: accuracy_metric(n, spec.last_rounds) for n in names}
     for r in spec.report_rounds:
         metrics[f"round-{r}"] = partial(round_accuracy, number=r)
     return metrics

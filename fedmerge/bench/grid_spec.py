@@ -55,7 +55,7 @@ import logging
 import re
 import statistics
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -228,18 +228,14 @@ class BenchSpec:
     ) -> RunConfig:
         """The run-config of one trial: the row's keys, the trial's, and the validation split."""
         assert self.tuning is not None
-        folder = out / self.trial_path(cell, label)
         values = {
             **self.keys(cell, chosen=False),
             **self.tuning.trials[cell.variant][label],
             **self.overrides,
             "validation-size": self.tuning.validation_size,
-            "seed": cell.seed,
-            "output-dir": str(folder.parent),
-            "run-name": run_name or folder.name,
         }
         try:
-            return RunConfig.from_mapping(values)
+            return _run_config(values, cell.seed, out / self.trial_path(cell, label), run_name)
         except ConfigError as exc:
             where = f"tune.{cell.variant}" if exc.key in values else "tune"
             raise FedmergeError(f"{self.source} [{where}] trial {label}: {exc}") from None
@@ -251,15 +247,8 @@ class BenchSpec:
     def config(self, cell: Cell, out: Path, run_name: str | None = None) -> RunConfig:
         """The validated run-config of ``cell`` writing to ``out/<cell path>`` (or to the
         sibling folder ``run_name``). Errors name the spec, the table and the key."""
-        folder = out / cell.path
-        values = {
-            **self.keys(cell),
-            "seed": cell.seed,
-            "output-dir": str(folder.parent),
-            "run-name": run_name or folder.name,
-        }
         try:
-            return RunConfig.from_mapping(values)
+            return _run_config(self.keys(cell), cell.seed, out / cell.path, run_name)
         except ConfigError as exc:
             raise self._located(cell, exc) from None
 
@@ -331,6 +320,31 @@ def last_rounds_accuracy(rows: list[dict[str, Any]], k: int) -> float:
     counts; all rounds if the run has fewer)."""
     trained = [r["test-accuracy"] for r in rows if r["round"] > 0] or [rows[-1]["test-accuracy"]]
     return statistics.fmean(trained[-k:])
+
+
+def accuracy_metric(name: str, last_rounds: int) -> Callable[[list[dict[str, Any]]], float]:
+    """One of :data:`HEADLINES` as a function of a run's per-round metrics: the final round's
+    test accuracy, the best round's, or :func:`last_rounds_accuracy` over ``last_rounds``."""
+    if name == "best":
+        return lambda rows: max(float(r["test-accuracy"]) for r in rows)
+    if name == "last-rounds":
+        return lambda rows: last_rounds_accuracy(rows, last_rounds)
+    if name == "final":
+        return lambda rows: float(rows[-1]["test-accuracy"])
+    raise ValueError(f"metric {name!r}: one of {', '.join(HEADLINES)}")
+
+
+def _run_config(
+    keys: Mapping[str, Any], seed: int, folder: Path, run_name: str | None
+) -> RunConfig:
+    """``keys`` with the seed and the folder the bench sets, validated (ConfigError)."""
+    values = {
+        **keys,
+        "seed": seed,
+        "output-dir": str(folder.parent),
+        "run-name": run_name or folder.name,
+    }
+    return RunConfig.from_mapping(values)
 
 
 # -- reading a spec ---------------------------------------------------------------------------

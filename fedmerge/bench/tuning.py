@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .grid_spec import BenchSpec, Cell, last_rounds_accuracy
+from .grid_spec import BenchSpec, Cell, accuracy_metric
 
 TUNING_FILE = "tuning.json"
 Group = tuple[str, str, str, str]
-
-
-def headline_metric(spec: BenchSpec) -> Callable[[list[dict[str, Any]]], float]:
-    """The spec's headline as a function of one run's per-round metrics."""
-    if spec.headline == "best":
-        return lambda rows: max(float(r["test-accuracy"]) for r in rows)
-    if spec.headline == "last-rounds":
-        return lambda rows: last_rounds_accuracy(rows, spec.last_rounds)
-    return lambda rows: float(rows[-1]["test-accuracy"])
 
 
 def trial_scores(spec: BenchSpec, out: Path) -> dict[Group, dict[str, list[float]]]:
     """Per tuned row, per trial label, the headline on validation of each finished seed."""
     from ..results import read_metrics
 
-    score = headline_metric(spec)
+    score = accuracy_metric(spec.headline, spec.last_rounds)
     scores: dict[Group, dict[str, list[float]]] = {}
     for cell, label in spec.trial_cells():
         row = scores.setdefault(cell.group, {}).setdefault(label, [])
@@ -53,18 +43,18 @@ def choose(spec: BenchSpec, out: Path, *, write: bool = True) -> dict[Group, dic
     """Per tuned row whose trials all finished, the keys of its best trial; ``write`` records
     every trial's scores and the choices in ``tuning.json`` (rows still waiting for trials
     are listed there with no choice)."""
-    assert spec.tuning is not None or not spec.trial_cells()
-    scores = trial_scores(spec, out)
+    if spec.tuning is None:
+        return {}
+    tuning = spec.tuning
     chosen: dict[Group, dict[str, Any]] = {}
     record = []
-    for group, trials in scores.items():
-        expected = len(spec.tuning.seeds) if spec.tuning else 0
-        complete = all(len(values) == expected for values in trials.values())
+    for group, trials in trial_scores(spec, out).items():
         means = {label: statistics.fmean(v) if v else None for label, v in trials.items()}
         best = None
-        if complete:
-            best = max(trials, key=lambda label: (means[label], -list(trials).index(label)))
-            chosen[group] = dict(spec.tuning.trials[group[2]][best]) if spec.tuning else {}
+        if all(len(values) == len(tuning.seeds) for values in trials.values()):
+            # max() keeps the first of equal scores: ties go to the trial listed first
+            best = max(trials, key=lambda label: statistics.fmean(trials[label]))
+            chosen[group] = dict(tuning.trials[group[2]][best])
         record.append(
             {
                 "row": list(group),
