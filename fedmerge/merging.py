@@ -156,6 +156,9 @@ def align_one(
     return apply_permutations(spec, perms, state), _fraction_moved(perms)
 
 
+#: How :func:`activation_similarities_of` reads the models' activations.
+READINGS = ("auto", "one-pass", "streamed")
+
 #: Bytes of client models held at once while their activations are read in one pass.
 _READ_BYTES = 2**30
 
@@ -168,13 +171,49 @@ def activation_similarities_of(
     inputs: Tensor,
     *,
     sites: str = DEFAULT_MATCH_SITES,
+    reset_target: bool = False,
+    reset_states: bool = False,
+    reading: str = "auto",
 ) -> list[dict[str, Tensor]]:
     """The activation similarities of every state against ``target`` (as
-    :func:`fedmerge.matching.activation_similarities`): the target's forward pass over
-    ``inputs`` is shared by as many client models as fit in 1 GiB at once."""
+    :func:`fedmerge.matching.activation_similarities`), the target's activations read once
+    and shared by every state; ``reset_target`` / ``reset_states``: BatchNorm statistics
+    recomputed on ``inputs`` before the activations are read (a model without BatchNorm
+    ignores them).
+
+    When the target's activations over all ``inputs`` take at most
+    :data:`fedmerge.matching.reading.ONE_PASS_BYTES`, every model is read in one pass over
+    all the inputs, its BatchNorm statistics taken from the inputs inside that pass
+    (:mod:`fedmerge.matching.reading`). Otherwise the inputs are streamed in batches, the
+    statistics recomputed beforehand (:func:`repair_batchnorm`, one more pass per model),
+    and the target's forward pass shared by as many models as fit in 1 GiB at once.
+    ``reading``: ``"auto"`` (as just said), ``"one-pass"`` or ``"streamed"`` (either way
+    whatever the size; for measurements and tests)."""
     # local: SciPy's import only when matching
     from .matching import _loaded, activation_similarities
+    from .matching.reading import ONE_PASS_BYTES, one_pass_bytes, similarities_in_one_pass
 
+    if reading not in READINGS:
+        raise unknown_name("reading", reading, READINGS)
+    bn = has_batchnorm(model)
+    one_pass = reading == "one-pass" or (
+        reading == "auto" and one_pass_bytes(spec, model, inputs, sites) <= ONE_PASS_BYTES
+    )
+    if one_pass:
+        return similarities_in_one_pass(
+            spec,
+            model,
+            target,
+            states,
+            inputs,
+            sites=sites,
+            reset_target=reset_target and bn,
+            reset_states=reset_states and bn,
+        )
+    if reset_target and bn:
+        target = repair_batchnorm(model, target, inputs)
+    if reset_states and bn:
+        states = [repair_batchnorm(model, s, inputs) for s in states]
     size = max(sum(t.numel() * t.element_size() for t in target.values()), 1)
     chunk = max(1, min(len(states), _READ_BYTES // size))
     reference, out = _loaded(model, target), []
@@ -193,16 +232,6 @@ def _first_target(
             raise ValueError("match-reference=global needs the global model as `reference`")
         return reference
     return states[max(range(len(states)), key=lambda k: w[k])]
-
-
-def _as_read(
-    model: nn.Module, states: Sequence[State], inputs: Tensor, reset_batchnorm: bool
-) -> list[State]:
-    """The models as the data-based matchers read their activations: with their BatchNorm
-    statistics recomputed on ``inputs`` (``reset_batchnorm``, MuDSC's code), or their own."""
-    if reset_batchnorm and has_batchnorm(model):
-        return [repair_batchnorm(model, s, inputs) for s in states]
-    return list(states)
 
 
 def align_models(
@@ -239,10 +268,8 @@ def align_models(
     report = report if report is not None else MatchReport()
     reads = matcher == "activation" or (matcher == "dual" and float(beta) < 1.0)
     reads = reads and model is not None and inputs is not None
-    bn = model is not None and has_batchnorm(model)
     if mode == "barycenter":
         iterations = max(iterations, BARYCENTER_PASSES)
-    readers: list[State] | None = None  # the clients as their activations are read
     aligned: list[dict[str, Tensor]] = []
     for it in range(iterations):
         if it:
@@ -253,17 +280,19 @@ def align_models(
             sims = similarities  # computed by the caller for this pass's target
         elif reads:
             assert model is not None and inputs is not None
-            reader = target
-            if bn and (reset_batchnorm or it):
-                # As MuDSC's code does for every model it merges, every model's BatchNorm
-                # statistics are recomputed on the inputs its activations are read on (the
-                # clients' once, the target's each pass); an averaged target's statistics
-                # belong to no model and are recomputed even without reset_batchnorm.
-                if readers is None:
-                    readers = _as_read(model, states, inputs, reset_batchnorm)
-                reader = repair_batchnorm(model, target, inputs)
+            # As MuDSC's code does for every model it merges, every model's BatchNorm
+            # statistics are recomputed on the inputs its activations are read on; an
+            # averaged target's statistics belong to no model and are recomputed even
+            # without reset_batchnorm.
             sims = activation_similarities_of(
-                spec, model, reader, readers or states, inputs, sites=sites
+                spec,
+                model,
+                target,
+                states,
+                inputs,
+                sites=sites,
+                reset_target=reset_batchnorm or it > 0,
+                reset_states=reset_batchnorm,
             )
         aligned = []
         for k, state in enumerate(states):
@@ -509,10 +538,17 @@ def select_beta(
     merges: dict[float, tuple[dict[str, Tensor], MatchReport]] = {}
     # The activations do not depend on beta: read once, shared by every candidate.
     first = _first_target(states, normalise_weights(weights, len(states)), mode, reference)
-    readers = _as_read(model, states, inputs, reset_batchnorm)
-    (read_first,) = _as_read(model, [first], inputs, reset_batchnorm)
     start = time.perf_counter()
-    sims = activation_similarities_of(spec, model, read_first, readers, inputs, sites=sites)
+    sims = activation_similarities_of(
+        spec,
+        model,
+        first,
+        states,
+        inputs,
+        sites=sites,
+        reset_target=reset_batchnorm,
+        reset_states=reset_batchnorm,
+    )
     reading = time.perf_counter() - start
     for beta in grid:
         report = MatchReport()

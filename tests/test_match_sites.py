@@ -20,7 +20,7 @@ from torch import nn
 
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
-from fedmerge.matching import activations, match, pearson_correlation, selected_sites
+from fedmerge.matching import activations, match, pearson_correlation, reading, selected_sites
 from fedmerge.matching.activations import _activation_correlations
 from fedmerge.merging import average, matched_average
 from fedmerge.models import MODELS, build_model, model_spec
@@ -88,15 +88,19 @@ def recovered(perms, planted) -> float:
 
 @pytest.fixture
 def sites_read(monkeypatch):
-    """The module names of every ``_record`` call of the activation matchers, per call."""
+    """The module names of every ``_record`` call of the activation matchers, per call (the
+    streamed reading's and the one-pass reading's; not the one-input probe that sizes the
+    one-pass reading)."""
     calls: list[list[str]] = []
     record = activations._record
 
     def spy(model, batch, sites):
-        calls.append([s.module for s in sites])
+        if len(batch) > 1:
+            calls.append([s.module for s in sites])
         return record(model, batch, sites)
 
     monkeypatch.setattr(activations, "_record", spy)
+    monkeypatch.setattr(reading, "_record", spy)
     return calls
 
 

@@ -538,8 +538,9 @@ def test_running_statistics_are_permuted_but_never_scored(matcher):
 @pytest.mark.parametrize(("matcher", "beta"), [("activation", 0.5), ("dual", 0.5)])
 def test_a_shared_reference_pass_gives_each_clients_own_assignment(name, matcher, beta):
     # align_models reads the reference's activations once for all clients; the assignments
-    # must be those of matching each client alone (to the bit: same sums, same solver).
-    from fedmerge.merging import align_models, repair_batchnorm
+    # must be those of reading and matching each client alone (to the bit: same products,
+    # same solver).
+    from fedmerge.merging import activation_similarities_of, align_models
     from fedmerge.models import model_spec
 
     shape = (1, 8, 8)
@@ -547,17 +548,18 @@ def test_a_shared_reference_pass_gives_each_clients_own_assignment(name, matcher
     spec = model_spec(model)
     states = [build_model(name, shape, 10, seed=s).state_dict() for s in (1, 2, 3)]
     g = torch.Generator().manual_seed(0)
-    inputs = torch.randn(300, *shape, generator=g)  # two batches of 256
+    inputs = torch.randn(300, *shape, generator=g)
     reference = model.state_dict()
     together = align_models(
         states, spec=spec, matcher=matcher, mode="global", reference=reference, model=model,
         inputs=inputs, beta=beta,
     )  # fmt: skip
-    bn = name == "resnet20"  # activations read through statistics of the inputs
-    read_ref = repair_batchnorm(model, reference, inputs) if bn else reference
     for state, aligned in zip(states, together, strict=True):
-        read = repair_batchnorm(model, state, inputs) if bn else state
-        alone = match(matcher, spec, read_ref, read, model=model, inputs=inputs, beta=beta)
+        # BatchNorm statistics taken from the inputs (resnet20), as align_models reads them
+        (sims,) = activation_similarities_of(
+            spec, model, reference, [state], inputs, reset_target=True, reset_states=True
+        )
+        alone = match(matcher, spec, reference, state, beta=beta, similarities=sims)
         expected = apply_permutations(spec, alone, state)
         assert all(torch.equal(aligned[k], expected[k]) for k in expected)
 

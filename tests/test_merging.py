@@ -139,32 +139,47 @@ def test_repair_is_a_copy_for_models_without_batchnorm():
     assert _equal(out, state, 0) and all(out[k] is not state[k] for k in state)
 
 
-@pytest.mark.parametrize(("matcher", "repairs"), [("activation", 5), ("weight", 0)])
+@pytest.mark.parametrize(("matcher", "repairs"), [("activation", 9), ("weight", 0)])
+@pytest.mark.parametrize("way", ["one-pass", "streamed"])
 def test_every_model_is_batchnorm_repaired_before_its_activations_are_read(
-    monkeypatch, matcher, repairs
+    monkeypatch, matcher, repairs, way
 ):
     # The data-based matchers read activations through BatchNorm statistics of the data they
     # read them on, as MuDSC's code does: each client, the first target, and each averaged
-    # barycenter (whose averaged running statistics are no model's).
+    # barycenter (whose averaged running statistics are no model's). In one pass, the
+    # statistics are taken inside the reading pass (reset=True); streamed (a proxy past the
+    # one-pass budget), each model is repaired before it is read.
     from fedmerge import merging
+    from fedmerge.matching import reading
 
     model = build_model("resnet20", (1, 8, 8), 10, seed=0)
     states = [build_model("resnet20", (1, 8, 8), 10, seed=s).state_dict() for s in (1, 2)]
     inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     calls, seen = [], []
-    real = merging.repair_batchnorm
+    real_repair, real_read = merging.repair_batchnorm, reading._read
 
-    def counting(m, state, x):
+    def repairing(m, state, x):
         calls.append(x)
         seen.append(state)
-        return real(m, state, x)
+        return real_repair(m, state, x)
 
-    monkeypatch.setattr(merging, "repair_batchnorm", counting)
+    def reading_resets(m, state, x, sites, reset):
+        if reset:
+            calls.append(x)
+            seen.append(state)
+        return real_read(m, state, x, sites, reset)
+
+    monkeypatch.setattr(merging, "repair_batchnorm", repairing)
+    monkeypatch.setattr(reading, "_read", reading_resets)
+    if way == "streamed":
+        monkeypatch.setattr(reading, "ONE_PASS_BYTES", -1)
     merging.align_models(
         states, spec=model_spec(model), matcher=matcher, mode="barycenter", model=model,
         inputs=inputs,
     )  # fmt: skip
-    assert len(calls) == repairs  # 2 clients, the first target, the targets of passes 2 and 3
+    # every pass reads (and resets) the 2 clients and its target: the first, then the
+    # barycenters of passes 2 and 3
+    assert len(calls) == repairs
     assert all(x is inputs for x in calls)
-    if repairs:
-        assert seen[0] is states[0] and seen[1] is states[1]
+    if repairs:  # the first pass reads both clients as they are
+        assert any(s is states[0] for s in seen[:3]) and any(s is states[1] for s in seen[:3])

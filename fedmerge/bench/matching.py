@@ -2,6 +2,7 @@
 
     python -m fedmerge.bench.matching [--models mlp,cnn,vgg9,resnet20,vit] [--clients 10,20]
         [--matchers weight,activation,dual] [--proxy 500] [--drift 0.05] [--repeats 3]
+        [--readings auto,one-pass,streamed] [--threads N]
 
 Each "round" aligns ``N`` client models to the global model and averages them, exactly what
 :class:`FedMatch` does per round (:func:`fedmerge.merging.matched_average`, reference
@@ -26,7 +27,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from ..merging import MatchReport, average, matched_average
+from ..merging import READINGS, MatchReport, activation_similarities_of, average, matched_average
 from ..models import build_model, model_spec
 from ..permutations import PermutationSpec, apply_permutations, random_permutations
 
@@ -61,9 +62,21 @@ def client_states(
 
 
 def time_round(
-    model_name: str, matcher: str, n: int, *, proxy: int, drift: float, repeats: int
+    model_name: str,
+    matcher: str,
+    n: int,
+    *,
+    proxy: int,
+    drift: float,
+    repeats: int,
+    reading: str = "auto",
 ) -> tuple[float, float, float]:
-    """Median seconds of one matched round, of FedAvg's average, and the result's distance."""
+    """Median seconds of one matched round, of FedAvg's average, and the result's distance.
+
+    ``reading`` (data-based matchers): how the activations are read
+    (:func:`fedmerge.merging.activation_similarities_of`); the round is then that reading
+    plus ``matched_average`` on its similarities, which is what ``matched_average`` does
+    by itself (reference ``global``, one pass, BatchNorm statistics reset)."""
     model, spec, state, clients = client_states(model_name, n, drift)
     x = torch.randn(proxy, *SHAPES[model_name], generator=torch.Generator().manual_seed(2))
     model.eval()
@@ -72,6 +85,18 @@ def time_round(
     for _ in range(repeats):
         report = MatchReport()
         start = time.perf_counter()
+        sims = None
+        if matcher != "weight":
+            sims = activation_similarities_of(
+                spec,
+                model,
+                state,
+                clients,
+                x,
+                reset_target=True,
+                reset_states=True,
+                reading=reading,
+            )
         merged = matched_average(
             clients,
             reference=state,
@@ -79,6 +104,7 @@ def time_round(
             matcher=matcher,
             model=model,
             inputs=x,
+            similarities=sims,
             report=report,
         )
         times.append(time.perf_counter() - start)
@@ -103,7 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drift", type=float, default=0.05, help="client noise / tensor std")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument(
+        "--readings",
+        default="auto",
+        help=f"how data-based matchers read activations, comma-separated: {', '.join(READINGS)}",
+    )
     args = parser.parse_args(argv)
+    readings = args.readings.split(",")
+    bad = [r for r in readings if r not in READINGS]
+    if bad:
+        parser.error(f"unknown reading(s) {bad}; allowed: {', '.join(READINGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.models.split(",")
@@ -115,18 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         f"proxy {args.proxy} inputs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(
-        f"{'model':<9} {'params':>9} {'matcher':<10} {'N':>4} {'s/round':>9} {'s/client':>9} "
+        f"{'model':<9} {'params':>9} {'matcher':<10} {'reading':<9} {'N':>4} {'s/round':>9} "
+        f"{'s/client':>9} "
         f"{'fedavg s':>9} {'max rel err':>11}"
     )
     for name in models:
         params = sum(p.numel() for p in build_model(name, SHAPES[name], 10, seed=0).parameters())
         for matcher in args.matchers.split(","):
-            for n in (int(v) for v in args.clients.split(",")):
+            ways = ["-"] if matcher == "weight" else readings
+            for reading, n in ((r, int(v)) for r in ways for v in args.clients.split(",")):
                 seconds, plain, err = time_round(
-                    name, matcher, n, proxy=args.proxy, drift=args.drift, repeats=args.repeats
+                    name,
+                    matcher,
+                    n,
+                    proxy=args.proxy,
+                    drift=args.drift,
+                    repeats=args.repeats,
+                    reading="auto" if reading == "-" else reading,
                 )
                 print(
-                    f"{name:<9} {params:>9,} {matcher:<10} {n:>4} {seconds:>9.3f} "
+                    f"{name:<9} {params:>9,} {matcher:<10} {reading:<9} {n:>4} {seconds:>9.3f} "
                     f"{seconds / n:>9.4f} {plain:>9.4f} {err:>11.3g}",
                     flush=True,
                 )

@@ -41,8 +41,12 @@ Choices and deviations (the specification is ``docs/methods.md``, section neuron
   normalisation of its neighbours' weight vectors), so it returns the best permutations seen by
   the total objective, and stops after ``patience`` sweeps without improvement, or at once when a
   sweep changes nothing (a fixed point). ``beta = 1`` starts from the identity (no data).
-- Correlations are accumulated in float64 with shifted sums (shift = first sample), so a
-  constant (dead) unit has exactly zero variance; its correlation with every unit is 0.
+- Correlations: :func:`activation_similarities` (pairs of modules, and large proxies)
+  accumulates float64 shifted sums over batches (shift = first sample), so a constant (dead)
+  unit has exactly zero variance; its correlation with every unit is 0. A round's merge reads
+  each model in one pass over all the inputs instead (:mod:`.reading`, via
+  :func:`fedmerge.merging.activation_similarities_of`): float32 products over chunks of
+  samples added in float64, BatchNorm statistics taken inside that pass.
 - Activation sites (``sites``, run-config key ``match-sites``): ``"all"`` stacks the samples
   of every site of a permutation into one correlation (e.g. the stem and every block output
   of a residual stream); ``"last"`` reads only the last declared site, which is the last in
