@@ -10,43 +10,14 @@ import torch
 from torch import nn
 
 from fedmerge import merging
+from fedmerge.bench.matching import SHAPES, client_states
 from fedmerge.errors import ConfigError
 from fedmerge.matching import match, reading
-from fedmerge.models import build_model, model_spec
 from fedmerge.permutations import (
     PermGroup,
-    PermutationSpec,
     Site,
-    apply_permutations,
-    random_permutations,
     spec_from_axes,
 )
-
-SHAPES = {
-    "mlp": (1, 28, 28),
-    "cnn": (1, 28, 28),
-    "vgg9": (3, 32, 32),
-    "resnet20": (3, 32, 32),
-    "vit": (3, 32, 32),
-}
-
-
-def _clients(name: str, n: int) -> tuple[nn.Module, PermutationSpec, dict, list[dict]]:
-    """A registry model and ``n`` permuted, perturbed copies (the clients of a round)."""
-    model = build_model(name, SHAPES[name], 10, seed=0)
-    spec = model_spec(model)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    clients = []
-    for _ in range(n):
-        noisy = {
-            k: v + 0.05 * float(v.std()) * torch.randn(v.shape, generator=g)
-            if v.is_floating_point() and v.numel() > 1
-            else v.clone()
-            for k, v in state.items()
-        }
-        clients.append(apply_permutations(spec, random_permutations(spec, g), noisy))
-    return model, spec, state, clients
 
 
 @pytest.mark.parametrize(
@@ -54,7 +25,7 @@ def _clients(name: str, n: int) -> tuple[nn.Module, PermutationSpec, dict, list[
     [(name, True) for name in SHAPES] + [("cnn", False), ("resnet20", False), ("vit", False)],
 )
 def test_one_pass_reading_gives_the_streamed_assignments_on_the_registry_models(name, reset):
-    model, spec, state, clients = _clients(name, 2)
+    model, spec, state, clients = client_states(name, 2, drift=0.05)
     # 256 inputs: with 96, vgg9's 512-unit fc1 has a near-tie (3 units, totals 2e-7 apart)
     # that float32 rounding resolves the other way
     x = torch.randn(256, *SHAPES[name], generator=torch.Generator().manual_seed(2))
@@ -152,7 +123,7 @@ def test_constant_units_correlate_zero_and_never_nan():
 
 
 def test_auto_reads_in_one_pass_within_the_budget_and_streams_beyond_it(monkeypatch):
-    model, spec, state, clients = _clients("cnn", 1)
+    model, spec, state, clients = client_states("cnn", 1, drift=0.05)
     x = torch.randn(40, *SHAPES["cnn"], generator=torch.Generator().manual_seed(2))
     ways = {
         way: merging.activation_similarities_of(spec, model, state, clients, x, reading=way)
@@ -168,7 +139,7 @@ def test_auto_reads_in_one_pass_within_the_budget_and_streams_beyond_it(monkeypa
 
 
 def test_an_unknown_reading_names_the_choices():
-    model, spec, state, clients = _clients("mlp", 1)
+    model, spec, state, clients = client_states("mlp", 1, drift=0.05)
     x = torch.randn(4, *SHAPES["mlp"])
     with pytest.raises(ConfigError, match="auto, one-pass, streamed"):
         merging.activation_similarities_of(spec, model, state, clients, x, reading="fast")

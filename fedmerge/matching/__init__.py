@@ -66,7 +66,6 @@ Everything is pure PyTorch/NumPy/SciPy: no Flower. Permutations are returned on 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
@@ -76,6 +75,7 @@ from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_MAX_SWEEPS, DEFAULT_MATC
 from ..permutations import Permutations, PermutationSpec, State
 from .activations import (
     _check_sites,
+    _loaded,
     _solve_independently,
     activation_matching,
     activation_permutations,
@@ -110,13 +110,6 @@ MATCHERS: dict[str, Callable[..., Permutations]] = {
     "activation": activation_matching,
     "dual": dual_matching,
 }
-
-
-def _loaded(model: nn.Module, state: State) -> nn.Module:
-    """A deep copy of ``model`` holding ``state``, in eval mode."""
-    copied = copy.deepcopy(model)
-    copied.load_state_dict(state)
-    return copied.eval()
 
 
 def match(

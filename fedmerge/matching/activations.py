@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from ..permutations import (
     Permutations,
     PermutationSpec,
     Site,
+    State,
 )
 from ..spec_inference.check import python_attention
 from .assignment import _families, _solve_family
@@ -75,6 +77,22 @@ def _check_sites(sites: str) -> str:
     return sites
 
 
+def _sites_read(
+    spec: PermutationSpec, sites: str
+) -> tuple[dict[str, tuple[Site, ...]], list[Site]]:
+    """Per permutation, the sites :func:`selected_sites` picks; and all of them in spec order
+    (the sites one forward pass records)."""
+    chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
+    return chosen, [site for name in spec.perms for site in chosen[name]]
+
+
+def _loaded(model: nn.Module, state: State) -> nn.Module:
+    """A deep copy of ``model`` holding ``state``, in eval mode."""
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(state)
+    return copied.eval()
+
+
 def _device(model: nn.Module) -> torch.device:
     tensor = next(iter(model.state_dict().values()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -131,7 +149,7 @@ def activation_similarities(
     model of ``others``, so the reference's forward pass is shared by all of them (the result
     for each is the same, to the bit, as with ``others`` of one model).
     """
-    chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
+    chosen, read = _sites_read(spec, sites)
     no_sites = [name for name, group in spec.perms.items() if not group.sites]
     if no_sites and len(no_sites) == len(spec.perms):
         raise ValueError(f"permutations without activation sites: {no_sites}")
@@ -147,7 +165,6 @@ def activation_similarities(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     owners = [(name, site) for name in spec.perms for site in chosen[name]]
-    read = [site for _, site in owners]
     # Per permutation, the reference's side of every correlation is summed once for all the
     # models (_PearsonMany), and its activations are read once per batch.
     post = {name: _PearsonMany(len(others)) for name in spec.perms}

@@ -21,9 +21,8 @@ tested equal on the registry models.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from ..permutations import PermutationSpec, Site, State
 from ..spec_inference.check import python_attention
-from .activations import _TIE_BREAK, _record, _unit_samples, _zeros, selected_sites
+from .activations import _TIE_BREAK, _loaded, _record, _sites_read, _unit_samples, _zeros
 from .correlation import _EPS
 
 #: Bytes of the reference's standardised activations that the one-pass reading may hold;
@@ -76,18 +75,14 @@ def _read(
 ) -> list[Tensor]:
     """The outputs at ``sites`` of ``template`` holding ``state``, in eval mode, on all
     ``inputs`` in one pass; with ``reset``, BatchNorm statistics taken from the inputs."""
-    model = copy.deepcopy(template)
-    model.load_state_dict(dict(state))
-    model.eval()
+    model = _loaded(template, state)
     if inputs.dim() == 4:
         # Image models run channels-last: their convolutions are faster on the CPU, and a
         # site's (units, samples) view of an (N, C, H, W) output is then no copy.
         model = model.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), python_attention():
-        if reset:
-            with _statistics_from_inputs(model):
-                return _record(model, inputs, sites)
+    statistics = _statistics_from_inputs(model) if reset else nullcontext()
+    with torch.no_grad(), python_attention(), statistics:
         return _record(model, inputs, sites)
 
 
@@ -230,16 +225,12 @@ def _sides(
 def one_pass_bytes(spec: PermutationSpec, model: nn.Module, inputs: Tensor, sites: str) -> int:
     """Bytes the reference's standardised activations take in the one-pass reading (from a
     forward pass on one input)."""
-    chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
-    read = [site for name in spec.perms for site in chosen[name]]
+    _, read = _sites_read(spec, sites)
     if not read or len(inputs) == 0:
         return 0
-    probe = copy.deepcopy(model).eval()
-    with torch.no_grad(), python_attention():
-        outputs = _record(probe, inputs[:1], read)
-    relu = {id(s) for s in read if s.relu}
+    outputs = _read(model, model.state_dict(), inputs[:1], read, reset=False)
     per_input = sum(
-        o.numel() * o.element_size() * (2 if id(s) in relu else 1)
+        o.numel() * o.element_size() * (2 if s.relu else 1)
         for o, s in zip(outputs, read, strict=True)
     )
     return per_input * len(inputs)
@@ -260,8 +251,7 @@ def similarities_in_one_pass(
     :func:`fedmerge.matching.activation_similarities`, float32-rounded), each model read in
     one pass over all ``inputs``; ``reset_*``: BatchNorm statistics taken from the inputs
     (module docstring)."""
-    chosen = {name: selected_sites(group, sites) for name, group in spec.perms.items()}
-    read = [site for name in spec.perms for site in chosen[name]]
+    chosen, read = _sites_read(spec, sites)
     post_ref, pre_ref = _sides(spec, chosen, _read(model, target, inputs, read, reset_target))
     ref_post = {name: _standardise(parts) for name, parts in post_ref.items() if parts}
     ref_pre = {name: _standardise(parts) for name, parts in pre_ref.items()}
