@@ -45,6 +45,7 @@ from .options import (  # the names live with MatchOptions
     REFERENCES,
 )
 from .permutations import PermutationSpec, State, apply_permutations
+from .spread import share_pool
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,20 @@ def activation_similarities_of(
     statistics recomputed beforehand (:func:`repair_batchnorm`, one more pass per model),
     and the target's forward pass shared by as many models as fit in 1 GiB at once.
     ``reading``: ``"auto"`` (as just said), ``"one-pass"`` or ``"streamed"`` (either way
-    whatever the size; for measurements and tests)."""
+    whatever the size; for measurements and tests).
+
+    Inside a strategy's merge under the local engine with two or more worker processes
+    (:mod:`fedmerge.spread`), the one-pass reading is spread over the workers: each reads a
+    contiguous share of ``states`` beside its own reading of ``target``, with the same
+    results as here on one thread."""
     # local: SciPy's import only when matching
     from .matching import _loaded, activation_similarities
-    from .matching.reading import ONE_PASS_BYTES, one_pass_bytes, similarities_in_one_pass
+    from .matching.reading import (
+        ONE_PASS_BYTES,
+        one_pass_bytes,
+        similarities_in_one_pass,
+        similarities_in_shares,
+    )
 
     if reading not in READINGS:
         raise unknown_name("reading", reading, READINGS)
@@ -200,6 +211,22 @@ def activation_similarities_of(
         reading == "auto" and one_pass_bytes(spec, model, inputs, sites) <= ONE_PASS_BYTES
     )
     if one_pass:
+        reset_target, reset_states = reset_target and bn, reset_states and bn
+        pool = share_pool()  # the local engine's idle workers, inside a strategy's merge
+        if pool is not None and inputs.device.type == "cpu":
+            spread = similarities_in_shares(
+                spec,
+                model,
+                target,
+                states,
+                inputs,
+                sites=sites,
+                reset_target=reset_target,
+                reset_states=reset_states,
+                pool=pool,
+            )
+            if spread is not None:
+                return spread
         return similarities_in_one_pass(
             spec,
             model,
@@ -207,8 +234,8 @@ def activation_similarities_of(
             states,
             inputs,
             sites=sites,
-            reset_target=reset_target and bn,
-            reset_states=reset_states and bn,
+            reset_target=reset_target,
+            reset_states=reset_states,
         )
     if reset_target and bn:
         target = repair_batchnorm(model, target, inputs)

@@ -14,7 +14,6 @@ vectorised path (:mod:`fedmerge.vectorised`) calls too.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from torch import nn
 
 from . import step as _step
 from .errors import ConfigError
+from .spread import shares as share_ranges
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,8 @@ def evaluate_in_shares(
     pool's ``map``, one share a process), the sums added in batch order: equal to
     :func:`evaluate` to the bit. None when ``run`` returns None (then evaluate here)."""
     batches = -(-len(y) // batch_size)
-    shares = min(shares, batches)
-    bounds = [batch_size * (batches * k // shares) for k in range(shares + 1)]
-    args = [(model, x[a:b], y[a:b], batch_size) for a, b in itertools.pairwise(bounds)]
+    cuts = [(batch_size * r.start, batch_size * r.stop) for r in share_ranges(batches, shares)]
+    args = [(model, x[a:b], y[a:b], batch_size) for a, b in cuts]
     parts = run(evaluation_share, args)
     if parts is None:
         return None

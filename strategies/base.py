@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedmerge.permutations import State
+from fedmerge.spread import SharePool, spreading
 
 from .merges import MergeFn, fedavg_average
 from .replies import client_states
@@ -86,6 +87,7 @@ class MergeStrategy(FedAvg):
         self.merge_threads = merge_threads
         self._merge_takes_seed = merge is not None and _takes_seed(merge)
         self._sent: dict[str, torch.Tensor] | None = None
+        self._pool: SharePool | None = None
 
     @property
     def merge_name(self) -> str:
@@ -104,6 +106,8 @@ class MergeStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Remember the model sent (the merge's reference), then FedAvg's sampling."""
         self._sent = arrays.to_torch_state_dict()
+        # The local engine's worker processes (None on other grids): idle while the merge runs.
+        self._pool = getattr(grid, "pool", None)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -133,13 +137,16 @@ class MergeStrategy(FedAvg):
         return ArrayRecord(merged), metrics, states, weights
 
     @contextlib.contextmanager
-    def merge_threads_set(self) -> Iterator[None]:
-        """Torch on :attr:`merge_threads` threads inside, its setting restored after."""
+    def merge_resources(self) -> Iterator[None]:
+        """What a merge runs on: torch on :attr:`merge_threads` threads (its setting restored
+        after), and under the local engine its idle worker processes, which the merge's
+        divisible work may use (:mod:`fedmerge.spread`)."""
         previous = torch.get_num_threads()
         if self.merge_threads:
             torch.set_num_threads(self.merge_threads)
         try:
-            yield
+            with spreading(self._pool):
+                yield
         finally:
             if torch.get_num_threads() != previous:
                 torch.set_num_threads(previous)
@@ -147,12 +154,12 @@ class MergeStrategy(FedAvg):
     def merge_states(
         self, states: Sequence[State], weights: Sequence[float], server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """One round's merge (on :attr:`merge_threads` threads): the merge function's
-        (merged, report), or FedAvg's mean."""
+        """One round's merge (in :meth:`merge_resources`): the merge function's (merged,
+        report), or FedAvg's mean."""
         if self.merge_fn is None:
             return fedavg_average(states, weights), {}
         reference = self._sent if self._sent is not None else dict(states[0])
-        with self.merge_threads_set():
+        with self.merge_resources():
             if self._merge_takes_seed:
                 out = self.merge_fn(states, weights, reference, seed=self.seed + server_round)
             else:

@@ -200,7 +200,7 @@ class FedMA(MergeStrategy):
             self.phase, self.nodes, self.outbox, self.frozen = 0, [], {}, []
             return None, None
         states, weights = client_states(valid, self.weighted_by_key)
-        with self.merge_threads_set():
+        with self.merge_resources():
             return self._merge_phase(valid, replied, states, weights, metrics, server_round)
 
     def _merge_phase(

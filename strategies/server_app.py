@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import flwr
 import torch
@@ -54,6 +54,7 @@ from fedmerge.results import (
     write_metrics,
 )
 from fedmerge.sinks import ResultsSink, make_sinks
+from fedmerge.spread import SharePool
 from fedmerge.training import evaluate, evaluate_in_shares, resolve_device
 
 from .checkpoint import RoundTracker, load_strategy_state, strategy_state
@@ -87,15 +88,6 @@ def main(grid: Grid, context: Context) -> None:
 DIVERGENCE_FACTOR = 2.0
 
 
-class WorkerPool(Protocol):
-    """What the central evaluation needs of the local engine's worker processes
-    (:class:`fedmerge.engine.workers.WorkerPool`; the ServerApp does not import the engine)."""
-
-    size: int
-
-    def map(self, fn: Any, args: Sequence[tuple[Any, ...]]) -> list[Any] | None: ...
-
-
 class RoundRecorder:
     """Flower's ``evaluate_fn``: centralized test evaluation and timing (:meth:`__call__`),
     then the round recorded (:meth:`record`): its row handed to the results sinks
@@ -119,8 +111,9 @@ class RoundRecorder:
         The global model already reached (a resumed run: its checkpoint's).
     sinks : sequence of ResultsSink, optional
         Where each round's row goes, in order; started and closed by the caller.
-    pool : WorkerPool, optional
-        The local engine's worker processes: they share the central evaluation.
+    pool : SharePool, optional
+        The local engine's worker processes (:mod:`fedmerge.spread`): they share the central
+        evaluation.
     """
 
     def __init__(
@@ -132,7 +125,7 @@ class RoundRecorder:
         rows: list[dict[str, Any]] | None = None,
         arrays: ArrayRecord | None = None,
         sinks: Sequence[ResultsSink] = (),
-        pool: WorkerPool | None = None,
+        pool: SharePool | None = None,
     ) -> None:
         self.cfg, self.data, self.run_dir, self.tracker = cfg, data, run_dir, tracker
         self.pool = pool

@@ -197,6 +197,61 @@ def test_pool_map_evaluates_shares_that_combine_to_evaluate_to_the_bit():
         assert len(pool.pids()) == 2
 
 
+class _CountingPool:
+    """A pool that records the shares it is asked to run, then runs them on ``pool``."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool, self.size, self.calls = pool, pool.size, []
+
+    def map(self, fn, args):
+        self.calls.append(len(args))
+        return self.pool.map(fn, args)
+
+
+def test_activation_similarities_spread_over_the_workers_equal_those_read_here():
+    from fedmerge.bench.matching import SHAPES, client_states
+    from fedmerge.merging import activation_similarities_of
+    from fedmerge.spread import spreading
+
+    model, spec, state, clients = client_states("resnet20", 5, 0.05)
+    x = torch.randn(48, *SHAPES["resnet20"], generator=torch.Generator().manual_seed(2))
+    read = {"reset_target": True, "reset_states": True, "reading": "one-pass"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' threads, and the server merge's by default
+    try:
+        here = activation_similarities_of(spec, model, state, clients, x, **read)
+        with WorkerPool(constant_client(), 2) as workers:
+            pool = _CountingPool(workers)
+            with spreading(pool):
+                spread = activation_similarities_of(spec, model, state, clients, x, **read)
+                alone = activation_similarities_of(spec, model, state, clients[:1], x, **read)
+    finally:
+        torch.set_num_threads(threads)
+    assert pool.calls == [2]  # two shares (2 + 3 clients); one client is read here
+    assert len(spread) == len(here) == 5
+    for a, b in zip(here, spread, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(alone[0][k], here[0][k]) for k in here[0])
+
+
+def test_a_strategys_matching_reads_activations_in_the_workers(tmp_path, monkeypatch):
+    from fedmerge.matching import reading
+
+    spread = []
+    original = reading.similarities_in_shares
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        spread.append(out is not None)
+        return out
+
+    monkeypatch.setattr(reading, "similarities_in_shares", spy)
+    rows = _rows_by_workers(tmp_path, strategy="fedmatch", **{"match-method": "activation"})
+    assert len(rows[1]) == 4 and rows[1] == rows[2]
+    assert spread == [True] * 3  # the 2-worker run's 3 rounds; the 1-worker run has no pool
+
+
 def _raises() -> None:
     raise ValueError("no")
 

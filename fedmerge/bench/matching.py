@@ -2,7 +2,7 @@
 
     python -m fedmerge.bench.matching [--models mlp,cnn,vgg9,resnet20,vit] [--clients 10,20]
         [--matchers weight,activation,dual] [--proxy 500] [--drift 0.05] [--repeats 3]
-        [--readings auto,one-pass,streamed] [--threads N]
+        [--readings auto,one-pass,streamed] [--threads N] [--workers N]
 
 Each "round" aligns ``N`` client models to the global model and averages them, exactly what
 :class:`FedMatch` does per round (:func:`fedmerge.merging.matched_average`, reference
@@ -15,21 +15,28 @@ but the number of coordinate-descent sweeps does: ``sweeps`` is reported.)
 Reported per model and matcher: median seconds per round over ``repeats``, seconds per client
 (the cost is linear in N: one matching per client; compare N=10 and N=20), and FedAvg's plain
 average of the same states for scale.
+
+``--workers N`` (N >= 2) reads the activations as a strategy's merge does under the local
+engine with N worker processes: spread over N forked workers of one thread each
+(:mod:`fedmerge.spread`); the main process runs the assignments on ``--threads``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 
 import torch
+from flwr.app import Context, Message
 from torch import Tensor, nn
 
 from ..merging import READINGS, MatchReport, activation_similarities_of, average, matched_average
 from ..models import build_model, model_spec
 from ..permutations import PermutationSpec, apply_permutations, random_permutations
+from ..spread import spreading
 
 SHAPES = {
     "mlp": (1, 28, 28),
@@ -134,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help=f"how data-based matchers read activations, comma-separated: {', '.join(READINGS)}",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes the activation reading is spread over (1 = this process)",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     readings = args.readings.split(",")
     bad = [r for r in readings if r not in READINGS]
     if bad:
@@ -147,8 +162,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; allowed: {', '.join(SHAPES)}")
     print(
         f"matched averaging per round, reference = global model; drift {args.drift}, "
-        f"proxy {args.proxy} inputs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"proxy {args.proxy} inputs, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, activations read on {args.workers} worker process(es)"
     )
+    with contextlib.ExitStack() as stack:
+        if args.workers >= 2:
+            # local: the engine's pool, as the local engine gives it to a strategy's merge
+            from ..engine.workers import WorkerPool
+
+            pool = stack.enter_context(WorkerPool(_no_client, args.workers))
+            pool.start()  # forked before the first timed round
+            stack.enter_context(spreading(pool))
+        _table(args, models, readings)
+    return 0
+
+
+def _no_client(message: Message, context: Context) -> Message:
+    """The worker pool's ClientApp: this benchmark sends its workers no client call."""
+    raise RuntimeError("the matching benchmark runs no client")
+
+
+def _table(args: argparse.Namespace, models: list[str], readings: list[str]) -> None:
+    """One row per model, matcher, reading and number of clients."""
     print(
         f"{'model':<9} {'params':>9} {'matcher':<10} {'reading':<9} {'N':>4} {'s/round':>9} "
         f"{'s/client':>9} "
@@ -173,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"{seconds / n:>9.4f} {plain:>9.4f} {err:>11.3g}",
                     flush=True,
                 )
-    return 0
 
 
 if __name__ == "__main__":

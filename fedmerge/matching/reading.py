@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..permutations import PermutationSpec, Site, State
 from ..spec_inference.check import python_attention
+from ..spread import SharePool, shares
 from .activations import _TIE_BREAK, _loaded, _record, _sites_read, _unit_samples, _zeros
 from .correlation import _EPS
 
@@ -269,3 +270,56 @@ def similarities_in_one_pass(
             scores[name] += _TIE_BREAK * _correlate(ref, pre[name])
         out.append(scores)
     return out
+
+
+def similarities_in_shares(
+    spec: PermutationSpec,
+    model: nn.Module,
+    target: State,
+    states: Sequence[State],
+    inputs: Tensor,
+    *,
+    sites: str,
+    reset_target: bool,
+    reset_states: bool,
+    pool: SharePool,
+) -> list[dict[str, Tensor]] | None:
+    """:func:`similarities_in_one_pass` with ``states`` cut into contiguous shares, one per
+    worker of ``pool`` (:mod:`fedmerge.spread`), each share read in its worker beside its own
+    reading of ``target``; the shares' results put back in order. The same values as in this
+    process on one thread (each model's pass and products are the same computation). None
+    when there are fewer than two states or the pool could not run the shares."""
+    parts = shares(len(states), pool.size)
+    if len(parts) < 2:
+        return None
+    args = [
+        (spec, model, target, [states[i] for i in part], inputs, sites, reset_target, reset_states)
+        for part in parts
+    ]
+    out = pool.map(_share, args)
+    if out is None:
+        return None
+    return [scores for part in out for scores in part]
+
+
+def _share(
+    spec: PermutationSpec,
+    model: nn.Module,
+    target: State,
+    states: list[State],
+    inputs: Tensor,
+    sites: str,
+    reset_target: bool,
+    reset_states: bool,
+) -> list[dict[str, Tensor]]:
+    """One worker's share of :func:`similarities_in_shares` (a top-level function: pickled)."""
+    return similarities_in_one_pass(
+        spec,
+        model,
+        target,
+        states,
+        inputs,
+        sites=sites,
+        reset_target=reset_target,
+        reset_states=reset_states,
+    )
