@@ -235,11 +235,11 @@ def test_activation_similarities_spread_over_the_workers_equal_those_read_here()
     assert all(torch.equal(alone[0][k], here[0][k]) for k in here[0])
 
 
-def test_a_strategys_matching_reads_activations_in_the_workers(tmp_path, monkeypatch):
+def _spy_on_shares(monkeypatch) -> list[bool]:
+    """Per call of ``similarities_in_shares`` from now on: whether the workers computed it."""
     from fedmerge.matching import reading
 
-    spread = []
-    original = reading.similarities_in_shares
+    spread, original = [], reading.similarities_in_shares
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -247,9 +247,29 @@ def test_a_strategys_matching_reads_activations_in_the_workers(tmp_path, monkeyp
         return out
 
     monkeypatch.setattr(reading, "similarities_in_shares", spy)
+    return spread
+
+
+def test_a_strategys_matching_reads_activations_in_the_workers(tmp_path, monkeypatch):
+    spread = _spy_on_shares(monkeypatch)
     rows = _rows_by_workers(tmp_path, strategy="fedmatch", **{"match-method": "activation"})
     assert len(rows[1]) == 4 and rows[1] == rows[2]
     assert spread == [True] * 3  # the 2-worker run's 3 rounds; the 1-worker run has no pool
+
+
+def test_the_matching_benchmark_spreads_its_reading_over_workers(capsys, monkeypatch):
+    from fedmerge.bench import matching
+
+    spread = _spy_on_shares(monkeypatch)
+    argv = ["--models", "mlp", "--clients", "3", "--matchers", "activation", "--repeats", "1"]
+    assert matching.main([*argv, "--proxy", "16", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "activations read on 2 worker process(es)" in out
+    assert len([line for line in out.splitlines() if line.startswith("mlp")]) == 1
+    with pytest.raises(SystemExit):
+        matching.main([*argv, "--workers", "0"])
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    assert spread == [True]  # one reading (3 clients), in 2 shares
 
 
 def _raises() -> None:
