@@ -16,7 +16,7 @@ under ``fedmerge run``, ``flwr run`` and a real SuperLink like any other.
 from __future__ import annotations
 
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from flwr.supercore import log
@@ -27,10 +27,6 @@ from fedmerge.proxy import ProxyLike
 
 from .base import MergeStrategy
 from .merges import MatchedMerge
-
-if TYPE_CHECKING:
-    from fedmerge.config import RunConfig
-    from fedmerge.proxy import Proxy
 
 
 class FedMatch(MergeStrategy):
@@ -105,30 +101,3 @@ class FedMatch(MergeStrategy):
             self.matched.repair,
             self.matched.proxy_size,
         )
-
-
-def run_proxy(cfg: RunConfig) -> tuple[nn.Module, Proxy | None]:
-    """The run's model template and proxy data (cached per process) from a RunConfig."""
-    from fedmerge.federation import DataSpec, load_data, make_model
-    from fedmerge.proxy import Proxy
-
-    data = load_data(DataSpec.of(cfg))
-    proxy = Proxy(data.x_proxy, data.y_proxy) if len(data.x_proxy) else None
-    return make_model(cfg, data, seed=cfg.seed), proxy
-
-
-def fedmatch_options(cfg: RunConfig) -> dict[str, Any]:
-    """FedMatch's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
-    model, proxy = run_proxy(cfg)
-    return {
-        "model": model,
-        "proxy": proxy,
-        "options": MatchOptions.from_config(cfg),
-        "seed": cfg.seed,
-    }
-
-
-def matched_merge(cfg: RunConfig) -> MatchedMerge:
-    """FedWSA's ``merge=`` for ``wsa-merge=matched``: FedMatch's merge with the ``match-*`` keys."""
-    model, proxy = run_proxy(cfg)
-    return MatchedMerge(model, MatchOptions.from_config(cfg), proxy)

@@ -16,7 +16,7 @@ against NP Merge's ``np-steps``), ``finetune-epochs``, ``finetune-loss``,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,11 +26,7 @@ from fedmerge.options import FineTuneOptions, MatchOptions
 from fedmerge.proxy import ProxyLike
 
 from .base import MergeStrategy
-from .fedmatch import run_proxy
 from .merges import FineTunedAverage, MatchedMerge, RepairedAverage
-
-if TYPE_CHECKING:
-    from fedmerge.config import RunConfig
 
 
 class FedAvgFineTuned(MergeStrategy):
@@ -142,26 +138,3 @@ class FedAvgRepaired(MergeStrategy):
 
     def __init__(self, *, model: nn.Module, proxy: ProxyLike, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(merge=RepairedAverage(model, proxy), seed=seed, **kwargs)
-
-
-def finetune_options(cfg: RunConfig) -> dict[str, Any]:
-    """FedAvgFineTuned's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
-    from fedmerge.training import resolve_device
-
-    model, proxy = run_proxy(cfg)
-    return {
-        "model": model,
-        "proxy": proxy,
-        "options": FineTuneOptions.from_config(cfg),
-        "np_options": NPOptions.from_config(cfg),
-        "momentum": cfg.momentum,
-        "weight_decay": cfg.weight_decay,
-        "batch_size": cfg.np_batch_size,
-        "device": resolve_device(cfg.device),
-        "seed": cfg.seed,
-    }
-
-
-def fedmatch_ft_options(cfg: RunConfig) -> dict[str, Any]:
-    """FedMatchFineTuned's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
-    return {**finetune_options(cfg), "match": MatchOptions.from_config(cfg)}

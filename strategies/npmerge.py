@@ -23,7 +23,7 @@ problem's, whose result is the merged model),
 from __future__ import annotations
 
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from flwr.supercore import log
@@ -34,11 +34,7 @@ from fedmerge.options import MatchOptions
 from fedmerge.proxy import ProxyLike
 
 from .base import MergeStrategy
-from .fedmatch import run_proxy
 from .merges import NPMerge
-
-if TYPE_CHECKING:
-    from fedmerge.config import RunConfig
 
 
 class FedNPMerge(MergeStrategy):
@@ -123,18 +119,3 @@ class FedNPMerge(MergeStrategy):
             self.np.device,
             len(self.np.proxy),
         )
-
-
-def fednpmerge_options(cfg: RunConfig) -> dict[str, Any]:
-    """FedNPMerge's keyword arguments from a :class:`fedmerge.config.RunConfig`."""
-    from fedmerge.training import resolve_device
-
-    model, proxy = run_proxy(cfg)  # cached: the same data as every other strategy's
-    return {
-        "model": model,
-        "proxy": proxy,
-        "match": MatchOptions.from_config(cfg),
-        "options": NPOptions.from_config(cfg),
-        "device": resolve_device(cfg.device),
-        "seed": cfg.seed,
-    }

@@ -12,7 +12,7 @@ exactly, over the replies that pass. A new entry builds ``validated(MyStrategy)(
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
@@ -30,22 +30,22 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmerge.config import RunConfig
 from fedmerge.errors import unknown_name
-from fedmerge.options import FedMAOptions, WSAOptions
+from fedmerge.options import FedMAOptions, FineTuneOptions, MatchOptions, NPOptions, WSAOptions
 from fedmerge.scopes import sigma_spread
 
 from .fedma import FedMA
-from .fedmatch import FedMatch, fedmatch_options, matched_merge, run_proxy
-from .finetune import (
-    FedAvgFineTuned,
-    FedAvgRepaired,
-    FedMatchFineTuned,
-    fedmatch_ft_options,
-    finetune_options,
-)
-from .npmerge import FedNPMerge, fednpmerge_options
+from .fedmatch import FedMatch
+from .finetune import FedAvgFineTuned, FedAvgRepaired, FedMatchFineTuned
+from .merges import MatchedMerge
+from .npmerge import FedNPMerge
 from .replies import metric_list, metric_number
 from .validation import ValidatedReplies, validated
 from .wsa import FedWSA
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedmerge.proxy import Proxy
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -83,6 +83,53 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 def _ours(cfg: RunConfig) -> dict[str, Any]:
     """:func:`_common` and what fedmerge's strategies take besides (``merge-threads``)."""
     return {**_common(cfg), "merge_threads": cfg.merge_threads}
+
+
+# -- the run-config read into fedmerge's strategies' arguments (here only: the strategy
+# classes take plain objects and options, as in a user's ServerApp) ---------------------------
+def _model_and_proxy(cfg: RunConfig) -> tuple[nn.Module, Proxy | None]:
+    """The run's model template and its proxy slice (the data is cached per process, so
+    every strategy of a run sees the same samples)."""
+    from fedmerge.federation import DataSpec, load_data, make_model
+    from fedmerge.proxy import Proxy
+
+    data = load_data(DataSpec.of(cfg))
+    proxy = Proxy(data.x_proxy, data.y_proxy) if len(data.x_proxy) else None
+    return make_model(cfg, data, seed=cfg.seed), proxy
+
+
+def _with_data(cfg: RunConfig) -> dict[str, Any]:
+    """``model``, ``proxy`` and ``seed``: what every strategy that merges with a model takes."""
+    model, proxy = _model_and_proxy(cfg)
+    return {"model": model, "proxy": proxy, "seed": cfg.seed}
+
+
+def _device(cfg: RunConfig) -> Any:
+    from fedmerge.training import resolve_device  # torch's device check, on first use
+
+    return resolve_device(cfg.device)
+
+
+def _finetuning(cfg: RunConfig) -> dict[str, Any]:
+    """The fine-tuning controls' arguments besides :func:`_with_data`'s: NP Merge's label
+    budget (``finetune-*``, ``np-*``) and the clients' SGD momentum and weight decay."""
+    return {
+        "options": FineTuneOptions.from_config(cfg),
+        "np_options": NPOptions.from_config(cfg),
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.np_batch_size,
+        "device": _device(cfg),
+    }
+
+
+def _wsa_merge(cfg: RunConfig) -> MatchedMerge | None:
+    """FedWSA's ``merge=``: FedMatch's merge with the ``match-*`` keys for
+    ``wsa-merge=matched``, else None (FedAvg's average)."""
+    if cfg.wsa_merge != "matched":
+        return None
+    model, proxy = _model_and_proxy(cfg)
+    return MatchedMerge(model, MatchOptions.from_config(cfg), proxy)
 
 
 def _fedopt(cfg: RunConfig) -> dict[str, Any]:
@@ -136,42 +183,53 @@ STRATEGIES: dict[str, tuple[StrategyBuilder, str]] = {
     "fedwsa": (
         lambda c: validated(FedWSA)(
             options=WSAOptions.from_config(c),
-            merge=matched_merge(c) if c.wsa_merge == "matched" else None,
+            merge=_wsa_merge(c),
             seed=c.seed,
             **_ours(c),
         ),
         "fedmerge FedWSA: Weight Scope Alignment, fused target scope (wsa-*)",
     ),
     "fedavg-ft": (
-        lambda c: validated(FedAvgFineTuned)(**finetune_options(c), **_ours(c)),
+        lambda c: validated(FedAvgFineTuned)(**_with_data(c), **_finetuning(c), **_ours(c)),
         "fedmerge FedAvg fine-tuned on the proxy slice with NP Merge's label budget "
         "(finetune-*, np-*, proxy-size): a control for fednpmerge",
     ),
     "fedmatch-ft": (
-        lambda c: validated(FedMatchFineTuned)(**fedmatch_ft_options(c), **_ours(c)),
+        lambda c: validated(FedMatchFineTuned)(
+            **_with_data(c), **_finetuning(c), match=MatchOptions.from_config(c), **_ours(c)
+        ),
         "fedmerge FedMatch's matched average fine-tuned like fedavg-ft (match-*, finetune-*, "
         "np-*, proxy-size): the control fednpmerge must beat",
     ),
     "fedavg-bn": (
-        lambda c: validated(FedAvgRepaired)(
-            **dict(zip(("model", "proxy"), run_proxy(c), strict=True)), seed=c.seed, **_ours(c)
-        ),
+        lambda c: validated(FedAvgRepaired)(**_with_data(c), **_ours(c)),
         "fedmerge FedAvg + BatchNorm statistics recomputed on the proxy slice (proxy-size): "
         "the control for fedmatch's and fednpmerge's BN repair",
     ),
     "fedmatch": (
-        lambda c: validated(FedMatch)(**fedmatch_options(c), **_ours(c)),
+        lambda c: validated(FedMatch)(
+            **_with_data(c), options=MatchOptions.from_config(c), **_ours(c)
+        ),
         "fedmerge FedMatch: clients aligned by neuron matching, then averaged (match-*)",
     ),
     "fedma": (
         lambda c: validated(FedMA)(
-            model=run_proxy(c)[0], options=FedMAOptions.from_config(c), seed=c.seed, **_ours(c)
+            model=_model_and_proxy(c)[0],
+            options=FedMAOptions.from_config(c),
+            seed=c.seed,
+            **_ours(c),
         ),
         "fedmerge FedMA: layer-by-layer BBP-MAP matching with frozen-prefix retraining, one "
         "Flower round per phase; the global model may grow (fedma-*; mlp, cnn, vgg9)",
     ),
     "fednpmerge": (
-        lambda c: validated(FedNPMerge)(**fednpmerge_options(c), **_ours(c)),
+        lambda c: validated(FedNPMerge)(
+            **_with_data(c),
+            match=MatchOptions.from_config(c),
+            options=NPOptions.from_config(c),
+            device=_device(c),
+            **_ours(c),
+        ),
         "fedmerge FedNPMerge: aligned clients merged with per-parameter coefficients learned "
         "on the server proxy slice (np-*, match-*, proxy-size)",
     ),
