@@ -433,7 +433,15 @@ def test_ctrl_c_stops_the_run_and_every_worker(tmp_path):
 
     fedmerge = str(Path(sys.executable).parent / "fedmerge")
     args = [fedmerge, "run", "-q", "num-rounds=200", "workers=2", f"output-dir={tmp_path}"]
-    proc = subprocess.Popen([*args, "run-name=c"], stderr=subprocess.PIPE, text=True)
+    # The run starts as a terminal's foreground command does, with SIGINT at its default:
+    # a test harness started in the background of a non-interactive shell ignores SIGINT,
+    # and a child inherits that (Python then installs no KeyboardInterrupt handler).
+    proc = subprocess.Popen(
+        [*args, "run-name=c"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while _checkpoint_round(tmp_path / "c") < 1:

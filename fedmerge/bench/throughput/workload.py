@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import RunConfig
-from ..errors import FedmergeError
-from ..federation import DataSpec, client_shard, load_data, make_model
-from ..processes import available_cpus
-from ..training import resolve_device
+from ...config import RunConfig
+from ...errors import FedmergeError
+from ...federation import DataSpec, client_shard, load_data, make_model
+from ...processes import available_cpus
+from ...training import resolve_device
 
 ENGINES = ("local", "local-workers", "flower")
 #: local (one in-process worker) / bare single process; local-workers / bare processes.

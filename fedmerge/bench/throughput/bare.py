@@ -1,5 +1,5 @@
 """The bare PyTorch reference of the throughput benchmark: the FedAvg rounds a PyTorch user
-would write, in this process or spread over forked processes (:mod:`.bare_multi`).
+would write, in this process or spread over forked processes (:mod:`.bare_processes`).
 """
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..config import RunConfig
-from ..errors import FedmergeError
-from ..federation import client_seed, load_data, make_model
-from .bare_multi import average, measure_bare_processes, train_clients
-from .throughput_workload import Federation, device_sync, figures
+from ...config import RunConfig
+from ...errors import FedmergeError
+from ...federation import client_seed, load_data, make_model
+from .bare_processes import average, measure_bare_processes, train_clients
+from .workload import Federation, device_sync, figures
 
 
 def measure_bare(fed: Federation) -> dict[str, Any]:

@@ -9,7 +9,7 @@
 Acceptance targets: the local engine with one in-process worker reaches at least 0.95x the
 samples/s of the bare loop in one process; with ``--workers`` worker processes, at least 0.9x
 the bare loop spread over as many processes (``bare-processes``,
-:mod:`fedmerge.bench.bare_multi`).
+:mod:`fedmerge.bench.throughput.bare_processes`).
 
 What is measured
 ----------------
@@ -28,7 +28,7 @@ any timing), and the model is the same seeded CNN.
 
 ``bare-processes`` (with ``local-workers``)
     The bare loop in ``--workers`` forked processes of one thread each, client ``i`` on
-    process ``i mod P``, the parent averaging: see :mod:`fedmerge.bench.bare_multi`.
+    process ``i mod P``, the parent averaging: see :mod:`fedmerge.bench.throughput.bare_processes`.
 
 ``local-workers``
     As ``local`` below with ``workers = P`` (one torch thread each). The clients' loop seconds
@@ -96,10 +96,10 @@ with two threads on two cores that other processes also use, both loops slowed d
 hundredfold in our checks, which swamps every difference this benchmark looks for.
 
 Code layout: this module holds the command line and re-exports the benchmark's names;
-:mod:`.throughput_workload` the settings, the shared federation, the warm-up and the figures
-every variant reports; :mod:`.throughput_bare` the bare PyTorch loops (with
-:mod:`.bare_multi`); :mod:`.throughput_engines` the engines' runs and the train-seconds
-estimate; :mod:`.throughput_report` :func:`run_benchmark`, the report and its printing.
+:mod:`.workload` the settings, the shared federation, the warm-up and the figures
+every variant reports; :mod:`.bare` the bare PyTorch loops (with
+:mod:`.bare_processes`); :mod:`.engines` the engines' runs and the train-seconds
+estimate; :mod:`.report` :func:`run_benchmark`, the report and its printing.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import FedmergeError
-from .throughput_bare import measure_bare, measure_bare_multi
-from .throughput_engines import (
+from ...errors import FedmergeError
+from .bare import measure_bare, measure_bare_multi
+from .engines import (
     estimate_total_train_seconds,
     flower_concurrency,
     measure_flower,
@@ -120,8 +120,8 @@ from .throughput_engines import (
     record_client_train,
     steps_per_epoch,
 )
-from .throughput_report import machine_facts, render, run_benchmark
-from .throughput_workload import (
+from .report import machine_facts, render, run_benchmark
+from .workload import (
     ENGINES,
     LR,
     MOMENTUM,
@@ -241,7 +241,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {json_path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import FedmergeError
-from ..processes import available_cpus
-from ..results import read_metrics
-from .throughput_workload import BenchSettings, Federation, figures
+from ...errors import FedmergeError
+from ...processes import available_cpus
+from ...results import read_metrics
+from .workload import BenchSettings, Federation, figures
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -40,7 +40,7 @@ def estimate_total_train_seconds(
 @contextlib.contextmanager
 def quiet_flower() -> Iterator[None]:
     """Silence Flower's INFO log lines (as the fedmerge CLI does) for the duration."""
-    from ..runner import quiet_flower as quiet
+    from ...runner import quiet_flower as quiet
 
     level, propagate = quiet()
     flwr_log = logging.getLogger("flwr")
@@ -57,7 +57,7 @@ def record_client_train() -> Iterator[list[Any]]:
 
     Wraps the ``train`` name the ClientApp module calls; restored on exit.
     """
-    from ..clients import client_app
+    from ...clients import client_app
 
     original = client_app.train
     results: list[Any] = []
@@ -109,7 +109,7 @@ def measure_local(fed: Federation, run_name: str, workers: int = 1) -> dict[str,
     ``workers`` = 1: clients in this process with torch's current thread count (as the bare
     loop); more: that many worker processes of one thread each.
     """
-    from ..runner import run
+    from ...runner import run
 
     threads = 0 if workers == 1 else 1
     cfg = fed.cfg.replace(run_name=run_name, workers=workers, client_threads=threads)
@@ -156,7 +156,7 @@ def flower_concurrency(settings: BenchSettings) -> tuple[float, int]:
 
 def measure_flower(fed: Federation, settings: BenchSettings, run_name: str) -> dict[str, Any]:
     """One run of the flower engine (``flwr run``, Ray)."""
-    from ..runner import run
+    from ...runner import run
 
     cfg = fed.cfg.replace(run_name=run_name)
     per_client, concurrent = flower_concurrency(settings)

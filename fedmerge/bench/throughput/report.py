@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..processes import available_cpus
-from .throughput_bare import measure_bare, measure_bare_multi
-from .throughput_engines import measure_flower, measure_local
-from .throughput_workload import (
+from ...processes import available_cpus
+from .bare import measure_bare, measure_bare_multi
+from .engines import measure_flower, measure_local
+from .workload import (
     TARGET_RATIO,
     TARGET_WORKERS_RATIO,
     BenchSettings,
