@@ -132,6 +132,18 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     return out
 
 
+def _seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the random generators a training step on ``device`` draws from (dropout): the
+    CPU's, and the CUDA device's when it is one. The values are those ``torch.manual_seed``
+    gives them; it also seeds every other device, and without CUDA initialised it records a
+    stack trace for a deferred call each time, which made it the costliest line of a tiny
+    client's training (about 2 ms of 6 ms per client call for 60-sample clients, profiled)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -181,7 +193,7 @@ def train(
     start = time.perf_counter()
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
+        _seed_generators(seed, device)
         for _ in range(epochs):
             for idx in batches(len(y), batch_size, generator):
                 idx = idx.to(device)

@@ -139,3 +139,16 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="'device'"):
             resolve_device("cuda")
+
+
+def test_training_seeds_the_cpu_generator_as_torch_manual_seed_does():
+    """Dropout draws from the CPU's default generator: the one train() seeds (the cheaper
+    way, without torch.manual_seed's bookkeeping for other devices) must hold the state
+    torch.manual_seed gives it."""
+    from fedmerge.training import _seed_generators
+
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    torch.manual_seed(0)
+    _seed_generators(7, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), expected)
