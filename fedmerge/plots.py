@@ -337,7 +337,7 @@ def plot_scaling(
     path: Path,
     title: str,
 ) -> None:
-    """Seconds per round of ``fedmerge.bench.scaling``'s three sweeps, one panel each:
+    """Seconds per round of ``fedmerge.bench.round_cost``'s three sweeps, one panel each:
     against the number of clients (log-log: the round, its training and the rest), per model
     (training and the rest stacked), per strategy (one bar per number of clients)."""
     from matplotlib.ticker import FormatStrFormatter

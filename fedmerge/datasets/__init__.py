@@ -49,9 +49,9 @@ from .common import (
     _stratified_indices,
 )
 from .files import _ensure_files
+from .input_scaling import INPUT_SCALINGS, to_unit_range
 from .loaders import _load_arrays
 from .registry import DATASETS, DatasetInfo, FederatedDataset, describe_datasets
-from .scaling import INPUT_SCALINGS, to_unit_range
 from .synthetic import _synthetic_arrays
 
 __all__ = [

@@ -66,6 +66,7 @@ from .common import (
     outputs,
     with_holdout,
 )
+from .magnitude import scale_parameters, scaled_indices, scaling_rows
 from .patterns import (
     LinearClassifier,
     WeightPatterns,
@@ -76,7 +77,6 @@ from .patterns import (
     template_correlation,
     weight_patterns,
 )
-from .scaling import scale_parameters, scaled_indices, scaling_rows
 from .soups import ModelSet, fedavg_rounds, greedy_soup, soup_rows, train_model_set
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """How the cost of a federated round grows with the clients, the model and the strategy.
 
-    python -m fedmerge.bench.scaling [--quick] [--data-root DIR] [--dataset fashion-mnist]
+    python -m fedmerge.bench.round_cost [--quick] [--data-root DIR] [--dataset fashion-mnist]
         [--clients 10,100,1000] [--models mlp,cnn,resnet20,vgg9] [--model cnn]
         [--strategies all] [--strategy-clients 10,100] [--per-client 32] [--batch-size 32]
         [--rounds 3] [--threads 1] [--png scaling.png] [--json OUT.json]
@@ -218,7 +218,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the sweeps, print the tables, write the PNG (and JSON)."""
     p = argparse.ArgumentParser(
-        prog="python -m fedmerge.bench.scaling", description=__doc__.splitlines()[0]
+        prog="python -m fedmerge.bench.round_cost", description=__doc__.splitlines()[0]
     )
     p.add_argument("--quick", action="store_true", help="fewer points (about a minute)")
     p.add_argument("--dataset", default="fashion-mnist")
