@@ -3,7 +3,7 @@
 The shard is recomputed from the run-config and the node's ``partition-id`` /
 ``num-partitions`` (cached per process). What the server sends in the train instruction's
 config decides the extra loss terms: ``proximal-mu`` (Flower's FedProx) adds the proximal
-term, FedWSA's target the WSA term (both read by :class:`fedmerge.client.RequestedTerms`,
+term, FedWSA's target the WSA term (both read by :class:`fedmerge.client_side.RequestedTerms`,
 the helper a user's own ClientApp uses too). So one ClientApp serves every strategy.
 """
 
@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedmerge.client import (
+from fedmerge.client_side import (
     FEDMA_PHASE,
     RequestedTerms,
     fedma_epochs,

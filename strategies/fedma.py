@@ -51,10 +51,10 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
-from fedmerge.client import FEDMA_CLASS_COUNTS as CLASS_COUNTS_KEY
-from fedmerge.client import FEDMA_EPOCHS as EPOCHS_KEY
-from fedmerge.client import FEDMA_FROZEN as FROZEN_KEY
-from fedmerge.client import FEDMA_PHASE as PHASE_KEY
+from fedmerge.client_side import FEDMA_CLASS_COUNTS as CLASS_COUNTS_KEY
+from fedmerge.client_side import FEDMA_EPOCHS as EPOCHS_KEY
+from fedmerge.client_side import FEDMA_FROZEN as FROZEN_KEY
+from fedmerge.client_side import FEDMA_PHASE as PHASE_KEY
 from fedmerge.fedma import average_last, chain_layers, fedma_widths, match_chain, match_layer
 from fedmerge.models import model_spec
 from fedmerge.options import FedMAOptions

@@ -6,7 +6,7 @@ given), measures each client's scope from the arrays it sent (clients need repor
 about scopes), and fuses them into the next round's target. Round 1's
 target is the scope of the initial global model. Clients add the WSA term only when a target
 arrives, so the same ClientApp serves every strategy; a user's own ClientApp gets the term
-from :func:`fedmerge.client.loss_terms`.
+from :func:`fedmerge.client_side.loss_terms`.
 
 Config keys of the target in the message (``ConfigRecord``): ``wsa-names`` (list of tensor
 names), ``wsa-mu``, ``wsa-sigma`` (lists of floats), ``wsa-lambda`` (float), ``wsa-reverse``

@@ -2,7 +2,7 @@
 
 The example is documentation: a Flower PyTorch quickstart whose only fedmerge code is the
 strategy (``fedmerge.strategies``), the options (``*.from_run_config``) and one line in the
-ClientApp (``fedmerge.client.loss_terms``). These tests keep it that way, and run it on both
+ClientApp (``fedmerge.client_side.loss_terms``). These tests keep it that way, and run it on both
 engines a user has: Flower's simulation engine (``flwr run``, Ray) and fedmerge's in-process
 engine (``fedmerge simulate``), which must give the same accuracies.
 """
@@ -26,7 +26,7 @@ APP = ROOT / "examples" / "quickstart-fedmerge"
 PACKAGE = APP / "quickstart_fedmerge"
 BIN = Path(sys.executable).parent
 #: The only fedmerge modules a user's app needs.
-PUBLIC = {"fedmerge.strategies", "fedmerge.client", "fedmerge.options", "fedmerge.npmerge"}
+PUBLIC = {"fedmerge.strategies", "fedmerge.client_side", "fedmerge.options", "fedmerge.npmerge"}
 #: Small settings: 4 nodes, 2 rounds, 1 local epoch, 2000 training samples in all.
 SMALL = {
     "num-server-rounds": 2,
@@ -68,11 +68,11 @@ def test_example_imports_only_public_fedmerge_modules():
     assert {p.name for p in sources} >= {"task.py", "client_app.py", "server_app.py"}
     imported = {p.name: _fedmerge_imports(p) for p in sources}
     for name, modules in imported.items():
-        # a module is allowed, or an attribute of one (``from fedmerge.client import x``)
+        # a module is allowed, or an attribute of one (``from fedmerge.client_side import x``)
         bad = {m for m in modules if m not in PUBLIC and m.rpartition(".")[0] not in PUBLIC}
         assert not bad, f"{name} imports fedmerge internals: {sorted(bad)}"
     assert imported["task.py"] == set()  # model, data and training are plain PyTorch
-    assert "fedmerge.client.loss_terms" in imported["client_app.py"]
+    assert "fedmerge.client_side.loss_terms" in imported["client_app.py"]
     assert "fedmerge.strategies" in imported["server_app.py"]
     # Net is the user's own: no permutation spec for fedmerge to read
     tree = ast.parse((PACKAGE / "task.py").read_text())

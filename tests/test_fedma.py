@@ -234,7 +234,7 @@ def _instruction(state: dict, **config) -> Message:
 
 
 def test_fedma_model_rebuilds_grown_widths_and_freezes_the_matched_layers():
-    from fedmerge.client import fedma_epochs, fedma_metrics, fedma_model
+    from fedmerge.client_side import fedma_epochs, fedma_metrics, fedma_model
 
     grown = _UserNet({"conv": 8, "fc1": 25}).state_dict()
     msg = _instruction(grown, **{"fedma-phase": 1, "fedma-frozen": "conv.weight,conv.bias"})

@@ -28,7 +28,7 @@ from strategy_harness import train_reply, train_requests
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fedmerge.client import RequestedTerms, loss_terms
+from fedmerge.client_side import RequestedTerms, loss_terms
 from fedmerge.config import RunConfig
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model, model_spec

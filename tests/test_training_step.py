@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from fedmerge import step
-from fedmerge.client import RequestedTerms
+from fedmerge.client_side import RequestedTerms
 from fedmerge.models import build_model
 from fedmerge.scopes import Scope, scope_names, scope_of
 from fedmerge.training import train

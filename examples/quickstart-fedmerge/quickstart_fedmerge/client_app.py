@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmerge.client import fedma_epochs, fedma_metrics, fedma_model, loss_terms
+from fedmerge.client_side import fedma_epochs, fedma_metrics, fedma_model, loss_terms
 from quickstart_fedmerge.task import Net, load_data
 from quickstart_fedmerge.task import test as test_fn
 from quickstart_fedmerge.task import train as train_fn

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedmerge.client import load_arrays
+from fedmerge.client_side import load_arrays
 from quickstart_fedmerge.task import Net, load_proxy, load_test, test
 
 app = ServerApp()
