@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedmerge.strategies.registry import STRATEGIES
+from test_resume import _sigint_at_default
 
 from fedmerge.bench import grid
 from fedmerge.bench.grid_spec import Cell, load_spec, parse_spec, preset_names
@@ -463,7 +464,9 @@ def _bench(spec_file: Path, out: Path, jobs: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fedmerge.bench.grid", str(spec_file), "--out", str(out)]
     cmd += ["--jobs", str(jobs), "--threads", "1"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=_sigint_at_default
+    )
 
 
 def _partials(out: Path) -> list[Path]:
@@ -543,18 +546,18 @@ def test_sigint_to_the_bench_alone_stops_the_cells_in_progress(tmp_path):
             proc.kill()
 
 
-# -- scaling ---------------------------------------------------------------------------------------
+# -- round cost ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_scaling_sweeps_on_digits(tmp_path, capsys):
+def test_round_cost_sweeps_on_digits(tmp_path, capsys):
     from fedmerge.strategies import server_app
 
     from fedmerge import training
-    from fedmerge.bench import scaling
+    from fedmerge.bench import round_cost
 
     png, out = tmp_path / "scaling.png", tmp_path / "scaling.json"
     args = ["--dataset", "digits", "--clients", "2,4", "--models", "mlp,cnn", "--model", "mlp"]
     args += ["--strategies", "fedavg,fedprox", "--strategy-clients", "3", "--per-client", "8"]
-    assert scaling.main([*args, "--rounds", "2", "--png", str(png), "--json", str(out)]) == 0
+    assert round_cost.main([*args, "--rounds", "2", "--png", str(png), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [(r["model"], r["clients"]) for r in data["clients"]] == [("mlp", 2), ("mlp", 4)]
     assert [(r["model"], r["clients"]) for r in data["models"]] == [("mlp", 2), ("cnn", 2)]
@@ -573,7 +576,7 @@ def test_scaling_sweeps_on_digits(tmp_path, capsys):
     assert server_app.evaluate is training.evaluate  # the evaluation stub is removed
     printed = capsys.readouterr().out
     assert "== clients (mlp, fedavg) ==" in printed and "ms/client" in printed
-    assert scaling.main(["--strategies", "fedx"]) == 2
+    assert round_cost.main(["--strategies", "fedx"]) == 2
     assert "fedx" in capsys.readouterr().err
 
 

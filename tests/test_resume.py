@@ -330,6 +330,14 @@ def _checkpoint_round(run_dir: Path) -> int:
         return -1
 
 
+def _sigint_at_default() -> None:
+    """A child's ``preexec_fn``: SIGINT at its default, as a terminal's foreground command has
+    it. A test harness started in the background of a non-interactive shell ignores SIGINT and
+    its children inherit that (Python then installs no KeyboardInterrupt handler), so a test
+    that interrupts a child must not depend on how the suite was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _processes_with(text: str) -> list[int]:
     """Live processes (zombies aside) whose command line contains ``text``."""
     found = []

@@ -429,18 +429,12 @@ def test_workers_die_with_a_sigkilled_engine(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_every_worker(tmp_path):
-    from test_resume import _checkpoint_round, _processes_with
+    from test_resume import _checkpoint_round, _processes_with, _sigint_at_default
 
     fedmerge = str(Path(sys.executable).parent / "fedmerge")
     args = [fedmerge, "run", "-q", "num-rounds=200", "workers=2", f"output-dir={tmp_path}"]
-    # The run starts as a terminal's foreground command does, with SIGINT at its default:
-    # a test harness started in the background of a non-interactive shell ignores SIGINT,
-    # and a child inherits that (Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen(
-        [*args, "run-name=c"],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        [*args, "run-name=c"], stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_at_default
     )
     try:
         deadline = time.monotonic() + 120
