@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -265,9 +266,44 @@ class RoundRecorder:
         )
 
 
+def git_version(folder: Path) -> str | None:
+    """The git commit of the work tree holding ``folder`` (12 hex digits), with
+    ``"-modified"`` when tracked files under ``folder`` differ from it; None outside a git work
+    tree or without git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10
+        )
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-modified" if status.stdout.strip() else "")
+
+
+def code_facts() -> dict[str, str]:
+    """Where this run's ``fedmerge`` and ``strategies`` packages were imported from, and their
+    git versions: a result names the code that produced it (a checkout with edits, a git
+    worktree, an installed copy), which a version number alone does not."""
+    facts = {}
+    for name, folder in (
+        ("fedmerge", Path(fedmerge.__file__).resolve().parent),
+        ("strategies", Path(__file__).resolve().parent),
+    ):
+        version = git_version(folder)
+        facts[f"{name}-code"] = f"{folder} @ {version or 'no git work tree'}"
+    return facts
+
+
 def run_facts(grid: Grid) -> dict[str, str]:
     """Versions and environment recorded beside the config."""
     return {
+        **code_facts(),
         "fedmerge": fedmerge.__version__,
         "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown",
         "torch": torch.__version__,
@@ -372,6 +408,12 @@ def _note_resume(run_dir: Path, after_round: int, grid: Grid) -> None:
     saved = json.loads(path.read_text()) if path.is_file() else {"config": {}, "facts": {}}
     facts = run_facts(grid)
     saved.setdefault("facts", {}).setdefault("resumed", []).append(
-        {"after-round": after_round, "started": facts["started"], "grid": facts["grid"]}
+        {
+            "after-round": after_round,
+            "started": facts["started"],
+            "grid": facts["grid"],
+            "fedmerge-code": facts["fedmerge-code"],  # a resumed run may run other code
+            "strategies-code": facts["strategies-code"],
+        }
     )
     write_json(path, saved)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +50,11 @@ def test_default_run_writes_the_output_folder(tmp_path):
     assert rows[-1]["test-accuracy"] > rows[0]["test-accuracy"]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["config"]["num-rounds"] == 3 and saved["facts"]["grid"] == "LocalGrid"
+    import fedmerge  # the results name the code that produced them
+
+    package = str(Path(fedmerge.__file__).resolve().parent)
+    assert saved["facts"]["fedmerge-code"].startswith(f"{package} @ ")
+    assert saved["facts"]["strategies-code"].split(" @ ")[0].endswith("strategies")
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"round", "test-accuracy", "test-loss", "train-loss", "round-time"} <= set(header)
     state = torch.load(run_dir / "model.pt")
@@ -190,3 +198,26 @@ def test_independent_client_init_trains_round_one_from_the_clients_own_init(tmp_
     assert not equal(trained(server, 1, shared), trained(server, 1))
     assert not equal(trained(server, 2), trained(other, 2))  # round 2: the server's arrays
     assert equal(trained(server, 2), trained(server, 2, shared))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_version_names_the_commit_and_tracked_edits(tmp_path):
+    from fedmerge.strategies.server_app import git_version
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert git_version(tmp_path) is None  # not a work tree yet
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    commit = git("rev-parse", "--short=12", "HEAD")
+    assert git_version(tmp_path / "pkg") == commit
+    (tmp_path / "pkg" / "new.py").write_text("")  # untracked: not an edit of the commit
+    assert git_version(tmp_path / "pkg") == commit
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert git_version(tmp_path / "pkg") == f"{commit}-modified"
