@@ -197,12 +197,7 @@ def activation_similarities_of(
     results as here on one thread."""
     # local: SciPy's import only when matching
     from .matching import _loaded, activation_similarities
-    from .matching.reading import (
-        ONE_PASS_BYTES,
-        one_pass_bytes,
-        similarities_in_one_pass,
-        similarities_in_shares,
-    )
+    from .matching.reading import ONE_PASS_BYTES, one_pass_bytes, similarities_in_one_pass
 
     if reading not in READINGS:
         raise unknown_name("reading", reading, READINGS)
@@ -211,22 +206,6 @@ def activation_similarities_of(
         reading == "auto" and one_pass_bytes(spec, model, inputs, sites) <= ONE_PASS_BYTES
     )
     if one_pass:
-        reset_target, reset_states = reset_target and bn, reset_states and bn
-        pool = share_pool()  # the local engine's idle workers, inside a strategy's merge
-        if pool is not None and inputs.device.type == "cpu":
-            spread = similarities_in_shares(
-                spec,
-                model,
-                target,
-                states,
-                inputs,
-                sites=sites,
-                reset_target=reset_target,
-                reset_states=reset_states,
-                pool=pool,
-            )
-            if spread is not None:
-                return spread
         return similarities_in_one_pass(
             spec,
             model,
@@ -234,8 +213,9 @@ def activation_similarities_of(
             states,
             inputs,
             sites=sites,
-            reset_target=reset_target,
-            reset_states=reset_states,
+            reset_target=reset_target and bn,
+            reset_states=reset_states and bn,
+            pool=share_pool(),  # the local engine's idle workers, inside a strategy's merge
         )
     if reset_target and bn:
         target = repair_batchnorm(model, target, inputs)

@@ -247,11 +247,27 @@ def similarities_in_one_pass(
     sites: str,
     reset_target: bool,
     reset_states: bool,
+    pool: SharePool | None = None,
 ) -> list[dict[str, Tensor]]:
     """The activation similarities of every state against ``target`` (the values of
     :func:`fedmerge.matching.activation_similarities`, float32-rounded), each model read in
     one pass over all ``inputs``; ``reset_*``: BatchNorm statistics taken from the inputs
-    (module docstring)."""
+    (module docstring). With ``pool`` (inputs on the CPU), the states are read in its
+    workers when it can run them (:func:`similarities_in_shares`), otherwise here."""
+    if pool is not None and inputs.device.type == "cpu":
+        spread = similarities_in_shares(
+            spec,
+            model,
+            target,
+            states,
+            inputs,
+            sites=sites,
+            reset_target=reset_target,
+            reset_states=reset_states,
+            pool=pool,
+        )
+        if spread is not None:
+            return spread
     chosen, read = _sites_read(spec, sites)
     post_ref, pre_ref = _sides(spec, chosen, _read(model, target, inputs, read, reset_target))
     ref_post = {name: _standardise(parts) for name, parts in post_ref.items() if parts}
