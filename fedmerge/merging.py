@@ -31,19 +31,13 @@ import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, unknown_name
-from .options import (  # the names live with MatchOptions
-    BETA_CRITERIA,
-    DEFAULT_MATCH_BETA,
-    DEFAULT_MATCH_MAX_SWEEPS,
-    DEFAULT_MATCH_SITES,
-    REFERENCES,
-)
+from .errors import unknown_name
+from .options import BETA_CRITERIA, DEFAULT_MATCH_SITES, MatchOptions
 from .permutations import PermutationSpec, State, apply_permutations
 from .spread import share_pool
 
@@ -125,16 +119,13 @@ class MatchReport:
 
 def align_one(
     spec: PermutationSpec,
-    matcher: str,
     target: State,
     state: State,
+    options: MatchOptions = MatchOptions(),
     *,
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
-    beta: float = DEFAULT_MATCH_BETA,
     seed: int = 0,
-    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
-    sites: str = DEFAULT_MATCH_SITES,
     similarities: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     """``state`` with its units permuted to match ``target``'s, and the fraction moved
@@ -142,16 +133,13 @@ def align_one(
     from .matching import match  # local: SciPy's import only when matching
 
     perms = match(
-        matcher,
         spec,
         target,
         state,
+        options,
         model=model,
         inputs=inputs,
-        beta=beta,
         seed=seed,
-        max_sweeps=max_sweeps,
-        sites=sites,
         similarities=similarities,
     )
     return apply_permutations(spec, perms, state), _fraction_moved(perms)
@@ -247,15 +235,10 @@ def align_models(
     *,
     reference: State | None = None,
     spec: PermutationSpec,
-    matcher: str = "weight",
-    mode: str = "global",
-    iterations: int = 1,
-    beta: float = DEFAULT_MATCH_BETA,
+    options: MatchOptions = MatchOptions(),
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
     seed: int = 0,
-    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
-    sites: str = DEFAULT_MATCH_SITES,
     reset_batchnorm: bool = True,
     similarities: Sequence[Mapping[str, Tensor]] | None = None,
     report: MatchReport | None = None,
@@ -263,19 +246,19 @@ def align_models(
     """Every model aligned to the ``mode`` reference (the alignment of :func:`matched_average`).
 
     Parameters are those of :func:`matched_average`; returns the aligned copies, in input
-    order. With ``iterations > 1`` the reference becomes the weighted average of the aligned
-    models after each pass. One matching per model and pass: linear in the number of models.
+    order. With ``options.iterations > 1`` the reference becomes the weighted average of the
+    aligned models after each pass. One matching per model and pass: linear in the number of
+    models.
     """
-    if mode not in REFERENCES:
-        raise unknown_name("match-reference", mode, REFERENCES)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ConfigError("match-iterations", iterations, "an integer >= 1")
     w = normalise_weights(weights, len(states))
-    target = _first_target(states, w, mode, reference)
+    target = _first_target(states, w, options.reference, reference)
     report = report if report is not None else MatchReport()
-    reads = matcher == "activation" or (matcher == "dual" and float(beta) < 1.0)
+    reads = options.method == "activation" or (
+        options.method == "dual" and options.fixed_beta < 1.0
+    )
     reads = reads and model is not None and inputs is not None
-    if mode == "barycenter":
+    iterations = options.iterations
+    if options.reference == "barycenter":
         iterations = max(iterations, BARYCENTER_PASSES)
     aligned: list[dict[str, Tensor]] = []
     for it in range(iterations):
@@ -297,7 +280,7 @@ def align_models(
                 target,
                 states,
                 inputs,
-                sites=sites,
+                sites=options.sites,
                 reset_target=reset_batchnorm or it > 0,
                 reset_states=reset_batchnorm,
             )
@@ -305,15 +288,12 @@ def align_models(
         for k, state in enumerate(states):
             out, moved = align_one(
                 spec,
-                matcher,
                 target,
                 state,
+                options,
                 model=model,
                 inputs=inputs,
-                beta=beta,
                 seed=seed,
-                max_sweeps=max_sweeps,
-                sites=sites,
                 similarities=None if sims is None else sims[k],
             )
             report._moved.append(moved)
@@ -330,15 +310,10 @@ def matched_average(
     *,
     reference: State | None = None,
     spec: PermutationSpec,
-    matcher: str = "weight",
-    mode: str = "global",
-    iterations: int = 1,
-    beta: float = DEFAULT_MATCH_BETA,
+    options: MatchOptions = MatchOptions(),
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
     seed: int = 0,
-    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
-    sites: str = DEFAULT_MATCH_SITES,
     reset_batchnorm: bool = True,
     similarities: Sequence[Mapping[str, Tensor]] | None = None,
     report: MatchReport | None = None,
@@ -352,30 +327,25 @@ def matched_average(
     weights : sequence of float, optional
         Their data sizes; uniform when omitted.
     reference : state dict, optional
-        The global model (required by ``mode="global"``; otherwise only a source of integer
-        buffers).
+        The global model (required by ``options.reference="global"``; otherwise only a source
+        of integer buffers).
     spec : PermutationSpec
         The architecture's spec (:func:`fedmerge.models.model_spec`).
-    matcher : {"weight", "activation", "dual"}
-        See :func:`fedmerge.matching.match`.
-    mode : {"global", "largest", "barycenter"}
-        Which reference to align to (module docstring).
-    iterations : int
-        Align-then-average passes; after the first, the reference is the previous average
-        (``barycenter`` makes at least 3).
-    beta : float
-        Weight-space share of the dual matcher's similarity.
+    options : MatchOptions
+        The ``match-*`` options read here: ``method`` (the matcher, see
+        :func:`fedmerge.matching.match`), ``reference`` (which model to align to, module
+        docstring), ``iterations`` (align-then-average passes; after the first, the
+        reference is the previous average; ``barycenter`` makes at least 3), ``beta`` (the
+        dual matcher's weight-space share: a number; ``auto`` is :func:`select_beta`'s),
+        ``max_sweeps`` and ``sites``. ``bn_repair`` and ``beta_criterion`` are the caller's
+        (:func:`repair_batchnorm`, :func:`select_beta`). Default: weight matching to the
+        global model.
     model : torch.nn.Module, optional
         Template of the architecture, needed by data-based matchers.
     inputs : Tensor, optional
         Inputs at the merge site (the server's proxy slice), needed by data-based matchers.
     seed : int
         Seed of the matchers' visiting order.
-    max_sweeps : int
-        Coordinate-descent sweeps per matching.
-    sites : {"all", "last"}
-        Activation sites the data-based matchers read (``match-sites``): every site of a
-        permutation, or only its last (:func:`fedmerge.matching.selected_sites`).
     reset_batchnorm : bool
         Data-based matchers on a model with BatchNorm: recompute every model's running
         statistics on ``inputs`` before reading its activations (MuDSC's code does); False
@@ -399,15 +369,10 @@ def matched_average(
         w,
         reference=reference,
         spec=spec,
-        matcher=matcher,
-        mode=mode,
-        iterations=iterations,
-        beta=beta,
+        options=options,
         model=model,
         inputs=inputs,
         seed=seed,
-        max_sweeps=max_sweeps,
-        sites=sites,
         reset_batchnorm=reset_batchnorm,
         similarities=similarities,
         report=report,
@@ -514,25 +479,23 @@ def select_beta(
     model: nn.Module,
     inputs: Tensor,
     labels: Tensor,
-    mode: str = "global",
-    iterations: int = 1,
-    bn_repair: bool = False,
+    options: MatchOptions = MatchOptions(method="dual", beta="auto"),
     grid: Sequence[float] = BETA_GRID,
-    criterion: str = "accuracy",
     seed: int = 0,
-    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
-    sites: str = DEFAULT_MATCH_SITES,
     reset_batchnorm: bool = True,
 ) -> BetaChoice:
     """The dual matcher's ``beta`` whose matched average scores best on the labelled data.
 
     MuDSC (Xu et al., CVPR 2024; its code) tries beta = 0.9, 0.8, ..., 0.1 and keeps the
-    merge with the highest accuracy on labelled training data. Here each candidate's matched
-    average (BatchNorm-repaired on ``inputs`` when ``bn_repair``) is scored on ``(inputs,
-    labels)`` (the server's labelled proxy slice in FL) by ``criterion``: ``"accuracy"``
-    (highest; MuDSC's) or ``"loss"`` (lowest cross-entropy). Ties keep the first candidate of
-    ``grid``. The chosen candidate's merge is returned, so nothing is matched again.
+    merge with the highest accuracy on labelled training data. Here each candidate's dual
+    matched average (``options`` with each beta of ``grid``; BatchNorm-repaired on ``inputs``
+    when ``options.bn_repair``) is scored on ``(inputs, labels)`` (the server's labelled proxy
+    slice in FL) by ``options.beta_criterion``: ``"accuracy"`` (highest; MuDSC's) or
+    ``"loss"`` (lowest cross-entropy). Ties keep the first candidate of ``grid``. The chosen
+    candidate's merge is returned, so nothing is matched again. ``options.method`` and
+    ``options.beta`` are not read (the candidates are dual matchings at each beta of ``grid``).
     """
+    criterion = options.beta_criterion
     if criterion not in BETA_CRITERIA:
         raise ValueError(f"criterion must be one of {BETA_CRITERIA}, got {criterion!r}")
     from .training import evaluate  # local: training imports nothing from here
@@ -544,7 +507,9 @@ def select_beta(
     accuracies: dict[float, float] = {}
     merges: dict[float, tuple[dict[str, Tensor], MatchReport]] = {}
     # The activations do not depend on beta: read once, shared by every candidate.
-    first = _first_target(states, normalise_weights(weights, len(states)), mode, reference)
+    first = _first_target(
+        states, normalise_weights(weights, len(states)), options.reference, reference
+    )
     start = time.perf_counter()
     sims = activation_similarities_of(
         spec,
@@ -552,7 +517,7 @@ def select_beta(
         first,
         states,
         inputs,
-        sites=sites,
+        sites=options.sites,
         reset_target=reset_batchnorm,
         reset_states=reset_batchnorm,
     )
@@ -564,20 +529,15 @@ def select_beta(
             weights,
             reference=reference,
             spec=spec,
-            matcher="dual",
-            mode=mode,
-            iterations=iterations,
-            beta=beta,
+            options=replace(options, method="dual", beta=float(beta)),
             model=model,
             inputs=inputs,
             seed=seed,
-            max_sweeps=max_sweeps,
-            sites=sites,
             reset_batchnorm=reset_batchnorm,
             similarities=sims,
             report=report,
         )
-        if bn_repair:
+        if options.bn_repair and has_batchnorm(model):
             merged = repair_batchnorm(model, merged, inputs)
         probe.load_state_dict(merged)
         b = float(beta)

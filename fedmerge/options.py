@@ -50,7 +50,7 @@ NP_PARAMS = ("all", "weights")
 NP_BN_MODES = ("train", "eval")
 #: ``match-sites``: every activation site of a unit space, or its last consumer only.
 MATCH_SITES = ("all", "last")
-#: How ``match-beta = auto`` scores each candidate (fedmerge.merging.BETA_CRITERIA).
+#: How ``match-beta = auto`` scores each candidate (:func:`fedmerge.merging.select_beta`).
 BETA_CRITERIA = ("accuracy", "loss")
 #: How a fine-tuned control spends the proxy slice's labels: NP Merge's budget, or epochs of SGD.
 FINETUNE_BUDGETS = ("np", "epochs")
@@ -233,6 +233,22 @@ class MatchOptions(Options):
     def auto_beta(self) -> bool:
         """The dual matcher chooses beta on the proxy slice."""
         return self.method == "dual" and self.beta == "auto"
+
+    @property
+    def fixed_beta(self) -> float:
+        """``beta`` as the number a matching reads: ``auto`` is chosen on labelled data
+        (:func:`fedmerge.merging.select_beta`) and refused for the dual matcher here; the
+        weight and activation matchers do not read beta (the default stands in)."""
+        if self.beta != "auto":
+            return float(self.beta)
+        if self.method == "dual":
+            raise ConfigError(
+                "match-beta",
+                self.beta,
+                "a number in [0, 1] here",
+                "auto is chosen on labelled data by fedmerge.merging.select_beta",
+            )
+        return DEFAULT_MATCH_BETA
 
     @property
     def needs_data(self) -> bool:

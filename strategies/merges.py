@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,9 @@ from fedmerge.merging import (
     select_beta,
 )
 from fedmerge.models import model_spec
-from fedmerge.npmerge import Alignment, NPOptions, NPReport, np_merge
+from fedmerge.npmerge import NPOptions, NPReport, np_merge
 from fedmerge.npmerge.finetune import fine_tune_like_np
-from fedmerge.options import DEFAULT_MATCH_BETA, FineTuneOptions, MatchOptions
+from fedmerge.options import FineTuneOptions, MatchOptions
 from fedmerge.permutations import PermutationSpec, State
 from fedmerge.proxy import Proxy, ProxyLike, as_proxy
 from fedmerge.training import train
@@ -183,11 +184,7 @@ class MatchedMerge:
             "reference": reference,
             "spec": self.spec,
             "model": self.model,
-            "mode": o.reference,
-            "iterations": o.iterations,
             "seed": seed,
-            "max_sweeps": o.max_sweeps,
-            "sites": o.sites,
         }
         if o.auto_beta:  # the chosen candidate's merge is kept: no matching at it again
             assert proxy is not None and proxy.y is not None
@@ -196,8 +193,7 @@ class MatchedMerge:
                 list(weights),
                 inputs=proxy.x,
                 labels=proxy.y,
-                bn_repair=self.repair,
-                criterion=o.beta_criterion,
+                options=replace(o, bn_repair=self.repair),
                 **common,
             )
             report["match-beta"] = choice.beta
@@ -208,8 +204,7 @@ class MatchedMerge:
             merged = matched_average(
                 list(states),
                 list(weights),
-                matcher=o.method,
-                beta=DEFAULT_MATCH_BETA if o.beta == "auto" else float(o.beta),  # dual only
+                options=o,
                 inputs=None if proxy is None else proxy.x,
                 report=match,
                 **common,
@@ -280,16 +275,6 @@ class NPMerge:
         self.repair = self.match.bn_repair and has_batchnorm(model)
         self.model, self.spec = model, _spec(model, self.proxy, example_input)
         self.device = torch.device(device)
-        m = self.match
-        self.alignment = Alignment(
-            self.spec,
-            matcher=m.method,
-            mode=m.reference,
-            iterations=m.iterations,
-            beta=float(m.beta),
-            max_sweeps=m.max_sweeps,
-            sites=m.sites,
-        )
         self.__name__ = "np-merge"
 
     def __call__(
@@ -310,7 +295,8 @@ class NPMerge:
             model=self.model,
             x=self.proxy.x,
             y=self.proxy.y,
-            alignment=self.alignment,
+            spec=self.spec,
+            match=self.match,
             options=self.options,
             seed=seed,
             device=self.device,

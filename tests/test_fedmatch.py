@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedmerge.strategies.fedmatch import FedMatch
 from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
@@ -12,9 +11,11 @@ from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, load_data, make_model
 from fedmerge.merging import BETA_GRID, average
 from fedmerge.models import build_model, model_spec
+from fedmerge.options import MatchOptions
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
+from fedmerge.strategies.fedmatch import FedMatch
 
 
 def _cfg(tmp_path, **over):
@@ -187,7 +188,7 @@ def test_auto_beta_picks_the_candidate_whose_merge_scores_best_on_the_proxy(crit
     spec, xp, yp = model_spec(m), x[:300], y[:300]
     choice = select_beta(
         states, [1, 1], reference=states[0], spec=spec, model=m, inputs=xp, labels=yp,
-        criterion=criterion,
+        options=MatchOptions(method="dual", beta="auto", beta_criterion=criterion),
     )  # fmt: skip
     assert tuple(choice.losses) == tuple(choice.accuracies) == BETA_GRID
     assert len(set(choice.losses.values())) > 1  # the candidates really differ
@@ -195,8 +196,8 @@ def test_auto_beta_picks_the_candidate_whose_merge_scores_best_on_the_proxy(crit
     probe = copy.deepcopy(m)
     for beta, loss in choice.losses.items():
         merged = matched_average(
-            states, [1, 1], reference=states[0], spec=spec, matcher="dual", beta=beta,
-            model=m, inputs=xp,
+            states, [1, 1], reference=states[0], spec=spec,
+            options=MatchOptions(method="dual", beta=beta), model=m, inputs=xp,
         )  # fmt: skip
         probe.load_state_dict(merged)
         got_loss, got_accuracy = evaluate(probe, xp, yp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -121,9 +122,8 @@ def test_all_keeps_every_site_last_only_the_last_declared_and_other_values_are_r
             selected_sites(group, value)
         with pytest.raises(ConfigError, match="match-sites"):
             activations.activation_matching(spec, reference, other, x, sites=value)
-        for name in ("weight", "activation", "dual"):  # checked for every matcher
-            with pytest.raises(ConfigError, match="match-sites"):
-                match(name, spec, reference.state_dict(), other.state_dict(), sites=value)
+        with pytest.raises(ConfigError, match="match-sites"):  # whatever the matcher
+            MatchOptions(method="weight", sites=value)
 
 
 def _outputs(model: nn.Module, modules: set[str], x: torch.Tensor):
@@ -234,18 +234,20 @@ def test_correlations_stack_every_site_or_read_only_the_last(name, sites, sites_
     assert len(lasts) == len(spec.perms) < len(every)
 
 
-def test_default_is_all_and_gives_the_same_assignment_as_before(sites_read):
-    """Omitting ``sites`` (every caller before the option) and ``sites="all"`` agree exactly,
-    for both data-based matchers, and read every site."""
+def test_default_is_all_and_gives_the_assignment_of_all(sites_read):
+    """The default options and ``sites="all"`` agree exactly, for both data-based matchers,
+    and read every site."""
     reference = build_model("resnet20", (1, 8, 8), 10, seed=1).eval()
     other = build_model("resnet20", (1, 8, 8), 10, seed=2).eval()
     spec, x = model_spec(reference), torch.randn(16, 1, 8, 8)
     a, b = reference.state_dict(), other.state_dict()
-    kw = {"model": reference, "inputs": x, "beta": 0.5, "max_sweeps": 3}
+    kw = {"model": reference, "inputs": x}
     for name in ("activation", "dual"):
-        old, new = match(name, spec, a, b, **kw), match(name, spec, a, b, sites="all", **kw)
+        options = MatchOptions(method=name, beta=0.5, max_sweeps=3)
+        old = match(spec, a, b, options, **kw)
+        new = match(spec, a, b, replace(options, sites="all"), **kw)
         assert all(torch.equal(old[p], new[p]) for p in spec.perms)
-        last = match(name, spec, a, b, sites="last", **kw)
+        last = match(spec, a, b, replace(options, sites="last"), **kw)
         assert any(not torch.equal(old[p], last[p]) for p in spec.perms)
     every = sum(len(g.sites) for g in spec.perms.values())
     assert [len(c) for c in sites_read] == [every] * 4 + [len(spec.perms)] * 2 + [every] * 4 + [
@@ -259,8 +261,10 @@ def test_last_recovers_a_permutation_planted_only_at_the_last_site(seed):
     spec = reference.permutation_spec()
     for name, kw in (("activation", {}), ("dual", {"beta": 0.2})):
         a, b = reference.state_dict(), other.state_dict()
-        last = match(name, spec, a, b, model=reference, inputs=x, sites="last", **kw)
-        stacked = match(name, spec, a, b, model=reference, inputs=x, sites="all", **kw)
+        last, stacked = (
+            match(spec, a, b, MatchOptions(method=name, sites=s, **kw), model=reference, inputs=x)
+            for s in ("last", "all")
+        )
         assert recovered(last, planted) == 1.0
         assert recovered(stacked, planted) < 1.0  # the noisy first site spoils it
 
@@ -269,7 +273,9 @@ def test_weight_matching_and_data_free_dual_ignore_the_sites():
     reference, other, _, _ = planted_pair()
     spec, a, b = reference.permutation_spec(), reference.state_dict(), other.state_dict()
     for name, kw in (("weight", {}), ("dual", {"beta": 1.0})):
-        all_, last = (match(name, spec, a, b, sites=s, **kw) for s in ("all", "last"))
+        all_, last = (
+            match(spec, a, b, MatchOptions(method=name, sites=s, **kw)) for s in ("all", "last")
+        )
         assert torch.equal(all_["h"], last["h"])
 
 
@@ -326,7 +332,7 @@ def test_auto_beta_and_np_merge_read_one_site_per_space_with_last(sites_read):
     # Every beta of the grid reuses one reading: one batch through the reference and each of
     # the two models, whatever the number of candidates.
     assert len(sites_read) == 3 and all(c == ["second"] for c in sites_read)
-    for align in ("reference", "running"):  # align_to_reference / Alignment.align
+    for align in ("reference", "running"):  # align_to_reference / each next model alone
         sites_read.clear()
         npm = NPMerge(
             reference,
@@ -334,7 +340,7 @@ def test_auto_beta_and_np_merge_read_one_site_per_space_with_last(sites_read):
             MatchOptions(method="activation", sites="last"),
             NPOptions(align=align, epochs=1),
         )
-        assert npm.alignment.sites == "last"
+        assert npm.match.sites == "last"
         npm(states, weights, reference.state_dict())
         assert sites_read and all(c == ["second"] for c in sites_read)
 
@@ -348,10 +354,9 @@ def test_matched_average_passes_the_sites_on():
             states,
             reference=states[0],
             spec=spec,
-            matcher="activation",
+            options=MatchOptions(method="activation", sites=sites),
             model=reference,
             inputs=x,
-            sites=sites,
         )
         for sites in ("all", "last")
     }

@@ -24,6 +24,7 @@ from fedmerge.matching import (
 from fedmerge.matching.assignment import _solve_family
 from fedmerge.matching.correlation import _PearsonMany, _PearsonSums
 from fedmerge.models import MODELS, NORMS, build_model
+from fedmerge.options import MatchOptions
 from fedmerge.permutations import (
     Axis,
     PermGroup,
@@ -222,8 +223,9 @@ def test_pearson_dead_and_constant_units_give_zero_not_nan():
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(matcher: str, model, spec, ref_state, other_state, inputs, **kw):
-    return match(matcher, spec, ref_state, other_state, model=model, inputs=inputs, **kw)
+def _run(matcher: str, model, spec, ref_state, other_state, inputs, seed=0, **kw):
+    options = MatchOptions(method=matcher, **kw)
+    return match(spec, ref_state, other_state, options, model=model, inputs=inputs, seed=seed)
 
 
 @pytest.mark.parametrize("toy", sorted(TOYS))
@@ -382,7 +384,7 @@ def test_dual_with_beta_one_needs_no_data_and_is_deterministic():
     model_a, spec, _ = _toy("cnn", seed=0)
     model_b, _, _ = _toy("cnn", seed=1)
     a, b = model_a.state_dict(), model_b.state_dict()
-    first = match("dual", spec, a, b, beta=1.0, seed=2)
+    first = match(spec, a, b, MatchOptions(method="dual", beta=1.0), seed=2)
     check_permutations(spec, first)
     same = dual_matching(spec, model_a, model_b, None, beta=1.0, seed=2)
     for name in first:
@@ -420,19 +422,22 @@ def test_data_based_matchers_restore_train_mode():
 def test_match_errors_name_the_problem():
     model, spec, inputs = _toy("mlp")
     state = model.state_dict()
-    with pytest.raises(ConfigError, match="'matcher'.*activation, dual, weight"):
-        match("hungarian", spec, state, state)
+    with pytest.raises(ConfigError, match="'match-method'.*activation, dual, weight"):
+        MatchOptions(method="hungarian")
     for beta in (-0.1, 1.5, float("nan"), "0.5", True):
         with pytest.raises(ConfigError, match="'match-beta'"):
-            match("weight", spec, state, state, beta=beta)
+            MatchOptions(method="weight", beta=beta)
         with pytest.raises(ConfigError, match="'match-beta'"):
             dual_matching(spec, model, model, inputs, beta=beta)
+    with pytest.raises(ConfigError, match="'match-beta'.*select_beta"):
+        match(spec, state, state, MatchOptions(method="dual", beta="auto"))
+    activation = MatchOptions(method="activation")
     with pytest.raises(ValueError, match="needs inputs"):
-        match("activation", spec, state, state, model=model)
+        match(spec, state, state, activation, model=model)
     with pytest.raises(ValueError, match="needs model and inputs"):
-        match("dual", spec, state, state, beta=0.3)
+        match(spec, state, state, MatchOptions(method="dual", beta=0.3))
     with pytest.raises(ValueError, match="needs model"):
-        match("activation", spec, state, state, inputs=inputs)
+        match(spec, state, state, activation, inputs=inputs)
     with pytest.raises(ValueError, match="without activation sites"):
         bare = PermutationSpec(
             perms={name: PermGroup(g.size) for name, g in spec.perms.items()}, axes=spec.axes
@@ -487,7 +492,8 @@ def test_registered_models_recover_a_planted_permutation(name, norm, matcher, be
     data = {} if beta == 1.0 else {"model": model, "inputs": inputs}  # beta = 1 is data-free
     for seed in (1, 2):
         _, other_state = _permuted_copy(model, spec, seed=seed)
-        perms = match(matcher, spec, ref_state, other_state, beta=beta, seed=seed, **data)
+        options = MatchOptions(method=matcher, beta=beta)
+        perms = match(spec, ref_state, other_state, options, seed=seed, **data)
         check_permutations(spec, perms)
         _assert_same_state(apply_permutations(spec, perms, other_state), ref_state)
 
@@ -520,11 +526,9 @@ def test_running_statistics_are_permuted_but_never_scored(matcher):
     for key, value in scrambled.items():  # statistics far from anything the weights say
         if key.endswith(("running_mean", "running_var")):
             value.copy_(torch.rand(value.shape, generator=gen) * 100)
-    kw = {"beta": 1.0, "seed": 0}  # dual at beta 1: S_w alone, data-free
-    perms = match(matcher, spec, a, b, **kw)
-    assert all(
-        torch.equal(perms[k], v) for k, v in match(matcher, spec, a, scrambled, **kw).items()
-    )
+    options = MatchOptions(method=matcher, beta=1.0)  # dual at beta 1: S_w alone, data-free
+    perms = match(spec, a, b, options)
+    assert all(torch.equal(perms[k], v) for k, v in match(spec, a, scrambled, options).items())
     assert weight_objective(spec, a, b, perms) == weight_objective(spec, a, scrambled, perms)
     # ... and still permuted with the units they describe.
     moved = apply_permutations(spec, perms, scrambled)
@@ -550,16 +554,16 @@ def test_a_shared_reference_pass_gives_each_clients_own_assignment(name, matcher
     g = torch.Generator().manual_seed(0)
     inputs = torch.randn(300, *shape, generator=g)
     reference = model.state_dict()
+    options = MatchOptions(method=matcher, reference="global", beta=beta)
     together = align_models(
-        states, spec=spec, matcher=matcher, mode="global", reference=reference, model=model,
-        inputs=inputs, beta=beta,
-    )  # fmt: skip
+        states, spec=spec, options=options, reference=reference, model=model, inputs=inputs
+    )
     for state, aligned in zip(states, together, strict=True):
         # BatchNorm statistics taken from the inputs (resnet20), as align_models reads them
         (sims,) = activation_similarities_of(
             spec, model, reference, [state], inputs, reset_target=True, reset_states=True
         )
-        alone = match(matcher, spec, reference, state, beta=beta, similarities=sims)
+        alone = match(spec, reference, state, options, similarities=sims)
         expected = apply_permutations(spec, alone, state)
         assert all(torch.equal(aligned[k], expected[k]) for k in expected)
 

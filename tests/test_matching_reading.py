@@ -13,6 +13,7 @@ from fedmerge import merging
 from fedmerge.bench.matching import SHAPES, client_states
 from fedmerge.errors import ConfigError
 from fedmerge.matching import match, reading
+from fedmerge.options import MatchOptions
 from fedmerge.permutations import (
     PermGroup,
     Site,
@@ -43,8 +44,9 @@ def test_one_pass_reading_gives_the_streamed_assignments_on_the_registry_models(
             # float32 rounding (and, with BatchNorm reset, statistics taken in one pass
             # instead of a train-mode pass over the same single batch)
             torch.testing.assert_close(one[key], other[key], atol=2e-3, rtol=0)
-        a = match("activation", spec, state, client, similarities=one)
-        b = match("activation", spec, state, client, similarities=other)
+        activation = MatchOptions(method="activation")
+        a = match(spec, state, client, activation, similarities=one)
+        b = match(spec, state, client, activation, similarities=other)
         assert all(torch.equal(a[k], b[k]) for k in spec.perms)
 
 

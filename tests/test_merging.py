@@ -9,7 +9,6 @@ import torch
 
 from fedmerge.errors import ConfigError
 from fedmerge.merging import (
-    REFERENCES,
     MatchReport,
     average,
     matched_average,
@@ -17,6 +16,7 @@ from fedmerge.merging import (
     repair_batchnorm,
 )
 from fedmerge.models import build_model, model_spec
+from fedmerge.options import REFERENCES, MatchOptions
 from fedmerge.permutations import apply_permutations, random_permutations
 
 
@@ -62,7 +62,12 @@ def test_matched_average_of_permuted_copies_returns_the_model(mode):
     report = MatchReport()
     reference = state if mode == "global" else None
     out = matched_average(
-        [state, *copies], [1, 2, 3, 4], reference=reference, spec=spec, mode=mode, report=report
+        [state, *copies],
+        [1, 2, 3, 4],
+        reference=reference,
+        spec=spec,
+        options=MatchOptions(reference=mode),
+        report=report,
     )
     # global: the result is the reference itself; largest/barycenter: the same function in the
     # unit order of the largest client, so compare outputs.
@@ -82,7 +87,8 @@ def test_matching_is_linear_in_the_number_of_models_and_iterations():
     spec = model_spec(model)
     states = [_state(build_model("mlp", (1, 8, 8), 10, hidden=(16,), seed=s)) for s in range(5)]
     report = MatchReport()
-    matched_average(states, spec=spec, mode="barycenter", iterations=3, report=report)
+    options = MatchOptions(reference="barycenter", iterations=3)
+    matched_average(states, spec=spec, options=options, report=report)
     assert report.matches == 15
 
 
@@ -93,12 +99,11 @@ def test_matched_average_does_not_mutate_and_checks_its_options():
     a0, b0 = copy.deepcopy(a), copy.deepcopy(b)
     matched_average([a, b], reference=a, spec=spec)
     assert _equal(a, a0, 0) and _equal(b, b0, 0)
-    with pytest.raises(ConfigError, match="match-reference"):
-        matched_average([a, b], reference=a, spec=spec, mode="median")
-    with pytest.raises(ConfigError, match="match-iterations"):
-        matched_average([a, b], reference=a, spec=spec, iterations=0)
     with pytest.raises(ValueError, match="global model"):
-        matched_average([a, b], spec=spec, mode="global")
+        matched_average([a, b], spec=spec, options=MatchOptions(reference="global"))
+    with pytest.raises(ConfigError, match="match-beta.*select_beta"):
+        auto = MatchOptions(method="dual", beta="auto")
+        matched_average([a, b], reference=a, spec=spec, options=auto)
 
 
 def test_aligned_average_of_independent_models_beats_the_plain_one_in_weight_space():
@@ -173,10 +178,10 @@ def test_every_model_is_batchnorm_repaired_before_its_activations_are_read(
     monkeypatch.setattr(reading, "_read", reading_resets)
     if way == "streamed":
         monkeypatch.setattr(reading, "ONE_PASS_BYTES", -1)
+    options = MatchOptions(method=matcher, reference="barycenter")
     merging.align_models(
-        states, spec=model_spec(model), matcher=matcher, mode="barycenter", model=model,
-        inputs=inputs,
-    )  # fmt: skip
+        states, spec=model_spec(model), options=options, model=model, inputs=inputs
+    )
     # every pass reads (and resets) the 2 clients and its target: the first, then the
     # barycenters of passes 2 and 3
     assert len(calls) == repairs

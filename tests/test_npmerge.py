@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from fedmerge.strategies.npmerge import FedNPMerge
 from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
@@ -18,7 +17,6 @@ from fedmerge.matching import match
 from fedmerge.merging import average, repair_batchnorm
 from fedmerge.models import build_model, model_spec
 from fedmerge.npmerge import (
-    Alignment,
     NPOptions,
     NPReport,
     fuse,
@@ -30,6 +28,7 @@ from fedmerge.npmerge.learning import _split
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
+from fedmerge.strategies.npmerge import FedNPMerge
 from fedmerge.training import train
 
 SHAPE = (1, 8, 8)
@@ -64,7 +63,7 @@ def pair(digits):
 
 def _aligned(model, a, b):
     spec = model_spec(model)
-    return apply_permutations(spec, match("weight", spec, a, b), b)
+    return apply_permutations(spec, match(spec, a, b), b)
 
 
 def _merge(model, states, x, y, weights=None, reference=None, **options):
@@ -76,7 +75,7 @@ def _merge(model, states, x, y, weights=None, reference=None, **options):
         model=model,
         x=x,
         y=y,
-        alignment=Alignment(model_spec(model)),
+        spec=model_spec(model),
         options=NPOptions(**options),
         report=report,
     )

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..merging import READINGS, MatchReport, activation_similarities_of, average, matched_average
 from ..models import build_model, model_spec
+from ..options import MatchOptions
 from ..permutations import PermutationSpec, apply_permutations, random_permutations
 from ..spread import spreading
 
@@ -108,7 +109,7 @@ def time_round(
             clients,
             reference=state,
             spec=spec,
-            matcher=matcher,
+            options=MatchOptions(method=matcher),
             model=model,
             inputs=x,
             similarities=sims,

@@ -38,7 +38,7 @@ def _measure(model_name: str, method: str, clients: int, proxy: int, form: str) 
 
     from .. import matching  # noqa: F401  (SciPy imported before the baseline is taken)
     from ..merging import matched_average
-    from ..npmerge import Alignment, NPOptions, NPReport, np_merge
+    from ..npmerge import NPOptions, NPReport, np_merge
     from .matching import SHAPES, client_states
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def _measure(model_name: str, method: str, clients: int, proxy: int, form: str) 
             model=model,
             x=x,
             y=y,
-            alignment=Alignment(spec),
+            spec=spec,
             options=NPOptions(form=form),
             seed=0,
             device="cpu",

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..merging import has_batchnorm, reset_batchnorm_stats
+from ..merging import align_one, has_batchnorm, reset_batchnorm_stats
 from ..permutations import State
 from ..scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
 from ..training import evaluate, train
@@ -265,36 +265,15 @@ def connectivity_experiment(
 def _aligned(
     cfg: RunConfig, template: nn.Module, a: State, b: State, method: str, inputs: torch.Tensor
 ) -> State:
-    """``b`` with its hidden units permuted to match ``a``'s (same function as ``b``)."""
-    from ..merging import align_one
+    """``b`` with its hidden units permuted to match ``a``'s (same function as ``b``); the
+    run's ``match-*`` options with ``method`` as the matcher (``match-beta = auto``, which FL
+    merges choose on labelled data, is refused for the dual matcher: give the beta to
+    measure)."""
     from ..models import model_spec
+    from ..options import MatchOptions
 
+    options = replace(MatchOptions.from_config(cfg), method=method)
     aligned, _ = align_one(
-        model_spec(template),
-        method,
-        a,
-        b,
-        model=template,
-        inputs=inputs,
-        beta=_fixed_beta(cfg.match_beta, method),
-        seed=cfg.seed,
-        max_sweeps=cfg.match_max_sweeps,
-        sites="all" if method == "weight" else cfg.match_sites,  # read by data-based matchers
+        model_spec(template), a, b, options, model=template, inputs=inputs, seed=cfg.seed
     )
     return aligned
-
-
-def _fixed_beta(beta: float | str, method: str) -> float:
-    """``match-beta`` as a number: ``auto`` (FL merges only) is refused for the dual matcher."""
-    from ..errors import ConfigError
-
-    if beta != "auto":
-        return float(beta)
-    if method == "dual":
-        raise ConfigError(
-            "match-beta",
-            beta,
-            "a number in [0, 1] for connectivity --match dual",
-            "auto chooses beta by the loss of a merged model; give the beta to measure",
-        )
-    return 0.5  # read by the dual matcher only

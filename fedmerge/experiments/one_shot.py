@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from ..matching import match
 from ..merging import BETA_GRID, average, has_batchnorm, repair_batchnorm
 from ..models import model_spec
-from ..npmerge import Alignment, NPOptions, np_merge
-from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_SITES
+from ..npmerge import NPOptions, np_merge
+from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_SITES, MatchOptions
 from ..permutations import PermutationSpec, StateDict, apply_permutations
 from ..training import resolve_device, train
 
@@ -107,17 +107,8 @@ def _aligned_average(
     a, b = site.a, site.b
     if reset_batchnorm and matcher != "weight" and has_batchnorm(site.model):
         a, b = (repair_batchnorm(site.model, s, site.x) for s in (a, b))
-    perms = match(
-        matcher,
-        spec,
-        a,
-        b,
-        model=site.model,
-        inputs=site.x,
-        beta=beta,
-        seed=site.seed,
-        sites=site.sites,
-    )
+    options = MatchOptions(method=matcher, beta=beta, sites=site.sites)
+    perms = match(spec, a, b, options, model=site.model, inputs=site.x, seed=site.seed)
     return average([site.a, apply_permutations(spec, perms, site.b)], reference=site.a)
 
 
@@ -169,12 +160,11 @@ def _auto_beta_average(
         model=site.model,
         inputs=site.x,
         labels=site.y,
-        mode="global",
-        bn_repair=True,
+        options=MatchOptions(
+            method="dual", beta="auto", beta_criterion=criterion, bn_repair=True, sites=site.sites
+        ),
         grid=grid,
-        criterion=criterion,
         seed=site.seed,
-        sites=site.sites,
         reset_batchnorm=reset_batchnorm,
     )
     log.info("beta=auto chose %g (accuracies %s)", choice.beta, choice.accuracies)
@@ -443,14 +433,14 @@ def np_merge_site(
     ``site.x``/``site.y`` is the labelled merge-site slice; ``options.holdout`` of it is held
     out for early stopping. ``device`` None picks CUDA when available.
     """
-    alignment = Alignment(site.spec, matcher=matcher, mode="global", beta=beta, sites=site.sites)
     return np_merge(
         [site.a, site.b],
         reference=site.a,
         model=site.model,
         x=site.x,
         y=site.y,
-        alignment=alignment,
+        spec=site.spec,
+        match=MatchOptions(method=matcher, beta=beta, sites=site.sites),
         options=options if options is not None else NPOptions(),
         seed=site.seed,
         device=resolve_device("auto") if device is None else device,

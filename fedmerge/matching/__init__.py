@@ -70,11 +70,9 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
-from ..errors import unknown_name
-from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_MAX_SWEEPS, DEFAULT_MATCH_SITES
+from ..options import MatchOptions
 from ..permutations import Permutations, PermutationSpec, State
 from .activations import (
-    _check_sites,
     _loaded,
     _solve_independently,
     activation_matching,
@@ -83,8 +81,8 @@ from .activations import (
     selected_sites,
 )
 from .correlation import pearson_correlation
-from .dual import _check_beta, _dual, dual_matching
-from .weights import _check_sweeps, weight_matching, weight_objective
+from .dual import _dual, dual_matching
+from .weights import weight_matching, weight_objective
 
 __all__ = [
     "MATCHERS",
@@ -104,6 +102,7 @@ __all__ = [
 # Registry and uniform entry point
 # ---------------------------------------------------------------------------------------------
 
+
 #: Matchers by name (run-config key ``match-method``).
 MATCHERS: dict[str, Callable[..., Permutations]] = {
     "weight": weight_matching,
@@ -113,43 +112,38 @@ MATCHERS: dict[str, Callable[..., Permutations]] = {
 
 
 def match(
-    name: str,
     spec: PermutationSpec,
     reference_state: State,
     other_state: State,
+    options: MatchOptions = MatchOptions(),
     *,
     model: nn.Module | None = None,
     inputs: Tensor | None = None,
-    beta: float = DEFAULT_MATCH_BETA,
     seed: int = 0,
-    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS,
-    sites: str = DEFAULT_MATCH_SITES,
     similarities: Mapping[str, Tensor] | None = None,
 ) -> Permutations:
-    """Align ``other_state`` to ``reference_state`` with the matcher called ``name``.
+    """Align ``other_state`` to ``reference_state`` with the matcher ``options.method``.
 
     Parameters
     ----------
-    name : {"weight", "activation", "dual"}
-        A key of :data:`MATCHERS`.
     spec : PermutationSpec
         The architecture's spec.
     reference_state, other_state : mapping of str to Tensor
         State dicts (not modified).
+    options : MatchOptions
+        The ``match-*`` options read here: ``method`` (a key of :data:`MATCHERS`), ``beta``
+        (the weight-space share of ``dual``, a number: ``auto`` is chosen on labelled data by
+        :func:`fedmerge.merging.select_beta`), ``max_sweeps`` (sweeps of the coordinate
+        descent of ``weight`` and ``dual``) and ``sites`` (activation sites read by
+        ``activation`` and by ``dual`` with ``beta < 1``: every site of a permutation, or
+        only its last, :func:`selected_sites`). Default: weight matching.
     model : torch.nn.Module, optional
         Template of the architecture (not modified): the data-based matchers load each state
         into a deep copy of it. Needed by ``activation`` and by ``dual`` with ``beta < 1``.
     inputs : Tensor, optional
         ``(N, *input_shape)`` inputs at the merge site; needed when ``model`` is.
-    beta : float, default 0.5
-        Weight-space share of ``dual``; checked for every matcher.
     seed : int, default 0
         Seed of the visiting order (``weight``, ``dual``).
-    max_sweeps : int, default 100
-        Sweeps of the coordinate descent (``weight``, ``dual``).
-    sites : {"all", "last"}, default "all"
-        Activation sites read (``activation``, ``dual`` with ``beta < 1``): every site of a
-        permutation, or only its last (:func:`selected_sites`); checked for every matcher.
     similarities : mapping of str to Tensor, optional
         The activation similarities of ``other_state`` against ``reference_state``, already
         computed (:func:`activation_similarities`, e.g. for many models in one pass over the
@@ -165,19 +159,16 @@ def match(
     Raises
     ------
     ConfigError
-        Unknown ``name`` (key ``matcher``), ``beta`` outside [0, 1] (key ``match-beta``), or
-        unknown ``sites`` (key ``match-sites``).
+        ``beta = "auto"`` for the dual matcher (key ``match-beta``); a bad value is refused
+        when the :class:`~fedmerge.options.MatchOptions` is built.
     ValueError
         A data-based matcher without ``model`` or ``inputs``.
     """
-    if name not in MATCHERS:
-        raise unknown_name("matcher", name, MATCHERS)
-    beta = _check_beta(beta)
-    _check_sites(sites)
+    name, beta = options.method, options.fixed_beta
+    max_sweeps, sites = options.max_sweeps, options.sites
     if name == "weight":
         return weight_matching(spec, reference_state, other_state, max_sweeps=max_sweeps, seed=seed)
     if name == "dual" and beta == 1.0:  # data-free: no model or inputs needed
-        _check_sweeps(max_sweeps)
         return _dual(
             spec,
             reference_state,
@@ -193,7 +184,6 @@ def match(
             return activation_permutations(spec, similarities)
         if beta == 0.0:
             return _solve_independently(spec, similarities)
-        _check_sweeps(max_sweeps)
         return _dual(
             spec,
             reference_state,

@@ -55,15 +55,12 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, unknown_name
 from ..merging import (
-    REFERENCES,
     MatchReport,
     align_models,
     align_one,
@@ -72,14 +69,13 @@ from ..merging import (
     normalise_weights,
     repair_batchnorm,
 )
-from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_MAX_SWEEPS, DEFAULT_MATCH_SITES, NPOptions
+from ..options import MatchOptions, NPOptions
 from ..permutations import PermutationSpec, State
 from .fusion import fuse
 from .learning import _loss, _repaired_buffers, _set_mode, learn_coefficients
 from .report import NPReport
 
 __all__ = [
-    "Alignment",
     "NPOptions",
     "NPReport",
     "align_to_reference",
@@ -96,71 +92,24 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Alignment:
-    """How models are aligned before merging (the ``match-*`` keys).
-
-    Attributes
-    ----------
-    spec : PermutationSpec
-        The architecture's spec (:func:`fedmerge.models.model_spec`).
-    matcher : {"weight", "activation", "dual"}
-        ``match-method``.
-    mode : {"global", "largest", "barycenter"}
-        ``match-reference`` (used by ``np-align=reference``).
-    iterations : int
-        ``match-iterations``.
-    beta : float
-        ``match-beta``.
-    max_sweeps : int
-        ``match-max-sweeps``.
-    sites : {"all", "last"}
-        ``match-sites``.
-    """
-
-    spec: PermutationSpec
-    matcher: str = "weight"
-    mode: str = "global"
-    iterations: int = 1
-    beta: float = DEFAULT_MATCH_BETA
-    max_sweeps: int = DEFAULT_MATCH_MAX_SWEEPS
-    sites: str = DEFAULT_MATCH_SITES
-
-    def __post_init__(self) -> None:
-        if self.mode not in REFERENCES:
-            raise unknown_name("match-reference", self.mode, REFERENCES)
-        it = self.iterations
-        if isinstance(it, bool) or not isinstance(it, int) or it < 1:
-            raise ConfigError("match-iterations", it, "an integer >= 1")
-
-    def align(
-        self,
-        target: State,
-        state: State,
-        *,
-        model: nn.Module,
-        inputs: Tensor | None,
-        seed: int,
-        report: NPReport,
-        moved: list[float],
-    ) -> dict[str, Tensor]:
-        """``state`` with its units permuted to match ``target``'s."""
-        start = time.perf_counter()
-        aligned, fraction = align_one(
-            self.spec,
-            self.matcher,
-            target,
-            state,
-            model=model,
-            inputs=inputs,
-            beta=self.beta,
-            seed=seed,
-            max_sweeps=self.max_sweeps,
-            sites=self.sites,
-        )
-        moved.append(fraction)
-        report.match_seconds += time.perf_counter() - start
-        return aligned
+def _align_one(
+    spec: PermutationSpec,
+    match: MatchOptions,
+    target: State,
+    state: State,
+    *,
+    model: nn.Module,
+    inputs: Tensor | None,
+    seed: int,
+    report: NPReport,
+    moved: list[float],
+) -> dict[str, Tensor]:
+    """``state`` with its units permuted to match ``target``'s (``np-align=running``)."""
+    start = time.perf_counter()
+    aligned, fraction = align_one(spec, target, state, match, model=model, inputs=inputs, seed=seed)
+    moved.append(fraction)
+    report.match_seconds += time.perf_counter() - start
+    return aligned
 
 
 def align_to_reference(
@@ -168,7 +117,8 @@ def align_to_reference(
     shares: Sequence[float],
     *,
     reference: State | None,
-    alignment: Alignment,
+    spec: PermutationSpec,
+    match: MatchOptions,
     model: nn.Module,
     inputs: Tensor | None,
     seed: int,
@@ -181,16 +131,11 @@ def align_to_reference(
         states,
         shares,
         reference=reference,
-        spec=alignment.spec,
-        matcher=alignment.matcher,
-        mode=alignment.mode,
-        iterations=alignment.iterations,
-        beta=alignment.beta,
+        spec=spec,
+        options=match,
         model=model,
         inputs=inputs,
         seed=seed,
-        max_sweeps=alignment.max_sweeps,
-        sites=alignment.sites,
         report=match_report,
     )
     report.match_seconds += match_report.seconds
@@ -221,7 +166,8 @@ def np_merge(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    alignment: Alignment,
+    spec: PermutationSpec,
+    match: MatchOptions = MatchOptions(),
     options: NPOptions = NPOptions(),
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -247,8 +193,12 @@ def np_merge(
         Template of the architecture (not modified).
     x, y : Tensor
         Labelled merge-site data (the server's proxy slice); never a client's data.
-    alignment : Alignment
-        Matcher and reference (the ``match-*`` keys).
+    spec : PermutationSpec
+        The architecture's spec (:func:`fedmerge.models.model_spec`).
+    match : MatchOptions
+        How models are aligned (the ``match-*`` keys; weight matching to the global model by
+        default): ``method``, ``reference`` (read by ``np-align=reference``), ``iterations``,
+        a numeric ``beta``, ``max_sweeps``, ``sites``.
     options : NPOptions
         The ``np-*`` keys.
     seed : int
@@ -291,7 +241,7 @@ def np_merge(
     aligned: list[dict[str, Tensor]] = []  # np-align=running aligns inside the chain
     if options.align == "reference":
         aligned = align_to_reference(
-            states, shares, reference=reference, alignment=alignment, seed=seed, **common
+            states, shares, reference=reference, spec=spec, match=match, seed=seed, **common
         )
     if options.form == "softmax":
         start_state = average(aligned, shares, reference=source)
@@ -307,7 +257,7 @@ def np_merge(
                 nxt = aligned[k]
             else:  # the paper's successive form: align the next model to the running merge
                 target = repair_batchnorm(work, merged, x_dev) if repair else merged
-                nxt = alignment.align(_cpu(target), states[k], seed=seed + step, **common)
+                nxt = _align_one(spec, match, _cpu(target), states[k], seed=seed + step, **common)
             start_state = average([start_state, nxt], [total, shares[k]], reference=source)
             pair = learn_coefficients(
                 model, [merged, nxt], [total, shares[k]], x_dev, y_dev, seed=seed + step, **learn
