@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedmerge.strategies.fedmatch import FedMatch
 from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
@@ -15,7 +16,6 @@ from fedmerge.options import MatchOptions
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
-from fedmerge.strategies.fedmatch import FedMatch
 
 
 def _cfg(tmp_path, **over):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from fedmerge.strategies.npmerge import FedNPMerge
 from strategy_harness import train_reply, train_requests
 
 from fedmerge.config import RunConfig
@@ -28,7 +29,6 @@ from fedmerge.npmerge.learning import _split
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
-from fedmerge.strategies.npmerge import FedNPMerge
 from fedmerge.training import train
 
 SHAPE = (1, 8, 8)
