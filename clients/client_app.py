@@ -29,7 +29,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.federation import DataSpec, client_seed, client_shard, load_data, make_model
 from fedmerge.fedma import fit_model
 from fedmerge.scopes import scope_names, scope_of
-from fedmerge.training import TrainResult, evaluate, resolve_device, train
+from fedmerge.training import SGDSettings, TrainResult, evaluate, resolve_device, train
 from fedmerge.vectorised import ClientJob, can_vectorise, train_many
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,11 @@ def train_handler(msg: Message, context: Context) -> Message:
         model,
         x,
         y,
-        epochs=fedma_epochs(msg, cfg.local_epochs),
-        batch_size=cfg.batch_size,
-        lr=float(_scalar(config, "lr", cfg.lr)),
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
+        SGDSettings.of(
+            cfg,
+            epochs=fedma_epochs(msg, cfg.local_epochs),
+            lr=float(_scalar(config, "lr", cfg.lr)),
+        ),
         seed=client_seed(cfg.seed, pid, server_round),
         device=device,
         regularizers=RequestedTerms.of(config).regularizers(model, device),
@@ -211,11 +211,7 @@ def train_batch(messages: list[Message], contexts: list[Context]) -> list[Messag
     results = train_many(
         template,
         jobs,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=lrs.pop(),
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
+        SGDSettings.of(cfg, lr=lrs.pop()),
         device=device,
     )
     return [

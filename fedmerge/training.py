@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -32,6 +32,38 @@ from .spread import shares as share_ranges
 log = logging.getLogger(__name__)
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """One run of SGD: what :func:`train` and :func:`fedmerge.vectorised.train_many` take whole.
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the data.
+    batch_size : int
+        Samples per step (a final batch of one sample joins the previous one).
+    lr : float
+        Learning rate.
+    momentum : float
+        Heavy-ball momentum (``torch.optim.SGD``'s, dampening 0, not Nesterov).
+    weight_decay : float
+        L2 penalty added to the gradient.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: Any, **changes: Any) -> SGDSettings:
+        """A run's local training (a :class:`fedmerge.config.RunConfig`: ``local-epochs``,
+        ``batch-size``, ``lr``, ``momentum``, ``weight-decay``), with ``changes`` (fields)."""
+        settings = cls(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
+        return replace(settings, **changes) if changes else settings
 
 
 @dataclass(frozen=True)
@@ -148,12 +180,8 @@ def train(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    sgd: SGDSettings,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
     regularizers: Sequence[Regularizer] = (),
@@ -166,8 +194,8 @@ def train(
         Moved to ``device`` and trained in place.
     x, y : torch.Tensor
         The shard (inputs, int64 labels); moved to ``device`` once.
-    epochs, batch_size, lr, momentum, weight_decay
-        SGD settings (the update of ``torch.optim.SGD``, see :class:`SGD`); a fresh
+    sgd : SGDSettings
+        Epochs, batch size and the update of ``torch.optim.SGD`` (see :class:`SGD`); a fresh
         optimiser per call (FL clients start each round from the global model with no
         optimiser state).
     seed : int
@@ -186,7 +214,10 @@ def train(
     model.to(device)
     model.train()
     x, y = x.to(device), y.to(device)
-    opt = SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    epochs, batch_size = sgd.epochs, sgd.batch_size
+    opt = SGD(
+        list(model.parameters()), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
+    )
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros((), device=device)
     seen, steps = 0, 0

@@ -106,7 +106,7 @@ from torch.overrides import TorchFunctionMode
 from . import step as _step
 from .errors import ConfigError
 from .scopes import Scope
-from .training import TrainResult, batches
+from .training import SGDSettings, TrainResult, batches
 
 __all__ = ["ClientJob", "can_vectorise", "choose_chunk_size", "train_many"]
 
@@ -625,12 +625,8 @@ def _train_chunk(
 def train_many(
     model: nn.Module,
     jobs: Sequence[ClientJob],
+    sgd: SGDSettings,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
     chunk_size: int | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], TrainResult]]:
@@ -644,7 +640,7 @@ def train_many(
         restored. Must pass :func:`can_vectorise`.
     jobs : sequence of ClientJob
         One per client: starting state, shard, seed and regularizers.
-    epochs, batch_size, lr, momentum, weight_decay
+    sgd : SGDSettings
         SGD settings, shared by all clients, as in ``training.train``.
     device : torch.device or str
         Where to train; states, shards and results live there.
@@ -672,6 +668,7 @@ def train_many(
     if not jobs:
         return []
     device = torch.device(device)
+    epochs, batch_size = sgd.epochs, sgd.batch_size
     keys = _check_jobs(model, jobs, epochs, batch_size)
     if chunk_size is None:
         chunk_size = choose_chunk_size(model, batch_size, device, input_shape=jobs[0].x.shape[1:])
@@ -692,9 +689,9 @@ def train_many(
                 keys,
                 epochs=epochs,
                 batch_size=batch_size,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
+                lr=sgd.lr,
+                momentum=sgd.momentum,
+                weight_decay=sgd.weight_decay,
                 device=device,
             )
             seconds = time.perf_counter() - start

@@ -41,7 +41,7 @@ from fedmerge.npmerge.finetune import fine_tune_like_np
 from fedmerge.options import FineTuneOptions, MatchOptions
 from fedmerge.permutations import PermutationSpec, State
 from fedmerge.proxy import Proxy, ProxyLike, as_proxy
-from fedmerge.training import train
+from fedmerge.training import SGDSettings, train
 
 __all__ = [
     "FineTunedAverage",
@@ -382,11 +382,13 @@ class FineTunedAverage:
         self.options = FineTuneOptions.build(options)
         self.np_options = NPOptions.build(np_options)
         self.model, self.device, self.base = model, device, base
-        self.sgd: dict[str, Any] = {
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "batch_size": batch_size,
-        }
+        self.sgd = SGDSettings(
+            self.options.epochs,
+            batch_size,
+            self.options.lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+        )
         self.__name__ = "fedavg-ft" if base is None else f"{_name(base)}-ft"
 
     def problems(self, clients: int) -> int:
@@ -438,11 +440,9 @@ class FineTunedAverage:
             self.model,
             self.proxy.x,
             self.proxy.y,
-            epochs=self.options.epochs,
-            lr=self.options.lr,
+            self.sgd,
             seed=seed,
             device=self.device,
-            **self.sgd,
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         report.update({"finetune-loss": result.loss, "finetune-steps": result.steps})

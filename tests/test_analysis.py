@@ -18,7 +18,7 @@ from fedmerge.experiments import analysis
 from fedmerge.experiments.analysis import ModelSet
 from fedmerge.federation import DataSpec, load_data, make_model, partition_indices
 from fedmerge.merging import average
-from fedmerge.training import evaluate, train
+from fedmerge.training import SGDSettings, evaluate, train
 
 # Digits (embedded), a one-hidden-layer MLP: every test here trains in well under a second.
 CFG = RunConfig(
@@ -183,7 +183,7 @@ def test_soup_rows_of_a_batchnorm_model_repair_statistics(data):
     template, states = _bn_mlp(0), []
     for seed in (1, 2):
         model = _bn_mlp(seed)
-        train(model, data.x_train, data.y_train, epochs=1, batch_size=32, lr=0.05, seed=seed)
+        train(model, data.x_train, data.y_train, SGDSettings(1, 32, 0.05), seed=seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state["2.running_mean"] += 3.0
         state["2.running_var"] *= 50.0

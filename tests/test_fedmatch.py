@@ -175,7 +175,7 @@ def test_auto_beta_picks_the_candidate_whose_merge_scores_best_on_the_proxy(crit
 
     from fedmerge.datasets import load_dataset
     from fedmerge.merging import BETA_GRID, matched_average, select_beta
-    from fedmerge.training import evaluate, train
+    from fedmerge.training import SGDSettings, evaluate, train
 
     assert BETA_GRID == (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # MuDSC's, its order
     data = load_dataset("digits", seed=0)
@@ -183,7 +183,7 @@ def test_auto_beta_picks_the_candidate_whose_merge_scores_best_on_the_proxy(crit
     states = []
     for k, mask in enumerate((y < 5, y >= 5)):  # two models that disagree: merges differ
         m = build_model("mlp", (1, 8, 8), 10, hidden=(24,), seed=k)
-        train(m, x[mask], y[mask], epochs=3, batch_size=32, lr=0.05, momentum=0.9, seed=k)
+        train(m, x[mask], y[mask], SGDSettings(3, 32, 0.05, momentum=0.9), seed=k)
         states.append({n: v.detach().clone() for n, v in m.state_dict().items()})
     spec, xp, yp = model_spec(m), x[:300], y[:300]
     choice = select_beta(

@@ -29,7 +29,7 @@ from fedmerge.npmerge.learning import _split
 from fedmerge.permutations import apply_permutations, random_permutations
 from fedmerge.results import read_metrics
 from fedmerge.runner import run
-from fedmerge.training import train
+from fedmerge.training import SGDSettings, train
 
 SHAPE = (1, 8, 8)
 
@@ -55,7 +55,7 @@ def pair(digits):
     states = []
     for k, mask in enumerate((y < 5, y >= 5)):
         model = build_model("mlp", SHAPE, 10, hidden=(32,), seed=k)
-        train(model, x[mask], y[mask], epochs=4, batch_size=32, lr=0.05, momentum=0.9, seed=k)
+        train(model, x[mask], y[mask], SGDSettings(4, 32, 0.05, momentum=0.9), seed=k)
         states.append(_state(model))
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:300]
     return build_model("mlp", SHAPE, 10, hidden=(32,), seed=0), states, x[idx], y[idx]

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
-from fedmerge.training import SGD, batches, evaluate, proximal_term, resolve_device, train
+from fedmerge.training import (
+    SGD,
+    SGDSettings,
+    batches,
+    evaluate,
+    proximal_term,
+    resolve_device,
+    train,
+)
 
 
 def _data(n=70, seed=0):
@@ -62,22 +70,22 @@ def test_train_is_deterministic_and_leaves_global_rng_alone():
     for _ in range(2):
         model = build_model("vgg9", (1, 8, 8), 10, seed=0)  # has dropout: needs the seeded RNG
         before = torch.get_rng_state()
-        train(model, x, y, epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=7)
+        train(model, x, y, SGDSettings(2, 16, 0.05, momentum=0.9), seed=7)
         assert torch.equal(before, torch.get_rng_state())
         states.append(model.state_dict())
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
     other = build_model("vgg9", (1, 8, 8), 10, seed=0)
-    train(other, x, y, epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=8)
+    train(other, x, y, SGDSettings(2, 16, 0.05, momentum=0.9), seed=8)
     assert not torch.equal(other.state_dict()["fc3.weight"], states[0]["fc3.weight"])
 
 
 def test_train_reports_steps_examples_and_lowers_the_loss():
     x, y = _data(n=64)
     model = build_model("mlp", (1, 8, 8), 10, seed=0)
-    first = train(model, x, y, epochs=1, batch_size=16, lr=0.1, momentum=0.9, seed=0)
+    first = train(model, x, y, SGDSettings(1, 16, 0.1, momentum=0.9), seed=0)
     assert (first.num_examples, first.steps) == (64, 4)
-    later = train(model, x, y, epochs=20, batch_size=16, lr=0.1, momentum=0.9, seed=1)
+    later = train(model, x, y, SGDSettings(20, 16, 0.1, momentum=0.9), seed=1)
     assert later.steps == 80 and later.loss < first.loss
 
 
@@ -87,7 +95,7 @@ def test_final_batch_of_one_is_folded():
     assert sorted(torch.cat(drawn).tolist()) == list(range(33))
     x, y = _data(n=33)
     model = build_model("resnet20", (1, 8, 8), 10, seed=0)  # BatchNorm: a batch of 1 would fail
-    assert train(model, x, y, epochs=1, batch_size=16, lr=0.01, seed=0).steps == 2
+    assert train(model, x, y, SGDSettings(1, 16, 0.01), seed=0).steps == 2
 
 
 def test_proximal_term_is_zero_at_reference_and_pulls_toward_it():
@@ -111,10 +119,8 @@ def test_regularizer_changes_training():
     plain = build_model("mlp", (1, 8, 8), 10, seed=0)
     prox = build_model("mlp", (1, 8, 8), 10, seed=0)
     ref = [p.detach().clone() for p in prox.parameters()]
-    train(plain, x, y, epochs=3, batch_size=10, lr=0.1, seed=0)
-    train(
-        prox, x, y, epochs=3, batch_size=10, lr=0.1, seed=0, regularizers=[proximal_term(ref, 10.0)]
-    )
+    train(plain, x, y, SGDSettings(3, 10, 0.1), seed=0)
+    train(prox, x, y, SGDSettings(3, 10, 0.1), seed=0, regularizers=[proximal_term(ref, 10.0)])
 
     def dist(m):
         return sum(((p - r) ** 2).sum() for p, r in zip(m.parameters(), ref, strict=True)).item()
@@ -152,3 +158,14 @@ def test_training_seeds_the_cpu_generator_as_torch_manual_seed_does():
     torch.manual_seed(0)
     _seed_generators(7, torch.device("cpu"))
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_sgd_settings_of_a_run_config_are_its_local_training_with_changes():
+    from fedmerge.config import RunConfig
+
+    cfg = RunConfig.from_mapping(
+        {"local-epochs": 3, "batch-size": 16, "lr": 0.2, "momentum": 0.5, "weight-decay": 1e-3}
+    )
+    assert SGDSettings.of(cfg) == SGDSettings(3, 16, 0.2, momentum=0.5, weight_decay=1e-3)
+    changed = SGDSettings.of(cfg, epochs=1, lr=0.1)
+    assert changed == SGDSettings(1, 16, 0.1, momentum=0.5, weight_decay=1e-3)

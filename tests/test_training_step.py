@@ -15,7 +15,7 @@ from fedmerge import step
 from fedmerge.client_side import RequestedTerms
 from fedmerge.models import build_model
 from fedmerge.scopes import Scope, scope_names, scope_of
-from fedmerge.training import train
+from fedmerge.training import SGDSettings, train
 from fedmerge.vectorised import ClientJob, train_many
 
 SHAPE = (1, 8, 8)
@@ -37,9 +37,9 @@ def _per_client(model: torch.nn.Module, job: ClientJob, **settings) -> dict[str,
         model,
         job.x,
         job.y,
+        SGDSettings(**settings),
         seed=job.seed,
         regularizers=terms.regularizers(model, "cpu"),
-        **settings,
     )
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -70,7 +70,7 @@ def test_vectorised_steps_equal_per_client_steps_with_both_terms() -> None:
                   wsa_reverse=True),
     ]  # fmt: skip
     settings = {"epochs": 2, "batch_size": 8, **SGD}
-    out = train_many(model, jobs, **settings)
+    out = train_many(model, jobs, SGDSettings(**settings))
     assert [result.steps for _, result in out] == [4, 2]
     for job, (state, _) in zip(jobs, out, strict=True):
         template = build_model("cnn", SHAPE, 10, seed=0).double()

@@ -8,7 +8,7 @@ import torch
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
 from fedmerge.scopes import Scope, WSARegularizer, scope_names, scope_of
-from fedmerge.training import TrainResult, proximal_term, train
+from fedmerge.training import SGDSettings, TrainResult, proximal_term, train
 from fedmerge.vectorised import ClientJob, can_vectorise, choose_chunk_size, train_many
 
 SHAPE = (1, 8, 8)  # digits-like images: small and fast
@@ -72,7 +72,8 @@ def _reference(
     if job.wsa_target is not None and job.wsa_lambda > 0:
         regs.append(WSARegularizer(job.wsa_target, job.wsa_lambda, reverse=job.wsa_reverse))
     settings = SGD_SETTINGS if settings is None else settings
-    result = train(model, job.x, job.y, lr=lr, seed=job.seed, regularizers=regs, **settings)
+    sgd = SGDSettings(lr=lr, **settings)
+    result = train(model, job.x, job.y, sgd, seed=job.seed, regularizers=regs)
     return model.state_dict(), result
 
 
@@ -104,7 +105,7 @@ def test_matches_per_client_training(key: str, dtype: torch.dtype, reg: str) -> 
         for i, (x, y) in enumerate(_shards(dtype=dtype))
     ]
     lr = MODELS[key][2]
-    _assert_same(key, jobs, train_many(model, jobs, lr=lr, **SGD_SETTINGS), lr)
+    _assert_same(key, jobs, train_many(model, jobs, SGDSettings(lr=lr, **SGD_SETTINGS)), lr)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +120,9 @@ def test_other_sgd_settings(settings: dict) -> None:
     model = _model("cnn")
     state = model.state_dict()
     jobs = [ClientJob(state, x, y, seed=i, proximal_mu=0.1) for i, (x, y) in enumerate(_shards())]
-    _assert_same("cnn", jobs, train_many(model, jobs, lr=0.05, **settings), 0.05, settings)
+    _assert_same(
+        "cnn", jobs, train_many(model, jobs, SGDSettings(lr=0.05, **settings)), 0.05, settings
+    )
 
 
 def test_per_client_settings_starting_states_and_targets() -> None:
@@ -142,7 +145,10 @@ def test_per_client_settings_starting_states_and_targets() -> None:
         )
     ]
     _assert_same(
-        "cnn", jobs, train_many(_model("cnn", seed=9), jobs, lr=0.05, **SGD_SETTINGS), 0.05
+        "cnn",
+        jobs,
+        train_many(_model("cnn", seed=9), jobs, SGDSettings(lr=0.05, **SGD_SETTINGS)),
+        0.05,
     )
 
 
@@ -155,9 +161,11 @@ def test_chunks_give_the_same_result_as_one_chunk() -> None:
         )
         for i, (x, y) in enumerate(_shards())
     ]
-    one = train_many(model, jobs, lr=0.05, **SGD_SETTINGS)
+    one = train_many(model, jobs, SGDSettings(lr=0.05, **SGD_SETTINGS))
     for chunk_size in (1, 2, 3):
-        chunked = train_many(model, jobs, lr=0.05, chunk_size=chunk_size, **SGD_SETTINGS)
+        chunked = train_many(
+            model, jobs, SGDSettings(lr=0.05, **SGD_SETTINGS), chunk_size=chunk_size
+        )
         for (s1, r1), (s2, r2) in zip(one, chunked, strict=True):
             for name in s1:
                 torch.testing.assert_close(s2[name], s1[name], rtol=1e-5, atol=1e-6)
@@ -177,7 +185,7 @@ def test_deterministic_and_leaves_inputs_model_and_rng_alone() -> None:
     ]
     copies = [({k: v.clone() for k, v in j.state.items()}, j.x.clone(), j.y.clone()) for j in jobs]
     rng = torch.get_rng_state()
-    runs = [train_many(model, jobs, lr=0.01, **SGD_SETTINGS) for _ in range(2)]
+    runs = [train_many(model, jobs, SGDSettings(lr=0.01, **SGD_SETTINGS)) for _ in range(2)]
     assert torch.equal(rng, torch.get_rng_state())
     for (s1, r1), (s2, r2) in zip(*runs, strict=True):
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -197,12 +205,12 @@ def test_results_steps_fold_epochs_zero_and_seconds() -> None:
     model = _model("mlp")
     state = model.state_dict()
     jobs = [ClientJob(state, x, y, seed=0) for x, y in _shards(sizes=(17, 1, 48))]
-    out = train_many(model, jobs, epochs=3, batch_size=16, lr=0.05)
+    out = train_many(model, jobs, SGDSettings(3, 16, 0.05))
     # 17 samples: one batch of 16 and one of 1, folded into one batch of 17 per epoch.
     assert [r.steps for _, r in out] == [3, 3, 9]
     assert [r.num_examples for _, r in out] == [17, 1, 48]
     assert all(r.seconds > 0 for _, r in out)
-    idle = train_many(model, jobs, epochs=0, batch_size=16, lr=0.05)
+    idle = train_many(model, jobs, SGDSettings(0, 16, 0.05))
     for job, (trained, result) in zip(jobs, idle, strict=True):
         assert (result.steps, result.loss) == (0, 0.0)
         assert all(torch.equal(trained[k], v) for k, v in job.state.items())
@@ -218,23 +226,27 @@ def test_can_vectorise_refuses_dropout_and_batchnorm() -> None:
     vgg = build_model("vgg9", SHAPE, 10, seed=0)
     x, y = _shards(sizes=(8,))[0]
     with pytest.raises(ValueError, match="Dropout"):
-        train_many(vgg, [ClientJob(vgg.state_dict(), x, y, seed=0)], lr=0.1, **SGD_SETTINGS)
+        train_many(
+            vgg, [ClientJob(vgg.state_dict(), x, y, seed=0)], SGDSettings(lr=0.1, **SGD_SETTINGS)
+        )
 
 
 def test_bad_jobs_are_refused() -> None:
     model = _model("mlp")
     state = model.state_dict()
     x, y = _shards(sizes=(8,))[0]
-    assert train_many(model, [], lr=0.1, **SGD_SETTINGS) == []
+    assert train_many(model, [], SGDSettings(lr=0.1, **SGD_SETTINGS)) == []
     wrong = {k: v for k, v in state.items() if k != "fc1.bias"}
     with pytest.raises(ValueError, match="missing"):
-        train_many(model, [ClientJob(wrong, x, y, seed=0)], lr=0.1, **SGD_SETTINGS)
+        train_many(model, [ClientJob(wrong, x, y, seed=0)], SGDSettings(lr=0.1, **SGD_SETTINGS))
     with pytest.raises(ValueError, match="non-empty"):
-        train_many(model, [ClientJob(state, x[:0], y[:0], seed=0)], lr=0.1, **SGD_SETTINGS)
+        train_many(
+            model, [ClientJob(state, x[:0], y[:0], seed=0)], SGDSettings(lr=0.1, **SGD_SETTINGS)
+        )
     target = Scope(("nope.weight",), (0.0,), (1.0,))
     with pytest.raises(ConfigError, match="wsa-layers"):
         job = ClientJob(state, x, y, seed=0, wsa_target=target, wsa_lambda=1.0)
-        train_many(model, [job], lr=0.1, **SGD_SETTINGS)
+        train_many(model, [job], SGDSettings(lr=0.1, **SGD_SETTINGS))
 
 
 def test_choose_chunk_size() -> None:
@@ -260,7 +272,7 @@ def test_matches_per_client_training_on_cuda() -> None:
     ]
     assert choose_chunk_size(model, 16, "cuda", input_shape=SHAPE) >= 1
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        out = train_many(model, jobs, lr=0.01, device="cuda", **SGD_SETTINGS)
+        out = train_many(model, jobs, SGDSettings(lr=0.01, **SGD_SETTINGS), device="cuda")
         for job, (trained, result) in zip(jobs, out, strict=True):
             ref = _model("resnet20-group")
             ref.load_state_dict(job.state)
@@ -272,11 +284,10 @@ def test_matches_per_client_training_on_cuda() -> None:
                 ref,
                 job.x,
                 job.y,
-                lr=0.01,
+                SGDSettings(lr=0.01, **SGD_SETTINGS),
                 seed=job.seed,
                 device="cuda",
                 regularizers=regs,
-                **SGD_SETTINGS,
             )
             for name, tensor in ref.state_dict().items():
                 assert trained[name].device.type == "cuda"

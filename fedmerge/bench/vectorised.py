@@ -101,7 +101,7 @@ def profile_step(
     from torch.profiler import ProfilerActivity, profile
 
     from ..models import build_model
-    from ..training import train
+    from ..training import SGDSettings, train
     from ..vectorised import ClientJob, train_many
 
     g = torch.Generator().manual_seed(0)
@@ -113,24 +113,18 @@ def profile_step(
     model = build_model(model_name, input_shape, 10, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     jobs = [ClientJob(state, x, y, seed=i) for i, (x, y) in enumerate(shards)]
-    kw: dict[str, Any] = {
-        "epochs": 1,
-        "batch_size": batch_size,
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 1e-5,
-    }
-    train_many(model, jobs[:2], **kw)  # warm-up
+    sgd = SGDSettings(1, batch_size, 0.01, momentum=0.9, weight_decay=1e-5)
+    train_many(model, jobs[:2], sgd)  # warm-up
     lines = []
     for name, fn in (
         (
             "per-client",
             lambda: [
-                (model.load_state_dict(state), train(model, x, y, seed=i, **kw))
+                (model.load_state_dict(state), train(model, x, y, sgd, seed=i))
                 for i, (x, y) in enumerate(shards)
             ],
         ),
-        ("vectorised", lambda: train_many(model, jobs, **kw)),
+        ("vectorised", lambda: train_many(model, jobs, sgd)),
     ):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()

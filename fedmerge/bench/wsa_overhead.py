@@ -19,7 +19,7 @@ import torch
 
 from ..models import build_model
 from ..scopes import WSARegularizer, scope_names, scope_of
-from ..training import Regularizer, proximal_term, resolve_device, train
+from ..training import Regularizer, SGDSettings, proximal_term, resolve_device, train
 
 SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28), "vgg9": (3, 32, 32), "resnet20": (3, 32, 32)}
 
@@ -45,10 +45,7 @@ def time_steps(
         model,
         x,
         y,
-        epochs=1,
-        batch_size=batch_size,
-        lr=0.01,
-        momentum=0.9,
+        SGDSettings(1, batch_size, 0.01, momentum=0.9),
         seed=0,
         device=device,
         regularizers=regs,

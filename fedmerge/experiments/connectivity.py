@@ -28,7 +28,7 @@ from torch import nn
 from ..merging import align_one, has_batchnorm, reset_batchnorm_stats
 from ..permutations import State
 from ..scopes import Scope, WSARegularizer, fuse_scopes, scope_names, scope_of
-from ..training import evaluate, train
+from ..training import SGDSettings, evaluate, train
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -114,11 +114,7 @@ def train_pair(
     data_b: tuple[torch.Tensor, torch.Tensor],
     *,
     wsa_lambda: float,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
+    sgd: SGDSettings,
     seeds: tuple[int, int],
     device: torch.device | str = "cpu",
     layers: str = "conv-linear",
@@ -134,11 +130,7 @@ def train_pair(
             model,
             x,
             y,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
+            sgd,
             seed=seed,
             device=device,
             regularizers=regs,
@@ -200,11 +192,7 @@ def connectivity_experiment(
             data_a,
             data_b,
             wsa_lambda=lam,
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            sgd=SGDSettings.of(cfg, epochs=epochs),
             seeds=seeds,
             device=device,
             layers=cfg.wsa_layers,

@@ -45,7 +45,7 @@ from ..models import model_spec
 from ..npmerge import NPOptions, np_merge
 from ..options import DEFAULT_MATCH_BETA, DEFAULT_MATCH_SITES, MatchOptions
 from ..permutations import PermutationSpec, StateDict, apply_permutations
-from ..training import resolve_device, train
+from ..training import SGDSettings, resolve_device, train
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -175,7 +175,7 @@ def _fine_tuned_matched_average(site: MergeSite) -> StateDict:
     """The weight-matched average, fine-tuned with SGD on the merge-site data (10 epochs)."""
     model = copy.deepcopy(site.model)
     model.load_state_dict(_aligned_average(site, "weight"))
-    train(model, site.x, site.y, epochs=10, batch_size=64, lr=0.01, momentum=0.9, seed=site.seed)
+    train(model, site.x, site.y, SGDSettings(10, 64, 0.01, momentum=0.9), seed=site.seed)
     return _cpu(model.state_dict())
 
 
@@ -247,11 +247,7 @@ def one_shot_pair(
             model,
             data.x_train[mask],
             data.y_train[mask],
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            SGDSettings.of(cfg, epochs=epochs),
             seed=seed,
             device=device,
         )

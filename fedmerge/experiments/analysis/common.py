@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...federation import DataSpec, load_data
 from ...permutations import StateDict
-from ...training import train
+from ...training import SGDSettings, train
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -31,23 +30,14 @@ DEFAULT_HOLDOUT = 1000
 
 
 # -- shared helpers --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainSettings:
-    """Local SGD settings of every model an analysis trains."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-
-    @classmethod
-    def of(cls, cfg: RunConfig, epochs: int | None = None) -> TrainSettings:
-        """The config's local-training settings (``local-epochs`` unless ``epochs``)."""
-        if epochs is not None and epochs < 1:
-            raise ConfigError("--epochs", epochs, "an integer >= 1")
-        n = cfg.local_epochs if epochs is None else epochs
-        return cls(n, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
+def analysis_sgd(cfg: RunConfig, epochs: int | None = None) -> SGDSettings:
+    """The SGD of every model an analysis trains: the config's local training, for
+    ``local-epochs`` or the command's ``--epochs``."""
+    if epochs is None:
+        return SGDSettings.of(cfg)
+    if epochs < 1:
+        raise ConfigError("--epochs", epochs, "an integer >= 1")
+    return SGDSettings.of(cfg, epochs=epochs)
 
 
 def _cpu(state: dict[str, Tensor]) -> StateDict:
@@ -58,24 +48,13 @@ def fit(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    settings: TrainSettings,
+    settings: SGDSettings,
     *,
     seed: int,
     device: torch.device | str = "cpu",
 ) -> StateDict:
     """Train ``model`` in place and return its state dict (a CPU copy)."""
-    train(
-        model,
-        x,
-        y,
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        seed=seed,
-        device=device,
-    )
+    train(model, x, y, settings, seed=seed, device=device)
     return _cpu(model.state_dict())
 
 

@@ -18,7 +18,7 @@ from ...training import evaluate, resolve_device
 if TYPE_CHECKING:
     from ...config import RunConfig
 
-from .common import TrainSettings, fit
+from .common import analysis_sgd, fit
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def weight_patterns(
         ``first-layer-change``, ``|W - W_init| / |W_init|`` of ``cfg.model``'s first layer.
     """
     device = resolve_device(cfg.device)
-    settings = TrainSettings.of(cfg, epochs)
+    settings = analysis_sgd(cfg, epochs)
     spec = DataSpec.of(cfg)
     data = load_data(spec)
     clients = min(clients, cfg.num_clients)

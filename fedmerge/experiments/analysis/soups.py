@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError, unknown_name
 from ...federation import DataSpec, client_seed, client_shard, load_data, make_model
 from ...merging import average, repair_batchnorm
-from ...training import resolve_device
+from ...training import SGDSettings, resolve_device
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -26,10 +26,10 @@ from .common import (
     INDEPENDENT_DATA,
     SETTINGS,
     StateDict,
-    TrainSettings,
     _cpu,
     _loaded,
     accuracy,
+    analysis_sgd,
     fit,
     head_name,
     outputs,
@@ -53,7 +53,7 @@ def fedavg_rounds(
     template: nn.Module,
     state: StateDict,
     shards: Sequence[tuple[Tensor, Tensor]],
-    settings: TrainSettings,
+    settings: SGDSettings,
     *,
     rounds: int,
     seed: int,
@@ -76,7 +76,7 @@ def _train_from(
     state: StateDict,
     x: Tensor,
     y: Tensor,
-    settings: TrainSettings,
+    settings: SGDSettings,
     *,
     seed: int,
     device: torch.device | str,
@@ -120,7 +120,7 @@ def train_model_set(
     if warmup_rounds < 0:
         raise ConfigError("--warmup-rounds", warmup_rounds, "an integer >= 0")
     device = resolve_device(cfg.device)
-    settings = TrainSettings.of(cfg, epochs)
+    settings = analysis_sgd(cfg, epochs)
     spec = DataSpec.of(cfg)
     data = load_data(spec)
     shards = [client_shard(spec, k) for k in range(cfg.num_clients)]
