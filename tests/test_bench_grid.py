@@ -107,9 +107,9 @@ def test_spec_expands_every_axis():
     "name", ["wsa-fashion", "fedmatch-fashion", "niid-bench-fidelity", "niid-bench-fidelity-unit"]
 )
 def test_the_benchmark_tables_specs_are_bench_specs_in_the_sweep_layout(name):
-    """docs/benchmarks.md's tables were made by the former sweep runner from these specs; the
-    bench runs them into its folders (partition/variant/s<seed>: no dataset or grid level), so
-    it resumes and reports on the folders the sweep left."""
+    """docs/benchmarks.md's tables were made from these specs into folders
+    partition/variant/s<seed> (no dataset or grid level); the bench runs them into the same
+    folders, so it resumes and reports on them."""
     spec = load_spec(ROOT / f"fedmerge/bench/specs/{name}.toml")
     assert not spec.datasets and list(spec.combos) == [""]
     for cell in spec.cells():

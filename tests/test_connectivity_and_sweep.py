@@ -1,5 +1,5 @@
-"""Mode connectivity (interpolation, barriers, BN repair), and the former sweep runner's specs and
-folders under ``fedmerge bench``."""
+"""Mode connectivity (interpolation, barriers, BN repair), and specs without a dataset axis or
+grid (folders partition/variant/s<seed>) under ``fedmerge bench``."""
 
 from __future__ import annotations
 
@@ -127,8 +127,8 @@ wsa-lambda = 1.0
 
 
 def test_a_sweep_spec_runs_resumes_and_reports_under_fedmerge_bench(tmp_path, capsys):
-    """The former sweep runner's spec (no dataset axis, no [grid]) under `fedmerge bench`: its
-    layout partition/variant/s<seed>, a resume that runs only the lost and cut-off cells."""
+    """A spec with no dataset axis and no [grid] under `fedmerge bench`: its layout
+    partition/variant/s<seed>, a resume that runs only the lost and cut-off cells."""
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text(TINY)
     out = tmp_path / "out"
@@ -163,8 +163,9 @@ def test_a_sweep_spec_runs_resumes_and_reports_under_fedmerge_bench(tmp_path, ca
 
 
 def _sweep_folder(out, metrics: dict[str, list[dict]]) -> None:
-    """A results folder as the former sweep runner left it: spec.toml and, per cell, only the
-    run's files (metrics.json; no done.json or partition.json)."""
+    """A results folder with spec.toml and, per cell, only the run's files (metrics.json; no
+    done.json or partition.json): a cell whose run finished but whose bench records are
+    missing."""
     out.mkdir()
     spec = TINY.replace("num-rounds = 1", "num-rounds = 2").replace("[0, 1]", "[0, 1, 2]")
     (out / "spec.toml").write_text(spec)

@@ -116,8 +116,9 @@ class Cell:
     @property
     def path(self) -> Path:
         """The cell's folder relative to the results folder: ``[dataset/]partition/variant/
-        [combo/]s<seed>``; without a dataset axis and a grid, ``partition/variant/s<seed>``,
-        the layout of the former sweep runner, whose folders the bench resumes and reports on)."""
+        [combo/]s<seed>``; without a dataset axis and a grid, ``partition/variant/s<seed>``
+        (the layout of the tables' folders made from ``fedmerge/bench/specs/*.toml``, which the
+        bench resumes and reports on)."""
         return Path(*[p for p in self.group if p], f"s{self.seed}")
 
     @property

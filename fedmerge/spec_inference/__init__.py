@@ -14,7 +14,8 @@ Every axis of every floating-point state entry (parameters and buffers) that a t
 operation reads starts as its own *unit space* (:mod:`.spaces`). Every intermediate tensor
 records, per axis, which space indexes it (possibly with each unit repeated ``r`` times in a
 row, after a flatten), or nothing. Operations join spaces (union-find; :mod:`.walker` for
-functions and tensor methods, :mod:`.layers` for leaf layers):
+functions and tensor methods, :mod:`.layers` for leaf layers; :mod:`.assembly` makes the
+spaces left at the end into the spec):
 
 - ``Linear`` / ``Conv1d-3d`` / ``F.linear`` / ``F.conv*d``: the weight's input axis joins the
   input's feature axis; the output's feature axis is the weight's output axis (and the bias).
@@ -107,6 +108,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 
 from ..permutations import PermutationSpec, check_spec
+from .assembly import assemble
 from .check import check_inferred
 from .errors import HAND_WRITTEN_HINT, SpecInferenceError
 from .layers import _Inference
@@ -200,7 +202,7 @@ def infer_spec(
         ShapeProp(graph_module).propagate(*inputs)
     inference = _Inference(model, graph_module)
     inference.run()
-    spec = inference.spec()
+    spec = assemble(inference)
     check_spec(spec, model.state_dict())
     if check:
         check_inferred(spec, model, inputs)
