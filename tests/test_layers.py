@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fedmerge"
 
 #: The library core: data, partitions, models, permutations, matching, merging,
-#: NP Merge, scopes, training, and the small modules they share.
+#: NP Merge, scopes, training (one client or many at once), and the small modules they share.
 CORE = (
     "datasets",
     "partitions",
@@ -24,6 +24,8 @@ CORE = (
     "npmerge",
     "scopes",
     "training",
+    "step",
+    "vectorised",
     "options",
     "proxy",
     "client_side",
