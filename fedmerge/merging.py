@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import unknown_name
-from .options import BETA_CRITERIA, DEFAULT_MATCH_SITES, MatchOptions
+from .options import DEFAULT_MATCH_SITES, MatchOptions
 from .permutations import PermutationSpec, State, apply_permutations
 from .spread import share_pool
 
@@ -495,9 +495,6 @@ def select_beta(
     candidate's merge is returned, so nothing is matched again. ``options.method`` and
     ``options.beta`` are not read (the candidates are dual matchings at each beta of ``grid``).
     """
-    criterion = options.beta_criterion
-    if criterion not in BETA_CRITERIA:
-        raise ValueError(f"criterion must be one of {BETA_CRITERIA}, got {criterion!r}")
     from .training import evaluate  # local: training imports nothing from here
 
     if len(inputs) == 0 or len(inputs) != len(labels):
@@ -537,14 +534,14 @@ def select_beta(
             similarities=sims,
             report=report,
         )
-        if options.bn_repair and has_batchnorm(model):
+        if options.bn_repair:  # a model without BatchNorm comes back unchanged
             merged = repair_batchnorm(model, merged, inputs)
         probe.load_state_dict(merged)
         b = float(beta)
         losses[b], accuracies[b] = evaluate(probe, inputs, labels, device=inputs.device)
         merges[b] = merged, report
     order = list(losses)
-    if criterion == "accuracy":
+    if options.beta_criterion == "accuracy":
         best = min(order, key=lambda b: (-accuracies[b], order.index(b)))
     else:
         best = min(order, key=lambda b: (losses[b], order.index(b)))
